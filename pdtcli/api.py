@@ -1,0 +1,577 @@
+"""One PDT step as library functions, in the order of Algorithm 1.
+
+`snapshot` ingests new checkpoints into the store (line 17 for the optimizer's states),
+`predict` fits DMD on the window (line 6), predicts tau steps ahead (lines 7-8), masks
+(line 9) and writes the fused checkpoint (lines 10-11), recording it as the state
+training resumes from (line 17 again). `remask`, `apply` and `report_data` are the same
+step taken apart for audits. Each reads what the stage before left in the store and
+recomputes nothing that is still valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+from .discover import Candidate, is_pdt_output, list_checkpoints, output_name
+from .dmd import Fit, FitOptions, solve
+from .errors import CheckpointError, OutputError, StageMissing, StoreError, UsageError
+from .formats import open_checkpoint
+from .fuse import DEFAULT_BLOCK, Predictor, Window, pick_device
+from .mask import MaskOptions
+from .progress import NoProgress, Progress
+from .report import summarize_counts
+from .selection import Selection, plan_layout
+from .store import Store, clean_leftovers, lock_for, now, resolve_store_root, sha256_file
+
+DEFAULT_HISTORY = 5
+
+
+@dataclass
+class Settings:
+    """What a run may change; everything has the paper's default."""
+
+    history: int | None = None
+    fit: FitOptions = field(default_factory=FitOptions)
+    mask: MaskOptions = field(default_factory=MaskOptions)
+    selection: Selection | None = None
+    device: str = "auto"
+    block: int = DEFAULT_BLOCK
+    store_dtype: str = "float32"
+    lock_timeout: float = 60.0
+    progress: Progress = field(default_factory=NoProgress)
+
+
+@dataclass
+class StepResult:
+    """What a command did, for the CLI's summary and for `--json`."""
+
+    status: str  # written | dry-run | masked | up-to-date | waiting | ingested
+    message: str
+    store: str
+    ingested: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    needed: int = 0
+    output: str | None = None
+    fit: dict | None = None
+    mask: dict | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+# ---- sessions: resolve, lock, open --------------------------------------------------
+
+
+@dataclass
+class Session:
+    root: Path
+    folder: Path | None
+    store: Store | None
+    settings: Settings
+
+
+@contextlib.contextmanager
+def session(target: Path, store: Path | None, settings: Settings) -> Iterator[Session]:
+    """Hold the store's lock for the whole command; a second pdt waits, then fails clearly."""
+    root, folder = resolve_store_root(Path(target), store)
+    lock = lock_for(root, settings.lock_timeout)
+    try:
+        lock.acquire()
+    except Exception as exc:  # filelock.Timeout
+        raise StoreError(f"locked by another pdt process (waited {settings.lock_timeout:g}s; --wait to wait longer)",
+                         root) from exc
+    try:
+        clean_leftovers(root, folder)
+        opened = Store.open(root) if Store.exists(root) else None
+        if opened is not None and folder is not None and opened.folder.resolve() != folder.resolve():
+            raise StoreError(f"this store belongs to another folder ({opened.folder})", root)
+        state = Session(root, folder if folder is not None else (opened.folder if opened else None), opened, settings)
+        try:
+            yield state
+        finally:
+            if state.store is not None:
+                state.store.close()
+    finally:
+        lock.release()
+
+
+def _require_store(s: Session) -> Store:
+    if s.store is None:
+        raise StageMissing("no store yet; run `pdt snapshot` or `pdt predict` on the checkpoint folder first", s.root)
+    return s.store
+
+
+# ---- ingest (snapshot) --------------------------------------------------------------
+
+
+def _sort_key(step: int | None, mtime: float) -> tuple:
+    return (step is None, step if step is not None else 0, mtime)
+
+
+def _new_candidates(s: Session) -> tuple[list[Candidate], list[dict]]:
+    """Checkpoints not seen before and newer than the window, oldest first; and the rest."""
+    store = s.store
+    known_outputs = {o["path"] for o in store.state["outputs"]} if store else set()
+    candidates = list_checkpoints(s.folder, known_outputs)
+    seen = {}
+    if store:
+        for rec in store.state["ingested"]:
+            seen[rec["path"]] = rec
+    newest = None
+    if store and store.state["window"]:
+        checkpoints = [store.record(i) for i in store.state["window"] if store.record(i)["kind"] == "checkpoint"]
+        if checkpoints:
+            newest = _sort_key(checkpoints[-1].get("name_step"), checkpoints[-1]["mtime"])
+    fresh, skipped = [], []
+    for cand in candidates:
+        rec = seen.get(str(cand.path.resolve()))
+        if rec and rec["size"] == cand.size and rec["mtime"] == cand.mtime:
+            continue
+        if newest is not None and _sort_key(cand.name_step, cand.mtime) <= newest and not (
+            rec and cand.mtime > rec["mtime"]
+        ):
+            skipped.append({"path": str(cand.path), "reason": "older than the newest snapshot in the window"})
+            continue
+        fresh.append(cand)
+    return fresh, skipped
+
+
+def _check_layout(store: Store, reader, path: Path) -> None:
+    infos = {info.name: info for info in reader.tensors()}
+    for entry in store.tensors:
+        info = infos.get(entry["name"])
+        if info is None:
+            raise CheckpointError(f"tensor {entry['name']!r} of the window is missing (another model?)", path)
+        if list(info.shape) != entry["shape"]:
+            raise CheckpointError(
+                f"tensor {entry['name']!r} has shape {list(info.shape)}, the window has {entry['shape']}", path)
+
+
+def _ingest_one(s: Session, cand: Candidate, history: int, progress: Progress) -> dict:
+    settings = s.settings
+    path = cand.path
+    digest = sha256_file(path)
+    if s.store is not None:
+        duplicate = next((r for r in s.store.state["ingested"]
+                          if r["sha256"] == digest and r.get("status") == "ingested"), None)
+        if duplicate is not None:
+            s.store.state["ingested"].append(_provenance(cand, digest, "duplicate", None))
+            return {"path": str(path), "reason": f"same content as {duplicate['path']}"}
+    with open_checkpoint(path) as reader:
+        if s.store is None:
+            selection = settings.selection or Selection()
+            plan = plan_layout(reader.tensors(), selection)
+            if not plan.predicted:
+                raise CheckpointError("no tensor to predict (all were excluded or not floating point)", path)
+            s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype)
+        store = s.store
+        _check_layout(store, reader, path)
+        slot = store.free_slot(keep=set(store.state["window"]))
+        with progress.task(f"ingest {path.name}", store.n) as advance:
+            for entry in store.tensors:
+                values = reader.read(entry["name"]).detach().reshape(-1).to(torch.float64)
+                if not bool(torch.isfinite(values).all()):
+                    raise CheckpointError(f"tensor {entry['name']!r} holds NaN or Inf", path)
+                store.write_segment(slot, entry["offset"], values.numpy())
+                advance(entry["numel"])
+        step = reader.recorded_step()
+    record = _provenance(cand, digest, "ingested", step)
+    store.sync()
+    snapshot_id = store.place(slot, dict(record, kind="checkpoint"))
+    record["id"] = snapshot_id
+    store.state["ingested"].append(record)
+    store.state["window"] = (store.state["window"] + [snapshot_id])[-history:]
+    store.commit()
+    return {}
+
+
+def _provenance(cand: Candidate, digest: str, status: str, step: int | None) -> dict:
+    return {
+        "path": str(cand.path.resolve()),
+        "size": cand.size,
+        "mtime": cand.mtime,
+        "name_step": cand.name_step,
+        "recorded_step": step,
+        "sha256": digest,
+        "status": status,
+        "at": now(),
+    }
+
+
+def _history_len(s: Session) -> int:
+    wanted = s.settings.history
+    if s.store is None:
+        history = wanted or DEFAULT_HISTORY
+        if history < 2:
+            raise UsageError("--history must be at least 2 (DMD needs a step to learn from)")
+        return history
+    if wanted is not None and wanted != s.store.history_len:
+        raise UsageError(f"this store keeps h={s.store.history_len} snapshots; remove {s.root} to change --history")
+    return s.store.history_len
+
+
+def _check_selection(s: Session) -> None:
+    wanted = s.settings.selection
+    if s.store is not None and wanted is not None and wanted.as_dict() != s.store.state["layout"]["selection"]:
+        raise UsageError(f"this store was made with {s.store.state['layout']['selection']}; "
+                         f"remove {s.root} to change --include/--exclude")
+
+
+def _ingest(s: Session) -> tuple[list[str], list[dict]]:
+    if s.folder is None or not s.folder.is_dir():
+        raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
+    _check_selection(s)
+    history = _history_len(s)
+    fresh, skipped = _new_candidates(s)
+    if len(fresh) > history:  # only the newest h can be in the window; the rest would be evicted at once
+        for cand in fresh[:-history]:
+            skipped.append({"path": str(cand.path), "reason": f"older than the newest {history} new checkpoints"})
+        fresh = fresh[-history:]
+    ingested = []
+    for cand in fresh:
+        note = _ingest_one(s, cand, history, s.settings.progress)
+        if note:
+            skipped.append(note)
+        else:
+            ingested.append(str(cand.path))
+    if skipped and s.store is not None and not ingested:
+        s.store.commit()  # remember duplicates so they are not hashed again
+    return ingested, skipped
+
+
+def snapshot(target: Path, *, store: Path | None = None, settings: Settings | None = None) -> StepResult:
+    """Ingest the checkpoints in `target` that the store has not seen."""
+    settings = settings or Settings()
+    with session(target, store, settings) as s:
+        ingested, skipped = _ingest(s)
+        st = _require_store(s)
+        have = len(_base_window(st))
+        message = (f"ingested {len(ingested)} checkpoint(s); window holds {have} of {st.history_len}"
+                   if ingested else f"nothing new; window holds {have} of {st.history_len}")
+        return StepResult("ingested" if ingested else "up-to-date", message, str(s.root), ingested, skipped,
+                          needed=max(0, st.history_len - have))
+
+
+# ---- fit ----------------------------------------------------------------------------
+
+
+def _base_window(store: Store) -> list[int]:
+    """The window the next fit uses: a trailing fused state is replaced by the checkpoint it came from.
+
+    After `apply`, the newest snapshot is the fused state (training resumes from it), but
+    a refit before the next checkpoint arrives must see the optimizer's own trajectory.
+    """
+    window = list(store.state["window"])
+    if window:
+        last = store.record(window[-1])
+        if last["kind"] == "fused" and store.readable(last["parent"]):
+            window[-1] = last["parent"]
+    return window
+
+
+def _window(store: Store, ids: list[int], settings: Settings) -> Window:
+    return Window(store, [store.slot_of(i) for i in ids], pick_device(settings.device), settings.block)
+
+
+def _ensure_fit(store: Store, ids: list[int], settings: Settings) -> tuple[dict, Fit | None]:
+    """The fit for this window and these options: reused when valid, else solved (from R if valid)."""
+    current = store.state["fit"]
+    options = settings.fit.as_dict()
+    if current and current["window"] == ids and current["options"] == options:
+        return current, None
+    if current and current["window"] == ids:
+        r = store.arrays["fit/R"]
+    else:
+        with settings.progress.task("fit: QR of the window", 1) as advance:
+            r = _window(store, ids, settings).qr_factor()
+            advance(1)
+    fit = solve(r, settings.fit)
+    fit_id = int(store.state.get("next_fit", 1))
+    store.state["next_fit"] = fit_id + 1
+    store.state["fit"] = {"id": fit_id, "window": ids, "options": options, "at": now(), **fit.summary()}
+    store.arrays = {
+        "fit/R": r,
+        "fit/C": fit.coefficients,
+        "fit/singular_values": fit.singular_values,
+        "fit/eigenvalues": fit.eigenvalues,
+    }
+    store.state["mask"] = None
+    return store.state["fit"], fit
+
+
+def _mask_valid(store: Store, options: MaskOptions) -> bool:
+    mask, fit = store.state["mask"], store.state["fit"]
+    return bool(mask and fit and mask["fit_id"] == fit["id"] and mask["options"] == options.as_dict())
+
+
+# ---- the second pass: mask, and fuse when there is a writer --------------------------
+
+
+def _run_pass(s: Session, ids: list[int], options: MaskOptions, *, output: Path | None, force: bool,
+              use_stored: bool) -> dict:
+    """Pass 2 over every predicted tensor; with `output`, write the fused checkpoint too."""
+    store = s.store
+    settings = s.settings
+    predictor = Predictor(_window(store, ids, settings), store.arrays["fit/C"], options)
+    entries = {e["name"]: (i, e) for i, e in enumerate(store.tensors)}
+    stored_bits = store.arrays.get("mask/bits") if use_stored else None
+    byte_offsets = store.arrays.get("mask/byte_offsets") if use_stored else None
+    counts = np.zeros((len(store.tensors), 6), dtype=np.int64)
+    bits: list[np.ndarray | None] = [None] * len(store.tensors)
+    lineage_slot = None
+
+    def one(index: int, entry: dict, original: torch.Tensor | None):
+        given = None
+        if stored_bits is not None:
+            given = stored_bits[byte_offsets[index]:byte_offsets[index + 1]]
+        result = predictor.run(entry, original, given, lineage_slot)
+        counts[index] = result.counts if given is None else store.arrays["mask/counts"][index]
+        bits[index] = result.bits
+        advance(entry["numel"])
+        return result.fused
+
+    with settings.progress.task("predict + mask" + (" + write" if output else ""), store.n) as advance:
+        if output is None:
+            for index, entry in enumerate(store.tensors):
+                one(index, entry, None)
+        else:
+            if output.exists() and not (force or is_pdt_output(output)):
+                raise OutputError("exists; pass --force to replace it", output)
+            lineage_slot = _lineage_slot(s, ids)
+            base = store.record(ids[-1])
+            source = Path(base["path"])
+            _check_source(source, base)
+            with atomic_path(output, force=force or is_pdt_output(output)) as tmp, open_checkpoint(source) as reader:
+                def replace(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+                    found = entries.get(name)
+                    return None if found is None else one(found[0], found[1], tensor)
+
+                reader.write_fused(tmp, replace)
+            store.sync()
+    sizes = [len(b) for b in bits]
+    return {
+        "counts": counts,
+        "bits": np.concatenate(bits) if bits else np.zeros(0, np.uint8),
+        "byte_offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        "lineage_slot": lineage_slot,
+    }
+
+
+def _check_source(source: Path, record: dict) -> None:
+    if not source.is_file():
+        raise CheckpointError("the newest checkpoint of the window is gone; its non-predicted content "
+                              "cannot be carried over", source)
+    stat = source.stat()
+    if (stat.st_size, stat.st_mtime) != (record["size"], record["mtime"]) and sha256_file(source) != record["sha256"]:
+        raise CheckpointError("the newest checkpoint changed since it was ingested; run `pdt snapshot` again", source)
+
+
+def _lineage_slot(s: Session, ids: list[int]) -> int:
+    """A slot for the fused state that the committed store does not depend on.
+
+    If every slot is taken (window + the fit's base), the previous fused state is given
+    up first, in a commit of its own, so that no committed snapshot is ever overwritten.
+    """
+    store = s.store
+    keep = set(store.state["window"]) | set(ids)
+    slot = store.free_slot(keep)
+    if slot is None:
+        store.state["window"] = list(ids)
+        store.commit()
+        slot = store.free_slot(set(ids))
+    return slot
+
+
+def _store_mask(store: Store, options: MaskOptions, result: dict) -> dict:
+    totals = summarize_counts(store.tensors, result["counts"])
+    mask_id = int(store.state.get("next_mask", 1))
+    store.state["next_mask"] = mask_id + 1
+    store.state["mask"] = {
+        "id": mask_id,
+        "fit_id": store.state["fit"]["id"],
+        "options": options.as_dict(),
+        "label": options.label,
+        "at": now(),
+        "totals": totals["model"],
+        "by_layer_type": totals["by_layer_type"],
+    }
+    store.arrays.update({
+        "mask/bits": result["bits"],
+        "mask/byte_offsets": result["byte_offsets"],
+        "mask/counts": result["counts"],
+    })
+    return store.state["mask"]
+
+
+def _record_history(store: Store, command: str, output: str | None) -> None:
+    fit, mask = store.state["fit"], store.state["mask"]
+    steps = [_step_of(store.record(i)) for i in fit["window"]]
+    store.state["history"].append({
+        "at": now(),
+        "command": command,
+        "window_steps": steps,
+        "newest": store.record(fit["window"][-1])["path"],
+        "fit_id": fit["id"],
+        "rank": fit["rank"],
+        "growing_modes": fit["growing_modes"],
+        "mask": mask["label"],
+        "totals": mask["totals"],
+        "by_layer_type": mask["by_layer_type"],
+        "per_tensor_accepted": [int(c) for c in store.arrays["mask/counts"][:, 1]],
+        "output": output,
+    })
+
+
+def _step_of(record: dict) -> int | None:
+    recorded = record.get("recorded_step")
+    return recorded if recorded is not None else record.get("name_step")
+
+
+def _commit_output(s: Session, ids: list[int], output: Path, lineage_slot: int) -> None:
+    """Line 17 of Algorithm 1: the fused state becomes the newest snapshot."""
+    store = s.store
+    base = store.record(ids[-1])
+    stat = output.stat()
+    record = {
+        "kind": "fused",
+        "parent": ids[-1],
+        "path": str(output.resolve()),
+        "size": stat.st_size,
+        "mtime": stat.st_mtime,
+        "name_step": base.get("name_step"),
+        "recorded_step": base.get("recorded_step"),
+        "fit_id": store.state["fit"]["id"],
+        "mask_id": store.state["mask"]["id"],
+        "at": now(),
+    }
+    fused_id = store.place(lineage_slot, record)
+    store.state["window"] = ids[:-1] + [fused_id]
+    store.state["outputs"].append({
+        "path": str(output.resolve()), "fit_id": record["fit_id"], "mask_id": record["mask_id"],
+        "snapshot": fused_id, "at": record["at"],
+    })
+
+
+def _written_already(store: Store) -> str | None:
+    """The output written from the current fit and mask, if the store's lineage is that output."""
+    window, mask = store.state["window"], store.state["mask"]
+    if not window or not mask:
+        return None
+    last = store.record(window[-1])
+    if last["kind"] == "fused" and last["mask_id"] == mask["id"] and Path(last["path"]).is_file():
+        return last["path"]
+    return None
+
+
+def _waiting(s: Session, ingested: list[str], skipped: list[dict]) -> StepResult | None:
+    store = s.store
+    have = len(_base_window(store)) if store else 0
+    history = store.history_len if store else _history_len(s)
+    if have >= history:
+        return None
+    need = history - have
+    return StepResult("waiting", f"need {need} more checkpoint(s) before DMD can fit "
+                      f"(window holds {have} of {history})", str(s.root), ingested, skipped, needed=need)
+
+
+def predict(target: Path, *, store: Path | None = None, output: Path | None = None, dry_run: bool = False,
+            force: bool = False, settings: Settings | None = None) -> StepResult:
+    """The whole step: ingest, fit, mask, and (unless `dry_run`) write the fused checkpoint."""
+    settings = settings or Settings()
+    with session(target, store, settings) as s:
+        ingested, skipped = _ingest(s)
+        waiting = _waiting(s, ingested, skipped)
+        if waiting:
+            return waiting
+        st = s.store
+        ids = _base_window(st)
+        fit_before, mask_before = st.state["fit"], st.state["mask"]
+        fit, _ = _ensure_fit(st, ids, settings)
+        mask_valid = _mask_valid(st, settings.mask)
+        done = _written_already(st) if mask_valid else None
+        if done and not ingested and (output is None or Path(output).resolve() == Path(done)):
+            return StepResult("up-to-date", f"nothing new since {Path(done).name}; no checkpoint to add",
+                              str(s.root), ingested, skipped, output=done, fit=fit, mask=st.state["mask"])
+        if dry_run:
+            if not mask_valid:
+                result = _run_pass(s, ids, settings.mask, output=None, force=force, use_stored=False)
+                _store_mask(st, settings.mask, result)
+                _record_history(st, "predict --dry-run", None)
+            if (fit_before, mask_before) != (st.state["fit"], st.state["mask"]):
+                st.commit()
+            return StepResult("dry-run", "fit and mask computed; nothing written (--dry-run)", str(s.root),
+                              ingested, skipped, fit=st.state["fit"], mask=st.state["mask"])
+        out = Path(output) if output else output_name(Path(st.record(ids[-1])["path"]))
+        result = _run_pass(s, ids, settings.mask, output=out, force=force, use_stored=mask_valid)
+        if not mask_valid:
+            _store_mask(st, settings.mask, result)
+        _commit_output(s, ids, out, result["lineage_slot"])
+        _record_history(st, "predict", str(out.resolve()))
+        st.commit()
+        return StepResult("written", f"wrote {out}", str(s.root), ingested, skipped, output=str(out),
+                          fit=st.state["fit"], mask=st.state["mask"])
+
+
+def remask(target: Path, *, store: Path | None = None, settings: Settings | None = None) -> StepResult:
+    """Mask again from the stored fit with other settings; no new fit, nothing ingested."""
+    settings = settings or Settings()
+    with session(target, store, settings) as s:
+        st = _require_store(s)
+        fit = st.state["fit"]
+        if not fit or not all(st.readable(i) for i in fit["window"]):
+            raise StageMissing("no valid fit in the store; run `pdt predict --dry-run` first", s.root)
+        if _mask_valid(st, settings.mask):
+            return StepResult("up-to-date", f"mask {settings.mask.label} is already the stored one", str(s.root),
+                              fit=fit, mask=st.state["mask"])
+        result = _run_pass(s, fit["window"], settings.mask, output=None, force=False, use_stored=False)
+        _store_mask(st, settings.mask, result)
+        _record_history(st, "mask", None)
+        st.commit()
+        return StepResult("masked", f"stored mask {settings.mask.label}", str(s.root), fit=fit,
+                          mask=st.state["mask"])
+
+
+def apply(target: Path, *, store: Path | None = None, output: Path | None = None, force: bool = False,
+          settings: Settings | None = None) -> StepResult:
+    """Write the fused checkpoint from the stored fit and mask (to any path)."""
+    settings = settings or Settings()
+    with session(target, store, settings) as s:
+        st = _require_store(s)
+        fit, mask = st.state["fit"], st.state["mask"]
+        if not fit or not mask or mask["fit_id"] != fit["id"]:
+            raise StageMissing("no stored fit and mask; run `pdt predict --dry-run` (or `pdt mask`) first", s.root)
+        ids = fit["window"]
+        if not all(st.readable(i) for i in ids):
+            raise StageMissing("a newer checkpoint replaced the fit's window; run `pdt predict` again", s.root)
+        out = Path(output) if output else output_name(Path(st.record(ids[-1])["path"]))
+        options = MaskOptions(tuple(mask["options"]["criteria"]), mask["options"]["random"], mask["options"]["seed"])
+        result = _run_pass(s, ids, options, output=out, force=force, use_stored=True)
+        _commit_output(s, ids, out, result["lineage_slot"])
+        _record_history(st, "apply", str(out.resolve()))
+        st.commit()
+        return StepResult("written", f"wrote {out}", str(s.root), output=str(out), fit=fit, mask=mask)
+
+
+def load_state(target: Path, *, store: Path | None = None, lock_timeout: float = 60.0) -> dict[str, Any]:
+    """The store's state (fit, mask, per-tensor counts, history) for reports, read under the lock."""
+    with session(target, store, Settings(lock_timeout=lock_timeout)) as s:
+        st = _require_store(s)
+        counts = st.arrays.get("mask/counts")
+        return {
+            "store": str(s.root),
+            "folder": str(st.folder),
+            "state": st.state,
+            "counts": None if counts is None else counts.tolist(),
+            "base_window": _base_window(st),
+        }
+
+
+__all__ = ["Settings", "StepResult", "apply", "load_state", "predict", "remask", "snapshot"]

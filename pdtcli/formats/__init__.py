@@ -1,0 +1,46 @@
+"""Checkpoint families behind one interface, and detection by suffix then by content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .safetensors_file import SafetensorsFormat
+from .torch_pickle import TorchFormat
+
+FORMATS: tuple[CheckpointFormat, ...] = (SafetensorsFormat(), TorchFormat())
+CHECKPOINT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.suffixes)
+
+
+def detect(path: Path) -> CheckpointFormat:
+    """The format of `path`, by its suffix when that is unambiguous, else by its first bytes."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path) from exc
+    if not head:
+        raise CheckpointError("empty file", path)
+    by_suffix = [fmt for fmt in FORMATS if path.suffix.lower() in fmt.suffixes]
+    for fmt in by_suffix + [fmt for fmt in FORMATS if fmt not in by_suffix]:
+        if fmt.sniff(path, head):
+            return fmt
+    raise CheckpointError("not a checkpoint pdt can read (neither safetensors nor a PyTorch pickle)", path)
+
+
+def open_checkpoint(path: Path) -> CheckpointReader:
+    return detect(path).open(Path(path))
+
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "FORMATS",
+    "CheckpointFormat",
+    "CheckpointReader",
+    "Replace",
+    "TensorInfo",
+    "detect",
+    "open_checkpoint",
+]

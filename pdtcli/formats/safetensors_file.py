@@ -1,0 +1,150 @@
+"""Single-file safetensors: read one tensor on demand, write the fused copy streaming.
+
+The fused copy has the same names, shapes and dtypes, so its header is byte-identical
+to the input's; the writer copies the header and then each tensor's bytes in file
+order, replacing predicted ones. Memory stays at one tensor, whatever the file size.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_STEP_KEYS = ("step", "global_step", "epoch", "iteration")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """Return (header length, parsed header), refusing truncated or malformed files."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            raw = handle.read(8)
+            if len(raw) < 8:
+                raise CheckpointError("not a safetensors file (shorter than its header)", path)
+            (length,) = struct.unpack("<Q", raw)
+            if length > min(_MAX_HEADER, size - 8):
+                raise CheckpointError("not a safetensors file (header length out of range)", path)
+            header = json.loads(handle.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"corrupt safetensors header ({exc})", path) from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path) from exc
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = entry["data_offsets"]
+        if stop > data_size:
+            raise CheckpointError(f"truncated: tensor {name!r} runs past the end of the file", path)
+    return length, header
+
+
+class SafetensorsReader(CheckpointReader):
+    format_name = "safetensors"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._header_len, self._header = read_header(self.path)
+        self._entries = sorted(
+            ((name, entry) for name, entry in self._header.items() if name != "__metadata__"),
+            key=lambda item: item[1]["data_offsets"][0],
+        )
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+        except Exception as exc:  # the library raises its own error types
+            raise CheckpointError(f"cannot open safetensors file ({exc})", self.path) from exc
+
+    def tensors(self) -> list[TensorInfo]:
+        infos = []
+        for name, entry in self._entries:
+            dtype = _DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"tensor {name!r} has unsupported dtype {entry['dtype']}", self.path)
+            infos.append(TensorInfo(name, tuple(entry["shape"]), dtype))
+        return infos
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(name)
+
+    def recorded_step(self) -> int | None:
+        metadata = self._header.get("__metadata__") or {}
+        for key in _STEP_KEYS:
+            value = metadata.get(key)
+            if value is not None and str(value).isdigit():
+                return int(value)
+        return None
+
+    def write_fused(self, out: Path, replace: Replace) -> None:
+        with open(self.path, "rb") as src, open(out, "wb") as dst:
+            shutil.copyfileobj(_Limited(src, 8 + self._header_len), dst)
+            base = 8 + self._header_len
+            position = 0
+            for name, entry in self._entries:
+                start, stop = entry["data_offsets"]
+                if start > position:  # padding the writer of the input put there
+                    src.seek(base + position)
+                    shutil.copyfileobj(_Limited(src, start - position), dst)
+                fused = replace(name, self.read(name))
+                if fused is None:
+                    src.seek(base + start)
+                    shutil.copyfileobj(_Limited(src, stop - start), dst)
+                else:
+                    data = fused.contiguous().view(torch.uint8).numpy()
+                    if data.nbytes != stop - start:
+                        raise CheckpointError(f"fused tensor {name!r} changed size", self.path)
+                    dst.write(memoryview(data))
+                position = stop
+
+    def close(self) -> None:
+        self._file = None
+
+
+class _Limited:
+    """A file view that returns at most `remaining` bytes, for copyfileobj."""
+
+    def __init__(self, handle, remaining: int) -> None:
+        self._handle = handle
+        self._remaining = remaining
+
+    def read(self, size: int = -1) -> bytes:
+        if self._remaining <= 0:
+            return b""
+        size = self._remaining if size < 0 else min(size, self._remaining)
+        data = self._handle.read(size)
+        self._remaining -= len(data)
+        return data
+
+
+class SafetensorsFormat(CheckpointFormat):
+    name = "safetensors"
+    suffixes = (".safetensors",)
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        if len(head) < 9:
+            return False
+        (length,) = struct.unpack("<Q", head[:8])
+        return 0 < length < _MAX_HEADER and head[8:9] == b"{"
+
+    def open(self, path: Path) -> CheckpointReader:
+        return SafetensorsReader(path)

@@ -1,0 +1,99 @@
+"""The mask of paper eqs. 6 and 7, elementwise, on one block, and its counts.
+
+With delta = w_h - w_{h-1} (the optimizer's last step) and w_pred(0) = w_h:
+lower bound  |delta| < |w_pred(tau) - w_h|
+upper bound  |w_pred(tau) - w_h| <= tau |delta|
+sign         sign(w_pred(k) - w_pred(k-1)) = sign(delta) for every k = 1..tau
+A non-finite prediction is rejected in its own category (and only there).
+
+The audit settings of the paper's ablations are subsets of the criteria (each alone,
+or none: non-selective Koopman training) and a random mask at the criteria's ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CRITERIA = ("lower", "upper", "sign")
+COUNT_COLUMNS = ("elements", "accepted", "fail_lower", "fail_upper", "fail_sign", "nonfinite")
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    criteria: tuple[str, ...] = CRITERIA
+    random: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.criteria) - set(CRITERIA)
+        if unknown:
+            raise ValueError(f"unknown criteria {sorted(unknown)}; use {', '.join(CRITERIA)} or none")
+        object.__setattr__(self, "criteria", tuple(c for c in CRITERIA if c in self.criteria))
+
+    @property
+    def label(self) -> str:
+        base = "+".join(self.criteria) if self.criteria else "none"
+        return f"random@{base}(seed={self.seed})" if self.random else base
+
+    def as_dict(self) -> dict:
+        return {"criteria": list(self.criteria), "random": self.random, "seed": self.seed}
+
+
+@dataclass
+class BlockVerdict:
+    """Per element of a block: accepted, and which criteria failed (they may overlap)."""
+
+    accepted: torch.Tensor
+    fail_lower: torch.Tensor
+    fail_upper: torch.Tensor
+    fail_sign: torch.Tensor
+    nonfinite: torch.Tensor
+
+    def counts(self) -> np.ndarray:
+        columns = (self.accepted, self.fail_lower, self.fail_upper, self.fail_sign, self.nonfinite)
+        return np.array([self.accepted.numel()] + [int(c.sum()) for c in columns], dtype=np.int64)
+
+
+def evaluate(previous: torch.Tensor, current: torch.Tensor, predicted: torch.Tensor,
+             criteria: tuple[str, ...]) -> BlockVerdict:
+    """Apply the criteria to a block.
+
+    previous, current: w_{h-1} and w_h, shape (b,); predicted: w_pred(1..tau), shape (tau, b).
+    """
+    tau = predicted.shape[0]
+    delta = current - previous
+    finite = torch.isfinite(predicted).all(dim=0)
+    move = (predicted[-1] - current).abs()
+    step = delta.abs()
+    fail_lower = finite & ~(step < move)
+    fail_upper = finite & ~(move <= tau * step)
+    steps = torch.diff(predicted, dim=0, prepend=current.unsqueeze(0))
+    fail_sign = finite & ~(torch.sign(steps) == torch.sign(delta)).all(dim=0)
+    accepted = finite.clone()
+    for name, failed in (("lower", fail_lower), ("upper", fail_upper), ("sign", fail_sign)):
+        if name in criteria:
+            accepted &= ~failed
+    return BlockVerdict(accepted, fail_lower, fail_upper, fail_sign, ~finite)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def random_accept(start: int, stop: int, ratio: float, seed: int) -> np.ndarray:
+    """A Bernoulli(ratio) mask for flat elements start..stop-1, the same whatever the blocking.
+
+    Each element's draw is a hash of (seed, its flat index), so the mask depends on
+    neither block size nor device.
+    """
+    with np.errstate(over="ignore"):
+        index = np.arange(start, stop, dtype=np.uint64)
+        keyed = _splitmix64(index ^ _splitmix64(np.array([seed], dtype=np.uint64)))
+    uniform = (keyed >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return uniform < ratio
