@@ -193,7 +193,7 @@ def _ingest_one(s: Session, cand: Candidate, history: int, progress: Progress) -
     return {}
 
 
-def _provenance(cand: Candidate, digest: str, status: str, step: int | None) -> dict:
+def _provenance(cand: Candidate, digest: str | None, status: str, step: int | None) -> dict:
     return {
         "path": str(cand.path.resolve()),
         "size": cand.size,
@@ -242,8 +242,12 @@ def _ingest(s: Session) -> tuple[list[str], list[dict]]:
             skipped.append(note)
         else:
             ingested.append(str(cand.path))
-    if skipped and s.store is not None and not ingested:
-        s.store.commit()  # remember duplicates so they are not hashed again
+    if skipped and s.store is not None:  # remember what was passed over, so it is not reported again
+        by_path = {str(c.path): c for c in list_checkpoints(s.folder)}
+        for item in skipped:
+            if item["path"] in by_path and item.get("reason", "").startswith("older"):
+                s.store.state["ingested"].append(_provenance(by_path[item["path"]], None, "skipped", None))
+        s.store.commit()
     return ingested, skipped
 
 

@@ -126,8 +126,11 @@ def finish(result: api.StepResult, *, json_out: bool, strict: bool, tensors: lis
         print(json.dumps(payload, indent=2, default=str))
     else:
         for item in result.skipped:
-            err.print(f"skipped {item['path']}: {item['reason']}", highlight=False)
-        render_summary(payload, tensors, out)
+            typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+        if result.status in ("written", "dry-run", "masked"):
+            render_summary(payload, tensors, out)
+        else:
+            typer.echo(result.message)
     if strict and result.status == "waiting":
         raise typer.Exit(EXIT_WAITING)
     if strict and result.status == "up-to-date":
@@ -147,10 +150,10 @@ def errors_as_exit() -> Iterator[None]:
     try:
         yield
     except PdtError as exc:
-        err.print(f"pdt: error: {exc}", highlight=False, markup=False)
+        typer.echo(f"pdt: error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        err.print("pdt: interrupted; the store and earlier outputs are unchanged", highlight=False)
+        typer.echo("pdt: interrupted; the store and earlier outputs are unchanged", err=True)
         raise typer.Exit(130) from None
 
 

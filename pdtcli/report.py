@@ -140,7 +140,7 @@ def render_history(history: list[dict], console: Console) -> None:
 
 def render_summary(result: dict, tensors: list[dict] | None, console: Console) -> None:
     """The few lines `pdt predict` prints: ratio, rejections per criterion, extreme layers."""
-    console.print(result["message"])
+    console.print(result["message"], soft_wrap=True, highlight=False)
     mask = result.get("mask")
     if not mask:
         return

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import training  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def _sgd_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sgd")
+    training.train(folder, 8)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def _adamw_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("adamw")
+    training.train(folder, 8, opt="adamw")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def _safetensors_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("st")
+    training.train(folder, 6, fmt="safetensors")
+    return folder
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture
+def sgd_run(_sgd_run, tmp_path) -> Path:
+    """A private copy of 8 epochs of real SGD training, one torch checkpoint per epoch."""
+    return _copy(_sgd_run, tmp_path / "ckpts")
+
+
+@pytest.fixture
+def adamw_run(_adamw_run, tmp_path) -> Path:
+    return _copy(_adamw_run, tmp_path / "ckpts")
+
+
+@pytest.fixture
+def safetensors_run(_safetensors_run, tmp_path) -> Path:
+    return _copy(_safetensors_run, tmp_path / "ckpts")
+
+
+def digest_tree(folder: Path) -> dict[str, str]:
+    """Content hashes of the files directly in `folder` (not the store)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}

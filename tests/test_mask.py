@@ -1,0 +1,95 @@
+"""The mask on hand-built elements where each criterion decides, and the audit settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from reference import mask as reference_mask
+
+from pdtcli.mask import CRITERIA, MaskOptions, evaluate, random_accept
+
+# tau = 3; previous, current, then w_pred(1..3); each element is one case.
+CASES = {
+    "accepted": (0.0, 1.0, [2.0, 3.0, 4.0]),  # moves 3 >= 1, <= 3, always upward
+    "lower": (0.0, 1.0, [1.2, 1.4, 1.5]),  # moves 0.5 < |delta| = 1
+    "upper": (0.0, 1.0, [3.0, 5.0, 7.0]),  # moves 6 > 3 |delta|
+    "sign": (0.0, 1.0, [3.0, 2.5, 3.5]),  # moves 2.5 but steps down at k = 2
+    "sign_at_first_step": (0.0, 1.0, [0.5, 2.0, 3.0]),  # k = 1 compares with w_pred(0) = w_h
+    "equal_to_tau_delta": (0.0, 1.0, [2.0, 3.0, 4.0 - 1e-12]),  # upper bound is inclusive
+    "no_step": (1.0, 1.0, [1.0, 1.0, 1.0]),  # delta = 0: no acceleration possible
+    "negative": (1.0, 0.0, [-1.0, -2.0, -2.5]),  # downward trend, accepted
+    "nan": (0.0, 1.0, [2.0, float("nan"), 4.0]),
+    "inf": (0.0, 1.0, [2.0, 3.0, float("inf")]),
+}
+
+
+def verdict(criteria=CRITERIA):
+    prev = torch.tensor([c[0] for c in CASES.values()], dtype=torch.float64)
+    cur = torch.tensor([c[1] for c in CASES.values()], dtype=torch.float64)
+    pred = torch.tensor([c[2] for c in CASES.values()], dtype=torch.float64).T
+    return evaluate(prev, cur, pred, criteria), dict(zip(CASES, range(len(CASES)), strict=False))
+
+
+def test_each_criterion_decides_its_case():
+    v, at = verdict()
+    expect = {
+        "accepted": (True, False, False, False, False),
+        "lower": (False, True, False, False, False),
+        "upper": (False, False, True, False, False),
+        "sign": (False, False, False, True, False),
+        "sign_at_first_step": (False, False, False, True, False),
+        "equal_to_tau_delta": (True, False, False, False, False),
+        "no_step": (False, True, False, False, False),  # 0 <= tau * 0 and sign(0) == sign(0)
+        "negative": (True, False, False, False, False),
+        "nan": (False, False, False, False, True),
+        "inf": (False, False, False, False, True),
+    }
+    for case, flags in expect.items():
+        i = at[case]
+        got = (bool(v.accepted[i]), bool(v.fail_lower[i]), bool(v.fail_upper[i]), bool(v.fail_sign[i]),
+               bool(v.nonfinite[i]))
+        assert got == flags, case
+    counts = v.counts()
+    assert counts.tolist() == [10, 3, 2, 1, 2, 2]
+
+
+def test_criteria_subsets_are_the_paper_ablations():
+    _, at = verdict()
+    only_lower, _ = verdict(("lower",))
+    assert bool(only_lower.accepted[at["upper"]]) and bool(only_lower.accepted[at["sign"]])
+    assert not bool(only_lower.accepted[at["lower"]])
+    bounds, _ = verdict(("lower", "upper"))
+    assert bool(bounds.accepted[at["sign"]]) and not bool(bounds.accepted[at["upper"]])
+    none, _ = verdict(())
+    assert none.accepted.tolist() == [not c.startswith(("nan", "inf")) for c in CASES]
+
+
+def test_agrees_with_reference_on_random_blocks():
+    rng = np.random.default_rng(0)
+    prev, cur = rng.standard_normal(5000), rng.standard_normal(5000)
+    delta = cur - prev
+    pred = cur[:, None] + delta[:, None] * np.cumsum(rng.uniform(-0.5, 2.0, (5000, 5)), axis=1)
+    v = evaluate(torch.from_numpy(prev), torch.from_numpy(cur), torch.from_numpy(pred.T.copy()), CRITERIA)
+    expected = reference_mask(prev, cur, pred)
+    assert 0.05 < expected.mean() < 0.95
+    assert np.array_equal(v.accepted.numpy(), expected)
+
+
+def test_random_mask_is_seeded_blocking_invariant_and_at_ratio():
+    whole = random_accept(0, 100_000, 0.3, seed=7)
+    pieces = np.concatenate([random_accept(a, min(a + 4096, 100_000), 0.3, seed=7) for a in range(0, 100_000, 4096)])
+    assert np.array_equal(whole, pieces)
+    assert abs(whole.mean() - 0.3) < 0.01
+    assert not np.array_equal(whole, random_accept(0, 100_000, 0.3, seed=8))
+
+
+def test_options_reject_unknown_criteria_and_label():
+    assert MaskOptions(("sign", "lower")).criteria == ("lower", "sign")
+    assert MaskOptions(()).label == "none"
+    assert MaskOptions(random=True, seed=3).label == "random@lower+upper+sign(seed=3)"
+    try:
+        MaskOptions(("lowr",))
+    except ValueError as exc:
+        assert "lowr" in str(exc)
+    else:
+        raise AssertionError("unknown criterion accepted")

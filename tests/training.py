@@ -1,0 +1,80 @@
+"""Tiny real training runs that produce the checkpoint trajectories the tests use.
+
+A small MLP with a BatchNorm layer (so running statistics and an integer counter are
+in the state dict) learns a fixed random teacher on generated data, with SGD+momentum
+or AdamW. Checkpoints are saved with torch.save or safetensors' own save_file, exactly
+as training code does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+INPUTS, CLASSES = 16, 4
+
+
+def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, INPUTS, generator=gen)
+    teacher = torch.randn(INPUTS, CLASSES, generator=gen)
+    return x, (x @ teacher).argmax(1)
+
+
+def model(hidden: int = 32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(INPUTS, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
+
+
+def optimizer(net: nn.Module, name: str) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(net.parameters(), lr=3e-3)
+    return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+
+
+def train(folder: Path, epochs: int, *, fmt: str = "pt", opt: str = "sgd", resume: Path | None = None,
+          hidden: int = 32) -> list[Path]:
+    """Train `epochs` epochs (after `resume`'s epoch) and save one checkpoint per epoch."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = data()
+    net = model(hidden)
+    optim = optimizer(net, opt)
+    start = 0
+    if resume is not None:
+        if resume.suffix == ".safetensors":
+            net.load_state_dict(load_file(resume))
+            start = int(resume.stem.split("_")[1].split(".")[0])
+        else:
+            ckpt = torch.load(resume, weights_only=True)
+            net.load_state_dict(ckpt["model"])
+            optim.load_state_dict(ckpt["optimizer"])
+            start = ckpt["epoch"]
+    saved = []
+    for epoch in range(start + 1, start + epochs + 1):
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, len(x), 64):
+            batch = order[i: i + 64]
+            optim.zero_grad()
+            nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+            optim.step()
+        if fmt == "safetensors":
+            path = folder / f"epoch_{epoch}.safetensors"
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path,
+                      metadata={"epoch": str(epoch), "note": "kept"})
+        else:
+            path = folder / f"epoch_{epoch}.pt"
+            torch.save({"model": net.state_dict(), "optimizer": optim.state_dict(), "epoch": epoch}, path)
+        saved.append(path)
+    return saved
+
+
+def flat_weights(paths: list[Path], names: list[str]) -> torch.Tensor:
+    """The snapshot matrix W (N x h) in float64, built directly from the files."""
+    columns = []
+    for path in paths:
+        state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)["model"]
+        columns.append(torch.cat([state[n].double().reshape(-1) for n in names]))
+    return torch.stack(columns, dim=1)
