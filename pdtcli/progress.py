@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 Advance = Callable[[int], None]
 
 
 class Progress(Protocol):
-    def task(self, description: str, total: int) -> contextmanager: ...
+    def task(self, description: str, total: int) -> AbstractContextManager[Advance]: ...
 
 
 class NoProgress:

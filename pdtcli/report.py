@@ -96,14 +96,18 @@ def render_report(report: dict, console: Console, *, top: int | None = None) -> 
     console.print(f"window (oldest first, * = fused state training resumed from): {window or 'empty'}")
     fit = report["fit"]
     if fit:
-        fit_table = Table(title="DMD fit", title_justify="left")
-        for column in ("modes", "tau", "rank", "singular values", "eigenvalues (|λ|)", "|λ|>1", "w_pred(0) offset"):
-            fit_table.add_column(column)
-        eig = "  ".join(f"{complex(re, im):.4g} ({abs(complex(re, im)):.4g})" for re, im in fit["eigenvalues"])
-        fit_table.add_row(fit["options"]["modes"], str(fit["options"]["tau"]), str(fit["rank"]),
-                          " ".join(f"{s:.3g}" for s in fit["singular_values"]), eig, str(fit["growing_modes"]),
-                          f"{fit['start_offset']:.2e}")
-        console.print(fit_table)
+        console.print(f"DMD fit: {fit['options']['modes']} modes, tau {fit['options']['tau']}, rank {fit['rank']}, "
+                      f"{fit['growing_modes']} eigenvalue(s) with |λ| > 1, "
+                      f"|w_pred(0) - w_h| / |w_h| = {fit['start_offset']:.2e}", highlight=False)
+        modes = Table(title="singular values of X and eigenvalues of Ã", title_justify="left")
+        for column in ("#", "σ", "λ", "|λ|"):
+            modes.add_column(column, justify="right")
+        eigenvalues = [complex(re, im) for re, im in fit["eigenvalues"]]
+        for i, sigma in enumerate(fit["singular_values"]):
+            lam = eigenvalues[i] if i < len(eigenvalues) else None
+            modes.add_row(str(i + 1), f"{sigma:.4g}", "" if lam is None else f"{lam:.5g}",
+                          "" if lam is None else f"{abs(lam):.5f}")
+        console.print(modes)
     if "tensors" not in report:
         console.print("no mask yet: run `pdt predict` or `pdt mask`")
         return
