@@ -44,6 +44,25 @@ save_file(tensors, sys.argv[-1])
 """
 
 
+# Runs a module (or -c code) and reports the process's own peak RSS (VmHWM) on exit. Measured
+# inside the child because ru_maxrss of a forked child counts the parent's pages too.
+PEAK = """
+import atexit, runpy, sys
+def report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            sys.stderr.write("PEAK_KB " + line.split()[1] + "\\n")
+atexit.register(report)
+if sys.argv[1] == "-c":
+    code = sys.argv[2]
+    sys.argv = ["-c"] + sys.argv[3:]
+    exec(compile(code, "<floor>", "exec"))
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def parse_size(text: str) -> int:
     scale = {"K": 1e3, "M": 1e6, "G": 1e9}
     return int(float(text[:-1]) * scale[text[-1].upper()]) if text[-1].isalpha() else int(text)
@@ -69,15 +88,14 @@ def make_window(folder: Path, n: int, count: int, seed: int = 0) -> list[Path]:
 
 
 def timed(argv: list[str]) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MiB, stdout) of a fresh process."""
+    """(seconds, peak RSS in MiB, stdout) of a fresh Python process running argv."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-c", PEAK, *argv], capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - start
-    out, err = proc.stdout.read(), proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{argv} failed: {err}")
-    return elapsed, usage.ru_maxrss / 1024, out
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv} failed: {proc.stderr}")
+    peak_kb = int(proc.stderr.rsplit("PEAK_KB ", 1)[1].split()[0])
+    return elapsed, peak_kb / 1024, proc.stdout
 
 
 def drop_output(folder: Path) -> None:
@@ -93,16 +111,16 @@ def run(n: int, h: int, work: Path, device: str) -> dict:
     extra = paths[-1]
     hidden = extra.rename(work / extra.name)  # appears later, for the steady step
     window = paths[:h]
-    pdt = [sys.executable, "-m", "pdtcli", "predict", str(folder), "--json", "--device", device]
+    pdt = ["pdtcli", "predict", str(folder), "--json", "--device", device]
 
-    floor_s, floor_mb, _ = timed([sys.executable, "-c", FLOOR, *map(str, window), str(work / "floor.safetensors")])
+    floor_s, floor_mb, _ = timed(["-c", FLOOR, *map(str, window), str(work / "floor.safetensors")])
     first_s, first_mb, first_out = timed(pdt)
     ratio = json.loads(first_out)["mask"]["totals"]["ratio"]
     hidden.rename(folder / extra.name)
     steady_s, steady_mb, steady_out = timed(pdt)
     assert json.loads(steady_out)["status"] == "written"
     # the floor for the steady step: the same read-window-once + write-one, over the new window
-    floor2_s, floor2_mb, _ = timed([sys.executable, "-c", FLOOR, *map(str, paths[1:]), str(work / "floor.safetensors")])
+    floor2_s, floor2_mb, _ = timed(["-c", FLOOR, *map(str, paths[1:]), str(work / "floor.safetensors")])
     (work / "floor.safetensors").unlink()
     shutil.rmtree(folder)
     checkpoint_mb = n * 4 / 2**20
@@ -118,7 +136,8 @@ def run(n: int, h: int, work: Path, device: str) -> dict:
         "steady_peak_MiB": round(steady_mb),
         "steady_over_floor": round(steady_s / floor2_s, 2),
         "first_over_floor": round(first_s / floor_s, 2),
-        "peak_over_checkpoint": round(steady_mb / checkpoint_mb, 2),
+        "steady_floor_peak_MiB": round(floor2_mb),
+        "steady_peak_minus_floor_MiB": round(steady_mb - floor2_mb),
         "mask_ratio": round(ratio, 4),
     }
 

@@ -21,12 +21,19 @@ import torch
 MODES = ("projected", "exact")
 
 
+QR_ROWS = 16384  # rows per QR update: small enough to stay in cache, which is 2-4x faster
+
+
 def accumulate_r(blocks: Iterable[torch.Tensor], h: int) -> np.ndarray:
     """R of the thin QR of W, from row blocks given as (h, b) float64 tensors."""
     r: torch.Tensor | None = None
     for block in blocks:
-        rows = block.T if r is None else torch.cat([r, block.T])
-        r = torch.linalg.qr(rows, mode="r").R
+        for start in range(0, block.shape[1], QR_ROWS):
+            part = block[:, start: start + QR_ROWS]
+            # [R; part^T] built as the transpose of a row-major (h, k) tensor is column-major,
+            # the layout LAPACK works in, so no copy is made for it.
+            stacked = (part if r is None else torch.cat([r.T, part], dim=1)).T
+            r = torch.linalg.qr(stacked, mode="r").R
     out = np.zeros((h, h))
     if r is not None:
         dense = r.cpu().numpy()

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from .dmd import accumulate_r
-from .mask import MaskOptions, evaluate, random_accept
+from .mask import MaskOptions, evaluate, random_accept, step_matrix
 from .store import Store
 
-DEFAULT_BLOCK = 1 << 20
+DEFAULT_BLOCK = 1 << 18
 
 
 def pick_device(name: str) -> torch.device:
@@ -69,18 +69,18 @@ class Predictor:
 
     def __init__(self, window: Window, coefficients: np.ndarray, options: MaskOptions) -> None:
         self.window = window
-        self.coefficients = torch.from_numpy(np.ascontiguousarray(coefficients)).to(window.device)
+        self.steps_t = torch.from_numpy(np.ascontiguousarray(step_matrix(coefficients).T)).to(window.device)
         self.options = options
 
     def _blocks(self, entry: dict) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         start = int(entry["offset"])
         for a, b, w in self.window.blocks(start, start + int(entry["numel"])):
-            yield a - start, b - start, w, self.coefficients.T @ w
+            yield a - start, b - start, w, self.steps_t @ w
 
     def _ratio(self, entry: dict) -> float:
         counts = np.zeros(6, dtype=np.int64)
-        for _, _, w, p in self._blocks(entry):
-            counts += evaluate(w[-2], w[-1], p, self.options.criteria).counts()
+        for *_, p in self._blocks(entry):
+            counts += evaluate(p, self.options.criteria).counts()
         return counts[1] / max(1, counts[0])
 
     def run(self, entry: dict, original: torch.Tensor | None = None, stored_bits: np.ndarray | None = None,
@@ -102,7 +102,7 @@ class Predictor:
             if unpacked is not None:
                 accepted = torch.from_numpy(unpacked[a:b])
             else:
-                verdict = evaluate(w[-2], w[-1], p, self.options.criteria)
+                verdict = evaluate(p, self.options.criteria)
                 counts += verdict.counts()
                 accepted = verdict.accepted.cpu()
                 if ratio is not None:
@@ -111,7 +111,7 @@ class Predictor:
                 bits.append(np.packbits(accepted.numpy()))
             if flat is not None:
                 target = flat[a:b]
-                predicted = p[-1].cpu()
+                predicted = (w[-1] + p[-2]).cpu()  # w_pred(tau) = w_h + move
                 if not flat.dtype.is_floating_point:
                     predicted = predicted.round()
                 target.copy_(torch.where(accepted, predicted.to(flat.dtype), target))

@@ -57,21 +57,32 @@ class BlockVerdict:
         return np.array([self.accepted.numel()] + [int(c.sum()) for c in columns], dtype=np.int64)
 
 
-def evaluate(previous: torch.Tensor, current: torch.Tensor, predicted: torch.Tensor,
-             criteria: tuple[str, ...]) -> BlockVerdict:
-    """Apply the criteria to a block.
+def step_matrix(coefficients: np.ndarray) -> np.ndarray:
+    """E (h x tau+2) such that E^T W gives, per element, everything the mask needs.
 
-    previous, current: w_{h-1} and w_h, shape (b,); predicted: w_pred(1..tau), shape (tau, b).
+    Rows of E^T W: the increments w_pred(k) - w_pred(k-1) for k = 1..tau (with
+    w_pred(0) = w_h), then the move w_pred(tau) - w_h, then delta = w_h - w_{h-1}. Taking
+    differences in coefficient space costs nothing and avoids subtracting nearly equal
+    N-vectors, and one small matmul replaces a dozen elementwise passes.
     """
-    tau = predicted.shape[0]
-    delta = current - previous
-    finite = torch.isfinite(predicted).all(dim=0)
-    move = (predicted[-1] - current).abs()
-    step = delta.abs()
-    fail_lower = finite & ~(step < move)
-    fail_upper = finite & ~(move <= tau * step)
-    steps = torch.diff(predicted, dim=0, prepend=current.unsqueeze(0))
-    fail_sign = finite & ~(torch.sign(steps) == torch.sign(delta)).all(dim=0)
+    h, tau = coefficients.shape
+    newest = np.zeros(h)
+    newest[-1] = 1.0
+    previous_state = np.column_stack([newest, coefficients[:, :-1]])
+    delta = newest.copy()
+    delta[-2] -= 1.0
+    return np.column_stack([coefficients - previous_state, coefficients[:, -1] - newest, delta])
+
+
+def evaluate(rows: torch.Tensor, criteria: tuple[str, ...]) -> BlockVerdict:
+    """Apply the criteria to a block, given `rows` = E^T W_b from `step_matrix`."""
+    tau = rows.shape[0] - 2
+    increments, move, delta = rows[:tau], rows[tau], rows[tau + 1]
+    finite = torch.isfinite(move) & torch.isfinite(increments).all(dim=0)
+    distance, step = move.abs(), delta.abs()
+    fail_lower = finite & ~(step < distance)
+    fail_upper = finite & ~(distance <= tau * step)
+    fail_sign = finite & ~(torch.sign(increments) == torch.sign(delta)).all(dim=0)
     accepted = finite.clone()
     for name, failed in (("lower", fail_lower), ("upper", fail_upper), ("sign", fail_sign)):
         if name in criteria:

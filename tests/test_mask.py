@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from reference import mask as reference_mask
 
-from pdtcli.mask import CRITERIA, MaskOptions, evaluate, random_accept
+from pdtcli.mask import CRITERIA, MaskOptions, evaluate, random_accept, step_matrix
 
 # tau = 3; previous, current, then w_pred(1..3); each element is one case.
 CASES = {
@@ -23,11 +23,17 @@ CASES = {
 }
 
 
+def rows_from(prev: torch.Tensor, cur: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """The rows evaluate() takes, built the plain way from absolute predictions (tau, b)."""
+    increments = torch.diff(pred, dim=0, prepend=cur.unsqueeze(0))
+    return torch.cat([increments, (pred[-1] - cur).unsqueeze(0), (cur - prev).unsqueeze(0)])
+
+
 def verdict(criteria=CRITERIA):
     prev = torch.tensor([c[0] for c in CASES.values()], dtype=torch.float64)
     cur = torch.tensor([c[1] for c in CASES.values()], dtype=torch.float64)
     pred = torch.tensor([c[2] for c in CASES.values()], dtype=torch.float64).T
-    return evaluate(prev, cur, pred, criteria), dict(zip(CASES, range(len(CASES)), strict=False))
+    return evaluate(rows_from(prev, cur, pred), criteria), dict(zip(CASES, range(len(CASES)), strict=False))
 
 
 def test_each_criterion_decides_its_case():
@@ -69,7 +75,8 @@ def test_agrees_with_reference_on_random_blocks():
     prev, cur = rng.standard_normal(5000), rng.standard_normal(5000)
     delta = cur - prev
     pred = cur[:, None] + delta[:, None] * np.cumsum(rng.uniform(-0.5, 2.0, (5000, 5)), axis=1)
-    v = evaluate(torch.from_numpy(prev), torch.from_numpy(cur), torch.from_numpy(pred.T.copy()), CRITERIA)
+    rows = rows_from(torch.from_numpy(prev), torch.from_numpy(cur), torch.from_numpy(pred.T.copy()))
+    v = evaluate(rows, CRITERIA)
     expected = reference_mask(prev, cur, pred)
     assert 0.05 < expected.mean() < 0.95
     assert np.array_equal(v.accepted.numpy(), expected)
@@ -93,3 +100,13 @@ def test_options_reject_unknown_criteria_and_label():
         assert "lowr" in str(exc)
     else:
         raise AssertionError("unknown criterion accepted")
+
+
+def test_step_matrix_gives_increments_move_and_delta():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((1000, 5))
+    c = rng.standard_normal((5, 4))
+    pred = w @ c
+    got = (step_matrix(c).T @ w.T).T
+    expected = rows_from(torch.from_numpy(w[:, -2]), torch.from_numpy(w[:, -1]), torch.from_numpy(pred.T.copy()))
+    assert np.allclose(got, expected.numpy().T, atol=1e-12)
