@@ -175,9 +175,10 @@ def _ingest_one(s: Session, cand: Candidate, history: int, progress: Progress) -
         store = s.store
         _check_layout(store, reader, path)
         slot = store.free_slot(keep=set(store.state["window"]))
+        store_dtype = torch.float64 if store.dtype == np.float64 else torch.float32
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:
-                values = reader.read(entry["name"]).detach().reshape(-1).to(torch.float64)
+                values = reader.read(entry["name"]).detach().reshape(-1).to(store_dtype)
                 if not bool(torch.isfinite(values).all()):
                     raise CheckpointError(f"tensor {entry['name']!r} holds NaN or Inf", path)
                 store.write_segment(slot, entry["offset"], values.numpy())
