@@ -130,6 +130,8 @@ def test_stage_by_stage_and_report(sgd_run):
                                                          "apply"]
     skipped = {s["name"]: s["reason"] for s in report["skipped_tensors"]}
     assert skipped["1.running_mean"] == "normalisation running statistic"
+    assert pdt_json("report", sgd_run / ".pdt") == report  # a store path works as well as the folder
+    assert pdt_json("report", sgd_run / ".pdt" / "store.h5")["model"] == report["model"]
     code, text = pdt("report", sgd_run)
     assert code == 0 and "per layer type" in text and "history" in text
 
