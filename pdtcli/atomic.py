@@ -52,12 +52,7 @@ def atomic_path(final: Path, *, force: bool = True) -> Iterator[Path]:
     tmp = folder / f".{final.name}{TMP_TAG}{os.getpid()}"
     try:
         yield tmp
-        if tmp.is_dir():
-            for child in tmp.rglob("*"):
-                if child.is_file():
-                    fsync_file(child)
-        else:
-            fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, final)
         fsync_dir(folder)
     except BaseException as exc:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .dmd import accumulate_r
+from .errors import UsageError
 from .mask import MaskOptions, evaluate, random_accept, step_matrix
 from .store import Store
 
@@ -25,8 +26,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import UsageError
-
         raise UsageError("--device cuda, but torch sees no CUDA device")
     return torch.device(name)
 
