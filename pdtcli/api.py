@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .discover import Candidate, is_pdt_output, list_checkpoints, output_name
-from .dmd import Fit, FitOptions, solve
+from .discover import Candidate, is_pdt_output, list_checkpoints, order_key, output_name
+from .dmd import FitOptions, solve
 from .errors import CheckpointError, OutputError, StageMissing, StoreError, UsageError
 from .formats import open_checkpoint
 from .fuse import DEFAULT_BLOCK, Predictor, Window, pick_device
@@ -112,10 +112,6 @@ def _require_store(s: Session) -> Store:
 # ---- ingest (snapshot) --------------------------------------------------------------
 
 
-def _sort_key(step: int | None, mtime: float) -> tuple:
-    return (step is None, step if step is not None else 0, mtime)
-
-
 def _new_candidates(s: Session) -> tuple[list[Candidate], list[dict]]:
     """Checkpoints not seen before and newer than the window, oldest first; and the rest."""
     store = s.store
@@ -129,13 +125,13 @@ def _new_candidates(s: Session) -> tuple[list[Candidate], list[dict]]:
     if store and store.state["window"]:
         checkpoints = [store.record(i) for i in store.state["window"] if store.record(i)["kind"] == "checkpoint"]
         if checkpoints:
-            newest = _sort_key(checkpoints[-1].get("name_step"), checkpoints[-1]["mtime"])
+            newest = order_key(checkpoints[-1].get("name_step"), checkpoints[-1]["mtime"])
     fresh, skipped = [], []
     for cand in candidates:
         rec = seen.get(str(cand.path.resolve()))
         if rec and rec["size"] == cand.size and rec["mtime"] == cand.mtime:
             continue
-        if newest is not None and _sort_key(cand.name_step, cand.mtime) <= newest and not (
+        if newest is not None and order_key(cand.name_step, cand.mtime) <= newest and not (
             rec and cand.mtime > rec["mtime"]
         ):
             skipped.append({"path": str(cand.path), "reason": "older than the newest snapshot in the window"})
@@ -286,12 +282,12 @@ def _window(store: Store, ids: list[int], settings: Settings) -> Window:
     return Window(store, [store.slot_of(i) for i in ids], pick_device(settings.device), settings.block)
 
 
-def _ensure_fit(store: Store, ids: list[int], settings: Settings) -> tuple[dict, Fit | None]:
+def _ensure_fit(store: Store, ids: list[int], settings: Settings) -> dict:
     """The fit for this window and these options: reused when valid, else solved (from R if valid)."""
     current = store.state["fit"]
     options = settings.fit.as_dict()
     if current and current["window"] == ids and current["options"] == options:
-        return current, None
+        return current
     if current and current["window"] == ids:
         r = store.arrays["fit/R"]
     else:
@@ -309,7 +305,7 @@ def _ensure_fit(store: Store, ids: list[int], settings: Settings) -> tuple[dict,
         "fit/eigenvalues": fit.eigenvalues,
     }
     store.state["mask"] = None
-    return store.state["fit"], fit
+    return store.state["fit"]
 
 
 def _mask_valid(store: Store, options: MaskOptions) -> bool:
@@ -499,7 +495,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         st = s.store
         ids = _base_window(st)
         fit_before, mask_before = st.state["fit"], st.state["mask"]
-        fit, _ = _ensure_fit(st, ids, settings)
+        fit = _ensure_fit(st, ids, settings)
         mask_valid = _mask_valid(st, settings.mask)
         done = _written_already(st) if mask_valid else None
         if done and not ingested and (output is None or Path(output).resolve() == Path(done)):

@@ -25,6 +25,11 @@ class Candidate:
     size: int
 
 
+def order_key(step: int | None, mtime: float) -> tuple:
+    """Training order: numbered names by number, then unnumbered ones, ties by modification time."""
+    return (step is None, step if step is not None else 0, mtime)
+
+
 def name_step(path: Path) -> int | None:
     """The last number in the file name's stem, which is the step or epoch by convention."""
     numbers = _NUMBER.findall(path.stem)
@@ -52,5 +57,5 @@ def list_checkpoints(folder: Path, known_outputs: set[str] = frozenset()) -> lis
             continue
         stat = path.stat()
         found.append(Candidate(path, name_step(path), stat.st_mtime, stat.st_size))
-    found.sort(key=lambda c: (c.name_step is None, c.name_step if c.name_step is not None else 0, c.mtime, c.path.name))
+    found.sort(key=lambda c: (*order_key(c.name_step, c.mtime), c.path.name))
     return found
