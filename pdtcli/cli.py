@@ -21,6 +21,7 @@ from .mask import CRITERIA, MaskOptions
 from .report import build_report, render_report, render_summary, tensor_rows
 from .selection import Selection
 
+FIT = FitOptions()  # the defaults the options show
 EXIT_WAITING = 10
 EXIT_UP_TO_DATE = 11
 
@@ -56,7 +57,7 @@ ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--exclude", help="Never predict tensors matching this glob (repeatable).")]
 StoreDtypeOpt = Annotated[str, typer.Option("--store-dtype", help="float32 | float64, when the store is made.")]
 TauOpt = Annotated[int, typer.Option("--tau", help="Checkpoints to predict ahead.", min=1)]
-ModesOpt = Annotated[str, typer.Option("--modes", help="projected (the paper's) | exact.")]
+ModesOpt = Annotated[str, typer.Option("--modes", help="exact | projected (the paper's eq. 11).")]
 RankOpt = Annotated[Optional[int], typer.Option("--rank", help="Fixed DMD rank instead of --rtol.", min=1)]
 RtolOpt = Annotated[float, typer.Option("--rtol", help="Keep singular values above rtol x the largest.")]
 CriteriaOpt = Annotated[str, typer.Option("--criteria", help="all | none | comma list of lower,upper,sign.")]
@@ -98,7 +99,7 @@ def parse_criteria(text: str) -> tuple[str, ...]:
 
 def settings(*, json_out: bool, device: str = "auto", block: int = DEFAULT_BLOCK, wait: float = 60.0,
              history: int | None = None, include=None, exclude=None, store_dtype: str = "float32",
-             tau: int = 5, modes: str = "projected", rank: int | None = None, rtol: float = 1e-6,
+             tau: int = FIT.tau, modes: str = FIT.modes, rank: int | None = None, rtol: float = FIT.rtol,
              criteria: str = "all", random: bool = False, seed: int = 0) -> api.Settings:
     if modes not in MODES:
         raise typer.BadParameter(f"--modes {modes!r}: use one of {', '.join(MODES)}")
@@ -177,8 +178,8 @@ def snapshot(target: Target, store: StoreOpt = None, history: HistoryOpt = None,
 @app.command()
 def predict(target: Target, store: StoreOpt = None, output: OutputOpt = None, dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Fit and mask; write no checkpoint.")] = False,
-            force: ForceOpt = False, history: HistoryOpt = None, tau: TauOpt = 5, modes: ModesOpt = "projected",
-            rank: RankOpt = None, rtol: RtolOpt = 1e-6, criteria: CriteriaOpt = "all", random: RandomOpt = False,
+            force: ForceOpt = False, history: HistoryOpt = None, tau: TauOpt = FIT.tau, modes: ModesOpt = FIT.modes,
+            rank: RankOpt = None, rtol: RtolOpt = FIT.rtol, criteria: CriteriaOpt = "all", random: RandomOpt = False,
             seed: SeedOpt = 0, include: IncludeOpt = None, exclude: ExcludeOpt = None,
             store_dtype: StoreDtypeOpt = "float32", device: DeviceOpt = "auto", block: BlockOpt = DEFAULT_BLOCK,
             wait: WaitOpt = 60.0, json_out: JsonOpt = False, strict: StrictOpt = False) -> None:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from pdtcli.cli import EXIT_UP_TO_DATE, EXIT_WAITING, app
+from pdtcli.dmd import FitOptions
 
 NAMES = ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"]
 runner = CliRunner()
@@ -31,6 +32,19 @@ def pdt_json(*args: str) -> dict:
     code, output = pdt(*args, "--json")
     assert code == 0, output
     return json.loads(output)
+
+
+def assert_matches_reference(run, fused: dict, modes: str, tau: int) -> None:
+    """The fused weights are where(reference mask, reference prediction, w_h), from dense float64 DMD."""
+    w = training.flat_weights([run / f"epoch_{e}.pt" for e in range(4, 9)], NAMES).numpy()
+    preds, _ = dmd_predictions(w, tau, modes)
+    expected_mask = mask(w[:, -2], w[:, -1], preds)
+    got = torch.cat([fused["model"][n].reshape(-1) for n in NAMES]).double().numpy()
+    ours_mask = got != w[:, -1]
+    assert 0.01 < expected_mask.mean() < 0.9
+    assert np.mean(ours_mask != expected_mask) < 1e-3
+    both = ours_mask & expected_mask
+    assert np.allclose(got[both], preds[both, -1], rtol=1e-6, atol=1e-7)
 
 
 def test_predict_writes_the_fused_checkpoint_the_reference_predicts(sgd_run):
@@ -52,15 +66,7 @@ def test_predict_writes_the_fused_checkpoint_the_reference_predicts(sgd_run):
         assert torch.equal(fused["model"][name], newest["model"][name])
         assert fused["model"][name].dtype == newest["model"][name].dtype
 
-    w = training.flat_weights([sgd_run / f"epoch_{e}.pt" for e in range(4, 9)], NAMES).numpy()
-    preds, _ = dmd_predictions(w, 5)
-    expected_mask = mask(w[:, -2], w[:, -1], preds)
-    got = torch.cat([fused["model"][n].reshape(-1) for n in NAMES]).double().numpy()
-    ours_mask = got != w[:, -1]
-    assert 0.01 < expected_mask.mean() < 0.9
-    assert np.mean(ours_mask != expected_mask) < 1e-3
-    both = ours_mask & expected_mask
-    assert np.allclose(got[both], preds[both, -1], rtol=1e-6, atol=1e-7)
+    assert_matches_reference(sgd_run, fused, FitOptions().modes, tau=5)  # pdt's default modes
 
 
 def test_second_run_with_nothing_new_recomputes_nothing(sgd_run):
@@ -162,10 +168,10 @@ def test_block_size_and_device_do_not_change_the_output(sgd_run, tmp_path):
     assert all(torch.equal(left[k], right[k]) for k in left)
 
 
-def test_exact_modes_option(sgd_run):
-    payload = pdt_json("predict", sgd_run, "--modes", "exact", "--tau", "3")
-    assert payload["fit"]["options"]["modes"] == "exact" and payload["fit"]["start_offset"] < 1e-6
-    assert payload["status"] == "written"
+def test_projected_modes_option_matches_the_reference(sgd_run):
+    payload = pdt_json("predict", sgd_run, "--modes", "projected", "--tau", "3")
+    assert payload["fit"]["options"]["modes"] == "projected" and payload["status"] == "written"
+    assert_matches_reference(sgd_run, torch.load(payload["output"], weights_only=True), "projected", tau=3)
 
 
 def test_safetensors_roundtrip_keeps_header_and_untouched_bytes(safetensors_run):
