@@ -14,6 +14,7 @@ from pathlib import Path
 from .formats import CHECKPOINT_SUFFIXES
 
 OUTPUT_TAG = ".pdt"
+COMPOUND_SUFFIXES = (".weights.h5",)
 _NUMBER = re.compile(r"(\d+)")
 
 
@@ -41,7 +42,14 @@ def is_pdt_output(path: Path) -> bool:
 
 
 def output_name(newest: Path) -> Path:
-    """Where the fused checkpoint goes by default: next to the newest, tagged as pdt's."""
+    """Where the fused checkpoint goes by default: next to the newest, tagged as pdt's.
+
+    The tag goes before a compound suffix that the framework insists on (Keras loads only
+    names ending in `.weights.h5`), else before the last suffix.
+    """
+    for compound in COMPOUND_SUFFIXES:
+        if newest.name.endswith(compound):
+            return newest.with_name(f"{newest.name[: -len(compound)]}{OUTPUT_TAG}{compound}")
     return newest.with_name(f"{newest.stem}{OUTPUT_TAG}{newest.suffix}")
 
 

@@ -8,6 +8,7 @@ integer tensors (counters, indices). `--include` patterns bring any tensor in, a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -21,8 +22,13 @@ RUNNING_STAT_PATTERNS = (
     "*num_batches_tracked",
     "*moving_mean",
     "*moving_variance",
+    # Keras 3 weight files number a layer's variables; BatchNormalization keeps
+    # gamma, beta, moving_mean, moving_variance in that order.
+    "*batch_normalization*/vars/2",
+    "*batch_normalization*/vars/3",
 )
 LAYER_TYPES = ("linear", "conv", "norm", "embedding", "bias", "other")
+_KERAS_VAR = re.compile(r"/vars/\d+$")  # Keras 3: kernel is vars/0, bias vars/1
 _NORM_WORDS = ("norm", "bn", "ln_", "ln.", "ln1", "ln2", "layernorm", "batchnorm", "rmsnorm")
 
 
@@ -52,8 +58,9 @@ class Selection:
 def layer_type(name: str, shape: tuple[int, ...]) -> str:
     """Best-effort layer family from the name and shape, for the rolled-up report."""
     lowered = name.lower()
-    leaf = lowered.rsplit(".", 1)[-1]
-    if leaf == "bias" or leaf.endswith("_bias"):
+    leaf = re.split(r"[./]", lowered)[-1]
+    keras_bias = bool(_KERAS_VAR.search(lowered)) and leaf == "1" and len(shape) == 1
+    if leaf == "bias" or leaf.endswith("_bias") or (keras_bias and "norm" not in lowered):
         return "bias"
     if any(word in lowered for word in _NORM_WORDS) or (len(shape) == 1 and leaf in ("weight", "scale", "gamma")):
         return "norm"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -36,8 +37,12 @@ def optimizer(net: nn.Module, name: str) -> torch.optim.Optimizer:
 
 
 def train(folder: Path, epochs: int, *, fmt: str = "pt", opt: str = "sgd", resume: Path | None = None,
-          hidden: int = 32) -> list[Path]:
-    """Train `epochs` epochs (after `resume`'s epoch) and save one checkpoint per epoch."""
+          hidden: int = 32, dtype: torch.dtype | None = None) -> list[Path]:
+    """Train `epochs` epochs (after `resume`'s epoch) and save one checkpoint per epoch.
+
+    `fmt` is pt (torch.save), safetensors (save_file) or npz (np.savez); `dtype` casts the
+    saved floating-point weights, as mixed-precision training code saves them.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     x, y = data()
     net = model(hidden)
@@ -60,13 +65,18 @@ def train(folder: Path, epochs: int, *, fmt: str = "pt", opt: str = "sgd", resum
             optim.zero_grad()
             nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
             optim.step()
+        state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                 for k, v in net.state_dict().items()}
         if fmt == "safetensors":
             path = folder / f"epoch_{epoch}.safetensors"
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path,
-                      metadata={"epoch": str(epoch), "note": "kept"})
+            metadata = {"epoch": str(epoch), "note": "kept"}
+            save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
+        elif fmt == "npz":
+            path = folder / f"epoch_{epoch}.npz"
+            np.savez(path, **{k: v.numpy() for k, v in state.items()}, epoch=np.int64(epoch))
         else:
             path = folder / f"epoch_{epoch}.pt"
-            torch.save({"model": net.state_dict(), "optimizer": optim.state_dict(), "epoch": epoch}, path)
+            torch.save({"model": state, "optimizer": optim.state_dict(), "epoch": epoch}, path)
         saved.append(path)
     return saved
 
@@ -75,6 +85,11 @@ def flat_weights(paths: list[Path], names: list[str]) -> torch.Tensor:
     """The snapshot matrix W (N x h) in float64, built directly from the files."""
     columns = []
     for path in paths:
-        state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)["model"]
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        elif path.suffix == ".npz":
+            state = {k: torch.from_numpy(v) for k, v in np.load(path).items()}
+        else:
+            state = torch.load(path, weights_only=True)["model"]
         columns.append(torch.cat([state[n].double().reshape(-1) for n in names]))
     return torch.stack(columns, dim=1)

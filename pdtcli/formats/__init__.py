@@ -6,10 +6,16 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .flax_msgpack import FlaxFormat
+from .keras_h5 import KerasFormat
+from .numpy_npz import NpzFormat
 from .safetensors_file import SafetensorsFormat
 from .torch_pickle import TorchFormat
 
-FORMATS: tuple[CheckpointFormat, ...] = (SafetensorsFormat(), TorchFormat())
+# Tried in this order after the formats that claim the file's suffix; torch last, since a
+# pickle's first byte and a zip's magic are shared with msgpack maps and .npz archives.
+FORMATS: tuple[CheckpointFormat, ...] = (SafetensorsFormat(), NpzFormat(), KerasFormat(), FlaxFormat(),
+                                         TorchFormat())
 CHECKPOINT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.suffixes)
 
 
@@ -27,7 +33,7 @@ def detect(path: Path) -> CheckpointFormat:
     for fmt in by_suffix + [fmt for fmt in FORMATS if fmt not in by_suffix]:
         if fmt.sniff(path, head):
             return fmt
-    raise CheckpointError("not a checkpoint pdt can read (neither safetensors nor a PyTorch pickle)", path)
+    raise CheckpointError("not a checkpoint pdt can read (" + ", ".join(f.name for f in FORMATS) + ")", path)
 
 
 def open_checkpoint(path: Path) -> CheckpointReader:

@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from ..errors import CheckpointError
 
 # Called for each model tensor while writing; returns the replacement, or None to keep it.
 Replace = Callable[[str, torch.Tensor], "torch.Tensor | None"]
@@ -31,6 +34,16 @@ class TensorInfo:
         for dim in self.shape:
             count *= dim
         return count
+
+
+def torch_dtype(dtype: np.dtype, name: str, path: Path) -> torch.dtype:
+    """The torch dtype of a NumPy array's dtype; a clear refusal for ones torch lacks."""
+    if dtype.hasobject:
+        raise CheckpointError(f"{name!r} holds Python objects (loading it would need pickle)", path)
+    try:
+        return torch.from_numpy(np.zeros(0, dtype)).dtype
+    except TypeError as exc:
+        raise CheckpointError(f"{name!r} has unsupported dtype {dtype}", path) from exc
 
 
 class CheckpointReader(abc.ABC):

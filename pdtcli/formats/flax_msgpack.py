@@ -1,0 +1,128 @@
+"""Flax/JAX state bytes (`flax.serialization.to_bytes`, `.msgpack`): a msgpack tree of arrays.
+
+Flax writes a nested map whose leaves are msgpack extension objects: code 1 is an array,
+packed as (shape, dtype name, raw bytes); code 3 a NumPy scalar. pdt decodes only the
+arrays it predicts, those under `params` when the tree has one (a TrainState also holds
+`step` and `opt_state`), and writes every other leaf back as the very bytes it read, so a
+carried-over optimizer state is bit-identical. A tensor's name is its key path joined by `/`.
+Msgpack has no random access, so the file is read whole (one checkpoint in memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+
+from ..errors import CheckpointError
+from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
+
+EXT_NDARRAY = 1
+CHUNKED_MARK = "__msgpack_chunked_array__"
+PARAMS_KEY = "params"
+_DTYPES = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+@dataclass
+class Leaf:
+    """An extension object as read; decoded only when asked for."""
+
+    code: int
+    data: bytes
+
+    def array_header(self) -> tuple[list[int], str, bytes]:
+        shape, dtype, raw = msgpack.unpackb(self.data, raw=False)
+        return list(shape), dtype, raw
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}{key}/")
+    else:
+        yield prefix[:-1], node
+
+
+class FlaxReader(CheckpointReader):
+    format_name = "flax"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        try:
+            self._tree = msgpack.unpackb(self.path.read_bytes(), raw=False, strict_map_key=False,
+                                         ext_hook=lambda code, data: Leaf(code, data))
+        except (ValueError, msgpack.UnpackException, OSError) as exc:
+            raise CheckpointError(f"corrupt or truncated msgpack state ({exc})", self.path) from exc
+        if not isinstance(self._tree, dict):
+            raise CheckpointError("not a Flax state (the top level is not a map)", self.path)
+        root = self._tree.get(PARAMS_KEY)
+        prefix = f"{PARAMS_KEY}/" if isinstance(root, dict) else ""
+        self._leaves: dict[str, Leaf] = {}
+        for name, leaf in _walk(root if prefix else self._tree, prefix):
+            if name.endswith(CHUNKED_MARK) or (isinstance(leaf, dict) and CHUNKED_MARK in leaf):
+                raise CheckpointError(f"array {name!r} is chunked (over 1 GiB); not supported yet", self.path)
+            if isinstance(leaf, Leaf) and leaf.code == EXT_NDARRAY:
+                self._leaves[name] = leaf
+        self._infos = [self._describe(name, leaf) for name, leaf in self._leaves.items()]
+
+    def _describe(self, name: str, leaf: Leaf) -> TensorInfo:
+        shape, dtype, _ = leaf.array_header()
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"array {name!r} has unsupported dtype {dtype}", self.path)
+        return TensorInfo(name, tuple(shape), _DTYPES[dtype])
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def read(self, name: str) -> torch.Tensor:
+        shape, dtype, raw = self._leaves[name].array_header()
+        flat = torch.frombuffer(bytearray(raw), dtype=_DTYPES[dtype]) if raw else torch.empty(0, dtype=_DTYPES[dtype])
+        return flat.reshape(shape)
+
+    def recorded_step(self) -> int | None:
+        step = self._tree.get("step")
+        if isinstance(step, Leaf) and step.code != EXT_NDARRAY:  # a NumPy scalar: (dtype name, bytes)
+            dtype, raw = msgpack.unpackb(step.data, raw=False)
+            if dtype in _DTYPES and not _DTYPES[dtype].is_floating_point:
+                return int(torch.frombuffer(bytearray(raw), dtype=_DTYPES[dtype])[0])
+        if isinstance(step, Leaf):
+            shape, dtype, raw = step.array_header()
+            if not shape and dtype in _DTYPES and not _DTYPES[dtype].is_floating_point:
+                return int(torch.frombuffer(bytearray(raw), dtype=_DTYPES[dtype])[0])
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+    def write_fused(self, out: Path, replace: Replace) -> None:
+        fused: dict[int, bytes] = {}
+        for name, leaf in self._leaves.items():
+            new = replace(name, self.read(name))
+            if new is not None:
+                shape, dtype, _ = leaf.array_header()
+                raw = new.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                fused[id(leaf)] = msgpack.packb((shape, dtype, raw))
+
+        def pack(obj: Any) -> msgpack.ExtType:
+            if isinstance(obj, Leaf):
+                return msgpack.ExtType(obj.code, fused.get(id(obj), obj.data))
+            raise TypeError(f"cannot pack {type(obj).__name__}")
+
+        with open(out, "wb") as handle:
+            handle.write(msgpack.packb(self._tree, default=pack, strict_types=True))
+
+
+class FlaxFormat(CheckpointFormat):
+    name = "flax"
+    suffixes = (".msgpack",)
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        return path.suffix.lower() == ".msgpack" and bool(head) and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF))
+
+    def open(self, path: Path) -> CheckpointReader:
+        return FlaxReader(path)

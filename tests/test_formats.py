@@ -1,0 +1,191 @@
+"""Every format round-trips through its framework's own save and load functions.
+
+Each test trains a tiny model for real with the framework, saves one checkpoint per epoch
+the way that framework's users do, runs `pdt predict`, and loads the fused checkpoint back
+with the framework's own loader (and, where the framework resumes, resumes from it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import training
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pdtcli.cli import app
+
+os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 on the torch that is already installed
+
+
+def predict(folder, *args: str) -> dict:
+    result = CliRunner().invoke(app, ["predict", str(folder), "--json", *args])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["status"] == "written"
+    return payload
+
+
+def load_any(path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return {k: torch.from_numpy(archive[k]) for k in archive.files}
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors"])
+def test_one_trajectory_gives_the_same_fused_weights_in_every_format(tmp_path, fmt):
+    training.train(tmp_path / "pt", 6)
+    training.train(tmp_path / fmt, 6, fmt=fmt)
+    predict(tmp_path / "pt")
+    reference = load_any(tmp_path / "pt" / "epoch_6.pdt.pt")
+    fused_path = tmp_path / fmt / f"epoch_6.pdt.{fmt}"
+    assert predict(tmp_path / fmt)["output"] == str(fused_path)
+    fused, newest = load_any(fused_path), load_any(tmp_path / fmt / f"epoch_6.{fmt}")
+    assert list(fused) == list(newest)  # same keys, same order
+    for name, tensor in reference.items():
+        assert torch.equal(fused[name], tensor), name
+    assert torch.equal(fused["1.running_var"], newest["1.running_var"])
+    if fmt == "npz":
+        assert int(fused["epoch"]) == 6
+
+
+@pytest.mark.parametrize(("fmt", "dtype"), [("safetensors", torch.float16), ("safetensors", torch.bfloat16),
+                                            ("pt", torch.bfloat16), ("pt", torch.float64), ("npz", torch.float16),
+                                            ("npz", torch.float64)])
+def test_low_and_high_precision_are_written_back_in_their_dtype(tmp_path, fmt, dtype):
+    training.train(tmp_path, 6, fmt=fmt, dtype=dtype)
+    payload = predict(tmp_path)
+    fused = load_any(tmp_path / f"epoch_6.pdt.{fmt}")
+    newest = load_any(tmp_path / f"epoch_6.{fmt}")
+    changed = 0
+    for name in ("0.weight", "0.bias", "3.weight"):
+        assert fused[name].dtype == dtype
+        moved = fused[name] != newest[name]
+        changed += int(moved.sum())
+        assert torch.isfinite(fused[name].float()).all()
+    accepted = payload["mask"]["totals"]["accepted"]
+    # accepted elements whose prediction rounds to the stored value look unchanged, never the reverse
+    assert 0 < changed <= accepted
+
+
+def test_keras_weights_round_trip_and_keep_training(tmp_path):
+    import keras
+
+    x, y = (t.numpy() for t in training.data())
+
+    def build() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((training.INPUTS,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.BatchNormalization(), keras.layers.Dense(training.CLASSES)])
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    model = build()
+    for epoch in range(1, 7):
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False)
+        model.save_weights(tmp_path / f"epoch_{epoch}.weights.h5")
+    payload = predict(tmp_path)
+    fused_path = tmp_path / "epoch_6.pdt.weights.h5"
+    assert payload["output"] == str(fused_path)
+    skipped = {s["name"]: s["reason"] for s in json.loads(
+        CliRunner().invoke(app, ["report", str(tmp_path), "--json"]).output)["skipped_tensors"]}
+    assert skipped["layers/batch_normalization/vars/2"] == "normalisation running statistic"
+
+    resumed, newest = build(), build()
+    for model, path in ((resumed, fused_path), (newest, tmp_path / "epoch_6.weights.h5")):
+        model.optimizer.build(model.trainable_variables)  # so that load_weights restores its state too
+        model.load_weights(path)
+    fused_kernel, kernel = resumed.layers[0].kernel.numpy(), newest.layers[0].kernel.numpy()
+    assert 0 < np.mean(fused_kernel != kernel) < 1
+    np.testing.assert_array_equal(resumed.layers[1].moving_variance.numpy(), newest.layers[1].moving_variance.numpy())
+    assert int(resumed.optimizer.iterations.numpy()) == int(newest.optimizer.iterations.numpy()) > 0
+    history = resumed.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_flax_state_bytes_round_trip(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import linen as nn
+    from flax import serialization
+    from flax.training import train_state
+
+    x, y = (jnp.asarray(t.numpy()) for t in training.data())
+    net = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(training.CLASSES)])
+    state = train_state.TrainState.create(apply_fn=net.apply, params=net.init(jax.random.PRNGKey(0), x[:1]),
+                                          tx=optax.sgd(0.05, momentum=0.9))
+
+    @jax.jit
+    def step(state, xb, yb):
+        def loss(params):
+            return optax.softmax_cross_entropy_with_integer_labels(state.apply_fn(params, xb), yb).mean()
+
+        return state.apply_gradients(grads=jax.grad(loss)(state.params))
+
+    for epoch in range(1, 7):
+        for i in range(0, len(x), 64):
+            state = step(state, x[i: i + 64], y[i: i + 64])
+        (tmp_path / f"epoch_{epoch}.msgpack").write_bytes(serialization.to_bytes(state))
+    payload = predict(tmp_path)
+    assert payload["output"] == str(tmp_path / "epoch_6.pdt.msgpack")
+    assert set(payload["mask"]["by_layer_type"]) == {"linear", "bias"}  # params/layers_i/{kernel,bias}
+    fused = serialization.from_bytes(state, (tmp_path / "epoch_6.pdt.msgpack").read_bytes())
+    newest = serialization.from_bytes(state, (tmp_path / "epoch_6.msgpack").read_bytes())
+    assert int(fused.step) == int(newest.step) == 6 * ((len(x) + 63) // 64)
+    kernel = fused.params["params"]["layers_0"]["kernel"]
+    assert kernel.dtype == jnp.float32
+    assert 0 < float(jnp.mean(kernel != newest.params["params"]["layers_0"]["kernel"])) < 1
+    for got, want in zip(jax.tree_util.tree_leaves(fused.opt_state), jax.tree_util.tree_leaves(newest.opt_state),
+                         strict=True):
+        assert jnp.array_equal(got, want)  # optimizer state carried over bit-exact
+    assert bool(jnp.isfinite(step(fused, x[:64], y[:64]).params["params"]["layers_0"]["kernel"]).all())
+
+
+def test_lightning_checkpoints_resume_from_the_fused_file(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    x, y = training.data()
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = training.model(16)
+
+        def training_step(self, batch, _):
+            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def loader():
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+
+    def trainer(epochs: int) -> L.Trainer:
+        checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+        return L.Trainer(max_epochs=epochs, callbacks=[checkpoints], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", deterministic=True)
+
+    trainer(6).fit(Module(), loader())
+    payload = predict(tmp_path)
+    fused_path = tmp_path / "epoch=5.pdt.ckpt"
+    assert payload["output"] == str(fused_path)
+    fused = torch.load(fused_path, weights_only=True)
+    newest = torch.load(tmp_path / "epoch=5.ckpt", weights_only=True)
+    assert fused["global_step"] == newest["global_step"] and fused["epoch"] == newest["epoch"]
+    assert torch.equal(fused["optimizer_states"][0]["state"][0]["momentum_buffer"],
+                       newest["optimizer_states"][0]["state"][0]["momentum_buffer"])
+    assert not torch.equal(fused["state_dict"]["net.0.weight"], newest["state_dict"]["net.0.weight"])
+    assert torch.equal(fused["state_dict"]["net.1.running_mean"], newest["state_dict"]["net.1.running_mean"])
+    resumed = trainer(7)
+    resumed.fit(Module(), loader(), ckpt_path=fused_path)
+    assert resumed.current_epoch == 7 and resumed.global_step == newest["global_step"] + len(loader())
