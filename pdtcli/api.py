@@ -151,10 +151,9 @@ def _check_layout(store: Store, reader, path: Path) -> None:
                 f"tensor {entry['name']!r} has shape {list(info.shape)}, the window has {entry['shape']}", path)
 
 
-def _ingest_one(s: Session, cand: Candidate, history: int, progress: Progress) -> dict:
+def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress: Progress) -> dict:
     settings = s.settings
     path = cand.path
-    digest = sha256_file(path)
     if s.store is not None:
         duplicate = next((r for r in s.store.state["ingested"]
                           if r["sha256"] == digest and r.get("status") == "ingested"), None)
@@ -222,19 +221,36 @@ def _check_selection(s: Session) -> None:
                          f"remove {s.root} to change --include/--exclude")
 
 
+def _newest_distinct(fresh: list[Candidate], history: int) -> dict[Candidate, str]:
+    """The new checkpoints worth reading, oldest first, with their content hashes.
+
+    Only the newest h can end up in the window, so older ones are passed over unread; a copy
+    of another checkpoint does not count towards the h (it is skipped as a duplicate later).
+    """
+    chosen: dict[Candidate, str] = {}
+    distinct: set[str] = set()
+    for cand in reversed(fresh):
+        if len(distinct) == history:
+            break
+        digest = sha256_file(cand.path)
+        chosen[cand] = digest
+        distinct.add(digest)
+    return dict(reversed(list(chosen.items())))
+
+
 def _ingest(s: Session) -> tuple[list[str], list[dict]]:
     if s.folder is None or not s.folder.is_dir():
         raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
     _check_selection(s)
     history = _history_len(s)
     fresh, skipped = _new_candidates(s)
-    if len(fresh) > history:  # only the newest h can be in the window; the rest would be evicted at once
-        for cand in fresh[:-history]:
-            skipped.append({"path": str(cand.path), "reason": f"older than the newest {history} new checkpoints"})
-        fresh = fresh[-history:]
-    ingested = []
+    chosen = _newest_distinct(fresh, history)
     for cand in fresh:
-        note = _ingest_one(s, cand, history, s.settings.progress)
+        if cand not in chosen:
+            skipped.append({"path": str(cand.path), "reason": f"older than the newest {history} new checkpoints"})
+    ingested = []
+    for cand, digest in chosen.items():
+        note = _ingest_one(s, cand, digest, history, s.settings.progress)
         if note:
             skipped.append(note)
         else:

@@ -1,0 +1,205 @@
+"""Bad input and hostile conditions: a clear one-line error, a documented exit code, nothing lost.
+
+The concurrency and kill tests use real `pdt` processes, as cron would start them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import training
+from conftest import digest_tree
+from typer.testing import CliRunner
+
+from pdtcli.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pdt(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def pdt_process(*args, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pdtcli", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def store_bytes(folder: Path) -> bytes:
+    return (folder / ".pdt" / "store.h5").read_bytes()
+
+
+class Payload:
+    """What an attacker puts in a checkpoint: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_needs_code_is_refused_and_its_payload_never_runs(sgd_run, tmp_path):
+    marker = tmp_path / "payload-ran"
+    evil = torch.load(sgd_run / "epoch_8.pt", weights_only=True)
+    evil["extra"] = Payload(marker)
+    (sgd_run / "epoch_8.pt").unlink()
+    torch.save(evil, sgd_run / "epoch_9.pt")
+    before = digest_tree(sgd_run)
+    code, output = pdt("predict", sgd_run)
+    assert code == 3
+    assert output.strip().count("\n") == 0 and "epoch_9.pt" in output and "refused" in output
+    assert not marker.exists()
+    assert digest_tree(sgd_run) == before
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors", "npz"])
+def test_a_truncated_newest_checkpoint_changes_nothing(tmp_path, fmt):
+    training.train(tmp_path, 6, fmt=fmt)
+    newest = tmp_path / f"epoch_6.{fmt}"
+    data = newest.read_bytes()
+    newest.unlink()
+    assert pdt("snapshot", tmp_path)[0] == 0
+    store = store_bytes(tmp_path)
+    newest.write_bytes(data[: len(data) // 2])
+    before = digest_tree(tmp_path)
+    code, output = pdt("predict", tmp_path)
+    assert code == 3, output
+    assert output.strip().count("\n") == 0 and f"epoch_6.{fmt}" in output
+    assert digest_tree(tmp_path) == before and store_bytes(tmp_path) == store
+
+
+def test_duplicate_checkpoint_is_skipped_with_a_reason(sgd_run):
+    shutil.copy(sgd_run / "epoch_8.pt", sgd_run / "epoch_9.pt")
+    code, output = pdt("predict", sgd_run, "--json")
+    payload = json.loads(output)
+    assert code == 0 and payload["status"] == "written"
+    assert any("same content as" in s["reason"] and s["path"].endswith("epoch_9.pt") for s in payload["skipped"])
+
+
+def test_a_store_of_another_folder_or_a_newer_pdt_is_refused(sgd_run, tmp_path):
+    assert pdt("predict", sgd_run)[0] == 0
+    other = tmp_path / "other"
+    shutil.copytree(sgd_run, other)
+    code, output = pdt("predict", other)
+    assert code == 4 and "another folder" in output
+
+    with h5py.File(sgd_run / ".pdt" / "store.h5", "r+") as f:
+        f.attrs["format_version"] = 99
+    store = store_bytes(sgd_run)
+    code, output = pdt("report", sgd_run)
+    assert code == 4 and "newer pdt" in output
+    assert store_bytes(sgd_run) == store
+
+
+def test_disk_full_while_writing_leaves_no_output_and_a_valid_store(sgd_run, monkeypatch):
+    assert pdt("snapshot", sgd_run)[0] == 0
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    before = digest_tree(sgd_run)
+    code, output = pdt("predict", sgd_run)
+    assert code == 5 and "No space left on device" in output and "epoch_8.pdt.pt" in output
+    assert digest_tree(sgd_run) == before  # no output, no temporary left behind
+    monkeypatch.undo()
+    code, output = pdt("predict", sgd_run, "--json")
+    assert code == 0 and json.loads(output)["status"] == "written"
+
+
+def test_output_folder_that_does_not_exist_is_an_output_error(sgd_run, tmp_path):
+    code, output = pdt("predict", sgd_run, "-o", tmp_path / "missing" / "out.pt")
+    assert code == 5 and "out.pt" in output
+
+
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+with FileLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_second_pdt_waits_for_the_lock_or_fails_clearly(sgd_run):
+    assert pdt("snapshot", sgd_run)[0] == 0
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(sgd_run / ".pdt" / "lock"), "4"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    waiting = pdt_process("predict", sgd_run, "--wait", "0.5")
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 4 and "locked by another pdt process" in err
+    patient = pdt_process("predict", sgd_run, "--wait", "30", "--json")
+    out, err = patient.communicate(timeout=90)
+    holder.wait()
+    assert patient.returncode == 0, err
+    assert json.loads(out)["status"] == "written"
+
+
+def test_two_pdt_processes_at_once_never_corrupt_the_store(sgd_run):
+    runs = [pdt_process("predict", sgd_run, "--json") for _ in range(2)]
+    results = [(run.wait(timeout=120), run.stdout.read()) for run in runs]
+    assert [code for code, _ in results] == [0, 0]
+    statuses = sorted(json.loads(out)["status"] for _, out in results)
+    assert statuses == ["up-to-date", "written"]
+    fused = torch.load(sgd_run / "epoch_8.pdt.pt", weights_only=True)
+    assert fused["epoch"] == 8
+    assert pdt("report", sgd_run)[0] == 0
+
+
+def _big_run(folder: Path) -> None:
+    """Six checkpoints of a 2M-parameter trajectory, so that a step lasts long enough to be killed."""
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(2_000_000, generator=gen)
+    velocity = torch.randn(2_000_000, generator=gen) * 1e-3
+    for epoch in range(1, 7):
+        weights = weights + velocity * (0.9 ** epoch)
+        torch.save({"model": {"w": weights.reshape(1000, 2000).clone()}, "epoch": epoch}, folder / f"e_{epoch}.pt")
+
+
+def test_sigkill_at_any_point_leaves_inputs_store_and_outputs_valid(tmp_path):
+    reference = tmp_path / "reference"
+    _big_run(reference)
+    assert pdt("predict", reference)[0] == 0
+    expected = torch.load(reference / "e_6.pdt.pt", weights_only=True)["model"]["w"]
+
+    folder = tmp_path / "killed"
+    _big_run(folder)
+    inputs = digest_tree(folder)
+    kills, delay = 0, 1.0
+    while True:
+        run = pdt_process("predict", folder)
+        time.sleep(delay)
+        if run.poll() is not None:  # finished before the kill: the run is complete
+            assert run.returncode == 0, run.stderr.read()
+            break
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        kills += 1
+        delay += 0.35
+        left = digest_tree(folder)
+        assert {k: v for k, v in left.items() if k in inputs} == inputs  # inputs untouched
+        out = folder / "e_6.pdt.pt"
+        if out.exists():  # never half-written under its final name
+            assert torch.equal(torch.load(out, weights_only=True)["model"]["w"], expected)
+    assert kills >= 3, "the step finished too quickly to be killed at several points"
+    code, output = pdt("predict", folder, "--json")
+    assert code == 0, output
+    assert torch.equal(torch.load(folder / "e_6.pdt.pt", weights_only=True)["model"]["w"], expected)
+    assert not [p for p in folder.iterdir() if ".pdt-tmp-" in p.name]
+    assert np.isfinite(json.loads(pdt("report", folder, "--json")[1])["fit"]["singular_values"]).all()
