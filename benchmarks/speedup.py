@@ -184,6 +184,8 @@ def plot(results: dict, default: str, path: Path) -> None:
         loss_ax.axhline(target, color="grey", ls=":", lw=1, label="baseline best (median)")
         loss_ax.set(yscale="log", xlabel="epoch", ylabel="train loss (median over seeds)",
                     title=f"{optimizer}: train loss, resumed from pdt's fused checkpoints")
+        low = min(r.train_loss for by_seed in runs.values() for c in by_seed.values() for r in c if r.train_loss > 0)
+        loss_ax.set_ylim(low / 2, 10)  # a diverging run (none) would squash every other curve
         loss_ax.legend(fontsize=8)
         shown = default if default in runs else next((v for v in runs if v != "baseline"), None)
         if shown is None:
@@ -235,7 +237,14 @@ def main() -> None:
     parser.add_argument("--mode", choices=("api", "cli"), default="api", help="how the full matrix runs")
     parser.add_argument("--cli-seeds", type=int, default=1,
                         help="seeds to rerun baseline and the default variant as separate processes")
+    parser.add_argument("--replot", action="store_true", help="redraw speedup.png from --out's runs.json")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads((args.out / "runs.json").read_text(encoding="utf-8"))
+        runs = {opt: {"runs": {v: {int(seed): [Round(**r) for r in rounds] for seed, rounds in by.items()}
+                               for v, by in saved[opt]["runs"].items()}} for opt in saved if opt != "cli"}
+        plot(runs, default_modes(), args.out / "speedup.png")
+        return
     variants = ["baseline", *[v for v in args.variants if v != "baseline"]]
     seeds = [100 * i for i in range(args.seeds)]  # the paper's seeds: 0, 100, 200, 300, 400
     default = default_modes()
