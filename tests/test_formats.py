@@ -189,3 +189,15 @@ def test_lightning_checkpoints_resume_from_the_fused_file(tmp_path):
     resumed = trainer(7)
     resumed.fit(Module(), loader(), ckpt_path=fused_path)
     assert resumed.current_epoch == 7 and resumed.global_step == newest["global_step"] + len(loader())
+
+
+@pytest.mark.parametrize("step", [np.int32(7), np.array(7, np.int64), 7])
+def test_flax_recorded_step_from_scalar_array_or_int(tmp_path, step):
+    from flax import serialization
+
+    from pdtcli.formats import open_checkpoint
+
+    path = tmp_path / "state.msgpack"
+    path.write_bytes(serialization.to_bytes({"step": step, "params": {"w": np.ones(3, np.float32)}}))
+    with open_checkpoint(path) as reader:
+        assert reader.recorded_step() == 7

@@ -1,7 +1,7 @@
 """Flax/JAX state bytes (`flax.serialization.to_bytes`, `.msgpack`): a msgpack tree of arrays.
 
 Flax writes a nested map whose leaves are msgpack extension objects: code 1 is an array,
-packed as (shape, dtype name, raw bytes); code 3 a NumPy scalar. pdt decodes only the
+packed as (shape, dtype name, raw bytes); code 3 a NumPy scalar, packed the same way. pdt decodes only the
 arrays it predicts, those under `params` when the tree has one (a TrainState also holds
 `step` and `opt_state`), and writes every other leaf back as the very bytes it read, so a
 carried-over optimizer state is bit-identical. A tensor's name is its key path joined by `/`.
@@ -22,6 +22,7 @@ from ..errors import CheckpointError
 from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
 
 EXT_NDARRAY = 1
+EXT_NPSCALAR = 3
 CHUNKED_MARK = "__msgpack_chunked_array__"
 PARAMS_KEY = "params"
 _DTYPES = {
@@ -89,15 +90,14 @@ class FlaxReader(CheckpointReader):
 
     def recorded_step(self) -> int | None:
         step = self._tree.get("step")
-        if isinstance(step, Leaf) and step.code != EXT_NDARRAY:  # a NumPy scalar: (dtype name, bytes)
-            dtype, raw = msgpack.unpackb(step.data, raw=False)
-            if dtype in _DTYPES and not _DTYPES[dtype].is_floating_point:
-                return int(torch.frombuffer(bytearray(raw), dtype=_DTYPES[dtype])[0])
-        if isinstance(step, Leaf):
-            shape, dtype, raw = step.array_header()
-            if not shape and dtype in _DTYPES and not _DTYPES[dtype].is_floating_point:
-                return int(torch.frombuffer(bytearray(raw), dtype=_DTYPES[dtype])[0])
-        return step if isinstance(step, int) and not isinstance(step, bool) else None
+        if not isinstance(step, Leaf):
+            return step if isinstance(step, int) and not isinstance(step, bool) else None
+        if step.code not in (EXT_NDARRAY, EXT_NPSCALAR):
+            return None
+        shape, dtype, raw = step.array_header()  # a NumPy scalar is packed as a 0-d array
+        if shape or dtype not in _DTYPES or _DTYPES[dtype].is_floating_point:
+            return None
+        return int(torch.frombuffer(bytearray(raw), dtype=_DTYPES[dtype])[0])
 
     def write_fused(self, out: Path, replace: Replace) -> None:
         fused: dict[int, bytes] = {}
