@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from train_digits import train  # pdt_loop is only ever found beside it, in examples/
+
 HERE = Path(__file__).resolve().parent
 TRAIN_SCRIPT = HERE / "train_digits.py"
 
@@ -84,9 +86,6 @@ def _pdt_cli(cfg: LoopConfig, out: Path) -> dict:
 
 
 def _train_api(cfg: LoopConfig, out: Path, resume: Path | None) -> dict:
-    sys.path.insert(0, str(HERE))
-    from train_digits import train
-
     return train(out, 1, resume, cfg.optimizer, cfg.lr, cfg.hidden, cfg.seed)[-1]
 
 

@@ -112,8 +112,8 @@ def _require_store(s: Session) -> Store:
 # ---- ingest (snapshot) --------------------------------------------------------------
 
 
-def _new_candidates(s: Session) -> tuple[list[Candidate], list[dict]]:
-    """Checkpoints not seen before and newer than the window, oldest first; and the rest."""
+def _new_candidates(s: Session) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
+    """Checkpoints not seen before and newer than the window, oldest first; and the passed over, with why."""
     store = s.store
     known_outputs = {o["path"] for o in store.state["outputs"]} if store else set()
     candidates = list_checkpoints(s.folder, known_outputs)
@@ -126,7 +126,7 @@ def _new_candidates(s: Session) -> tuple[list[Candidate], list[dict]]:
         checkpoints = [store.record(i) for i in store.state["window"] if store.record(i)["kind"] == "checkpoint"]
         if checkpoints:
             newest = order_key(checkpoints[-1].get("name_step"), checkpoints[-1]["mtime"])
-    fresh, skipped = [], []
+    fresh, passed = [], []
     for cand in candidates:
         rec = seen.get(str(cand.path.resolve()))
         if rec and rec["size"] == cand.size and rec["mtime"] == cand.mtime:
@@ -134,10 +134,10 @@ def _new_candidates(s: Session) -> tuple[list[Candidate], list[dict]]:
         if newest is not None and order_key(cand.name_step, cand.mtime) <= newest and not (
             rec and cand.mtime > rec["mtime"]
         ):
-            skipped.append({"path": str(cand.path), "reason": "older than the newest snapshot in the window"})
+            passed.append((cand, "older than the newest snapshot in the window"))
             continue
         fresh.append(cand)
-    return fresh, skipped
+    return fresh, passed
 
 
 def _check_layout(store: Store, reader, path: Path) -> None:
@@ -243,11 +243,10 @@ def _ingest(s: Session) -> tuple[list[str], list[dict]]:
         raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
     _check_selection(s)
     history = _history_len(s)
-    fresh, skipped = _new_candidates(s)
+    fresh, passed = _new_candidates(s)
     chosen = _newest_distinct(fresh, history)
-    for cand in fresh:
-        if cand not in chosen:
-            skipped.append({"path": str(cand.path), "reason": f"older than the newest {history} new checkpoints"})
+    passed += [(cand, f"older than the newest {history} new checkpoints") for cand in fresh if cand not in chosen]
+    skipped = [{"path": str(cand.path), "reason": reason} for cand, reason in passed]
     ingested = []
     for cand, digest in chosen.items():
         note = _ingest_one(s, cand, digest, history, s.settings.progress)
@@ -256,10 +255,8 @@ def _ingest(s: Session) -> tuple[list[str], list[dict]]:
         else:
             ingested.append(str(cand.path))
     if skipped and s.store is not None:  # remember what was passed over, so it is not reported again
-        by_path = {str(c.path): c for c in list_checkpoints(s.folder)}
-        for item in skipped:
-            if item["path"] in by_path and item.get("reason", "").startswith("older"):
-                s.store.state["ingested"].append(_provenance(by_path[item["path"]], None, "skipped", None))
+        for cand, _ in passed:
+            s.store.state["ingested"].append(_provenance(cand, None, "skipped", None))
         s.store.commit()
     return ingested, skipped
 

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 from pdt_loop import LoopConfig, run_loop  # noqa: E402
+from train_digits import train  # noqa: E402
 
 
 def test_loop_resumes_from_each_fused_checkpoint_in_process(tmp_path):
@@ -25,9 +26,6 @@ def test_loop_resumes_from_each_fused_checkpoint_in_process(tmp_path):
         assert 0 < r.ratio < 1 and set(r.ratio_by_layer_type) == {"linear", "bias"}
     # epochs 6 and 7 were trained from the fused files: resuming an unfused epoch 5 gives other weights
     resumed = torch.load(tmp_path / "epoch_0006.pt", weights_only=True)["model"]
-    sys.path.insert(0, str(ROOT / "examples"))
-    from train_digits import train
-
     train(tmp_path / "plain", 1, tmp_path / "epoch_0005.pt", hidden=32)
     plain = torch.load(tmp_path / "plain" / "epoch_0006.pt", weights_only=True)["model"]
     assert not torch.equal(resumed["0.weight"], plain["0.weight"])

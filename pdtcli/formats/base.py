@@ -18,6 +18,9 @@ import torch
 
 from ..errors import CheckpointError
 
+# Keys under which single-file formats record the step or epoch they were saved at, first match wins.
+STEP_KEYS = ("step", "global_step", "epoch", "iteration")
+
 # Called for each model tensor while writing; returns the replacement, or None to keep it.
 Replace = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 

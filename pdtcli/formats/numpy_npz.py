@@ -2,8 +2,8 @@
 
 Loaded with `allow_pickle=False`, so an object array (which would need pickle) is refused
 rather than run. Each array is read on demand from the zip. The fused copy keeps the key
-order, dtypes and compression of the input; arrays pdt does not predict are copied as
-stored bytes, without decoding them.
+order, dtypes and compression of the input; arrays pdt does not predict are written back
+as their stored zip members, byte for byte.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo, torch_dtype
-
-_STEP_KEYS = ("step", "global_step", "epoch", "iteration")
+from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Replace, TensorInfo, torch_dtype
 
 
 def _as_torch(array: np.ndarray) -> torch.Tensor:
@@ -67,7 +65,7 @@ class NpzReader(CheckpointReader):
         return _as_torch(self._load(name))
 
     def recorded_step(self) -> int | None:
-        for key in _STEP_KEYS:
+        for key in STEP_KEYS:
             info = next((i for i in self._infos if i.name == key), None)
             if info is not None and info.numel == 1 and not info.dtype.is_floating_point:
                 return int(self._load(key).reshape(-1)[0])

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Replace, TensorInfo
 
 _DTYPES = {
     "F64": torch.float64,
@@ -30,7 +30,6 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_STEP_KEYS = ("step", "global_step", "epoch", "iteration")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -89,7 +88,7 @@ class SafetensorsReader(CheckpointReader):
 
     def recorded_step(self) -> int | None:
         metadata = self._header.get("__metadata__") or {}
-        for key in _STEP_KEYS:
+        for key in STEP_KEYS:
             value = metadata.get(key)
             if value is not None and str(value).isdigit():
                 return int(value)
