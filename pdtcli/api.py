@@ -25,11 +25,12 @@ from .dmd import FitOptions, solve
 from .errors import CheckpointError, OutputError, StageMissing, StoreError, UsageError
 from .formats import open_checkpoint
 from .fuse import DEFAULT_BLOCK, Predictor, Window, pick_device
+from .identity import sha256_path, stat_of
 from .mask import MaskOptions
 from .progress import NoProgress, Progress
 from .report import summarize_counts
 from .selection import Selection, plan_layout
-from .store import Store, clean_leftovers, lock_for, now, resolve_store_root, sha256_file
+from .store import Store, clean_leftovers, lock_for, now, resolve_store_root
 
 DEFAULT_HISTORY = 5
 
@@ -232,7 +233,7 @@ def _newest_distinct(fresh: list[Candidate], history: int) -> dict[Candidate, st
     for cand in reversed(fresh):
         if len(distinct) == history:
             break
-        digest = sha256_file(cand.path)
+        digest = sha256_path(cand.path)
         chosen[cand] = digest
         distinct.add(digest)
     return dict(reversed(list(chosen.items())))
@@ -380,11 +381,10 @@ def _run_pass(s: Session, ids: list[int], options: MaskOptions, *, output: Path 
 
 
 def _check_source(source: Path, record: dict) -> None:
-    if not source.is_file():
+    if not source.exists():
         raise CheckpointError("the newest checkpoint of the window is gone; its non-predicted content "
                               "cannot be carried over", source)
-    stat = source.stat()
-    if (stat.st_size, stat.st_mtime) != (record["size"], record["mtime"]) and sha256_file(source) != record["sha256"]:
+    if stat_of(source) != (record["size"], record["mtime"]) and sha256_path(source) != record["sha256"]:
         raise CheckpointError("the newest checkpoint changed since it was ingested; run `pdt snapshot` again", source)
 
 
@@ -453,13 +453,13 @@ def _commit_output(s: Session, ids: list[int], output: Path, lineage_slot: int) 
     """Line 17 of Algorithm 1: the fused state becomes the newest snapshot."""
     store = s.store
     base = store.record(ids[-1])
-    stat = output.stat()
+    size, mtime = stat_of(output)
     record = {
         "kind": "fused",
         "parent": ids[-1],
         "path": str(output.resolve()),
-        "size": stat.st_size,
-        "mtime": stat.st_mtime,
+        "size": size,
+        "mtime": mtime,
         "name_step": base.get("name_step"),
         "recorded_step": base.get("recorded_step"),
         "fit_id": store.state["fit"]["id"],
@@ -480,7 +480,7 @@ def _written_already(store: Store) -> str | None:
     if not window or not mask:
         return None
     last = store.record(window[-1])
-    if last["kind"] == "fused" and last["mask_id"] == mask["id"] and Path(last["path"]).is_file():
+    if last["kind"] == "fused" and last["mask_id"] == mask["id"] and Path(last["path"]).exists():
         return last["path"]
     return None
 

@@ -2,6 +2,10 @@
 
 A crash (even SIGKILL) between open and rename leaves only a hidden temporary file, which
 `sweep_temporaries` removes on the next run; the final name keeps its previous content.
+Checkpoint folders are written the same way as a temporary folder. A folder cannot be
+renamed over a non-empty one, so replacing one (`--force`) first moves the old one aside
+under a temporary name: a crash in that instant leaves the final name absent for a
+moment, never half-written.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import OutputError
+from .identity import files_of
 
 TMP_TAG = ".pdt-tmp-"
 
@@ -52,14 +57,25 @@ def atomic_path(final: Path, *, force: bool = True) -> Iterator[Path]:
     tmp = folder / f".{final.name}{TMP_TAG}{os.getpid()}"
     try:
         yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, final)
+        _publish(tmp, final)
         fsync_dir(folder)
     except BaseException as exc:
         _remove(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise OutputError(f"cannot write: {exc.strerror or exc}", final) from exc
         raise
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    for written in files_of(tmp):
+        fsync_file(written)
+    if tmp.is_dir() and final.exists():
+        aside = final.parent / f".{final.name}{TMP_TAG}old-{os.getpid()}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        _remove(aside)
+    else:
+        os.replace(tmp, final)
 
 
 def _remove(path: Path) -> None:

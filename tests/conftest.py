@@ -55,5 +55,6 @@ def safetensors_run(_safetensors_run, tmp_path) -> Path:
 
 
 def digest_tree(folder: Path) -> dict[str, str]:
-    """Content hashes of the files directly in `folder` (not the store)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Content hashes of the files in `folder` and its sub-folders (checkpoint folders), not pdt's store."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).parts[0] != ".pdt"}

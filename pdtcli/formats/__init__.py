@@ -7,21 +7,35 @@ from pathlib import Path
 from ..errors import CheckpointError
 from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
 from .flax_msgpack import FlaxFormat
+from .hf_folder import HfFolderFormat
 from .keras_h5 import KerasFormat
 from .numpy_npz import NpzFormat
 from .safetensors_file import SafetensorsFormat
+from .torch_dcp import DcpFormat
 from .torch_pickle import TorchFormat
 
 # Tried in this order after the formats that claim the file's suffix; torch last, since a
 # pickle's first byte and a zip's magic are shared with msgpack maps and .npz archives.
 FORMATS: tuple[CheckpointFormat, ...] = (SafetensorsFormat(), NpzFormat(), KerasFormat(), FlaxFormat(),
                                          TorchFormat())
+FOLDER_FORMATS: tuple[CheckpointFormat, ...] = (DcpFormat(), HfFolderFormat())
 CHECKPOINT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.suffixes)
+
+
+def folder_format(path: Path) -> CheckpointFormat | None:
+    """The format of a checkpoint folder, or None when `path` is not one."""
+    return next((fmt for fmt in FOLDER_FORMATS if fmt.sniff(Path(path), b"")), None)
 
 
 def detect(path: Path) -> CheckpointFormat:
     """The format of `path`, by its suffix when that is unambiguous, else by its first bytes."""
     path = Path(path)
+    if path.is_dir():
+        found = folder_format(path)
+        if found is None:
+            raise CheckpointError("not a checkpoint folder pdt can read (" + ", ".join(
+                f.name for f in FOLDER_FORMATS) + ")", path)
+        return found
     try:
         with open(path, "rb") as handle:
             head = handle.read(16)
@@ -42,11 +56,13 @@ def open_checkpoint(path: Path) -> CheckpointReader:
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
+    "FOLDER_FORMATS",
     "FORMATS",
     "CheckpointFormat",
     "CheckpointReader",
     "Replace",
     "TensorInfo",
     "detect",
+    "folder_format",
     "open_checkpoint",
 ]

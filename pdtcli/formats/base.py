@@ -86,10 +86,11 @@ class CheckpointReader(abc.ABC):
 class CheckpointFormat(abc.ABC):
     name: str = ""
     suffixes: tuple[str, ...] = ()
+    folder: bool = False  # a checkpoint of this format is a folder of files, not one file
 
     @abc.abstractmethod
     def sniff(self, path: Path, head: bytes) -> bool:
-        """Whether the file's first bytes look like this format."""
+        """Whether the file's first bytes (or, for a folder format, its files) look like this format."""
 
     @abc.abstractmethod
     def open(self, path: Path) -> CheckpointReader: ...

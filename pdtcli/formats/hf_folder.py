@@ -1,0 +1,107 @@
+"""A Hugging Face Trainer checkpoint folder (`checkpoint-N/`): weights plus the files to resume.
+
+The weights are `model.safetensors`, or shards listed in `model.safetensors.index.json`,
+or the same two for `pytorch_model.bin`. Each weight file is read and written by the
+single-file reader of its format, so a tensor is still read on demand. Every other file
+(`optimizer.pt`, `scheduler.pt`, `rng_state.pth`, `trainer_state.json`, `config.json`,
+`training_args.bin`, DeepSpeed sub-folders) is copied byte for byte and never loaded, so
+a pickle there cannot run code. The fused folder keeps the input's sharding: the same
+shard files hold the same tensors, and the index is copied unchanged (sizes do not change).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .safetensors_file import SafetensorsReader
+from .torch_pickle import TorchReader
+
+# (single weight file, its shard index, reader), in the order Transformers prefers them.
+WEIGHT_LAYOUTS = (
+    ("model.safetensors", "model.safetensors.index.json", SafetensorsReader),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json", TorchReader),
+)
+TRAINER_STATE = "trainer_state.json"
+
+
+def weight_files(folder: Path) -> tuple[list[str], type[CheckpointReader]] | None:
+    """The weight files of a Trainer folder (relative names) and their reader; None if it has none."""
+    for single, index, reader in WEIGHT_LAYOUTS:
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"corrupt shard index {index} ({exc})", folder) from exc
+            return shards, reader
+        if (folder / single).is_file():
+            return [single], reader
+    return None
+
+
+class HfFolderReader(CheckpointReader):
+    format_name = "hf-folder"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        found = weight_files(self.path)
+        if found is None:
+            raise CheckpointError("no model.safetensors or pytorch_model.bin (nor their index) in this folder",
+                                  self.path)
+        names, reader = found
+        missing = [name for name in names if not (self.path / name).is_file()]
+        if missing:
+            raise CheckpointError(f"the shard index lists {missing[0]}, which is missing", self.path)
+        self._shards: dict[str, CheckpointReader] = {}
+        self._where: dict[str, CheckpointReader] = {}
+        try:
+            for name in names:
+                shard = reader(self.path / name)
+                self._shards[name] = shard
+                for info in shard.tensors():
+                    self._where[info.name] = shard
+        except BaseException:
+            self.close()
+            raise
+
+    def tensors(self) -> list[TensorInfo]:
+        return [info for shard in self._shards.values() for info in shard.tensors()]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._where[name].read(name)
+
+    def recorded_step(self) -> int | None:
+        """`global_step` from `trainer_state.json`, the counter Trainer resumes from."""
+        try:
+            step = json.loads((self.path / TRAINER_STATE).read_text()).get("global_step")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+    def write_fused(self, out: Path, replace: Replace) -> None:
+        shards = set(self._shards)
+        shutil.copytree(self.path, out, ignore=lambda folder, names: [
+            n for n in names if Path(folder) == self.path and n in shards])
+        for name, shard in self._shards.items():
+            shard.write_fused(out / name, replace)
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+
+
+class HfFolderFormat(CheckpointFormat):
+    name = "hf-folder"
+    folder = True
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        return path.is_dir() and any((path / f).is_file() for layout in WEIGHT_LAYOUTS for f in layout[:2])
+
+    def open(self, path: Path) -> CheckpointReader:
+        return HfFolderReader(path)

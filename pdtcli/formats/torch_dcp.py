@@ -1,0 +1,178 @@
+"""PyTorch distributed checkpoints (`torch.distributed.checkpoint.save`): a folder of
+`.distcp` files described by a pickled `.metadata`.
+
+pdt reads both without `torch.distributed` and without its load planner, because that
+planner unpickles every non-tensor entry with `weights_only=False` and the metadata with
+plain `pickle`: either would run code a checkpoint carries. Here the metadata goes through
+an unpickler that admits only DCP's own record classes, torch sizes, dtypes and layouts;
+tensor chunks are loaded with `weights_only=True`; non-tensor entries are never loaded.
+
+A tensor is the union of its chunks (one per rank that held a shard), each a `torch.save`
+record at a byte range of one `.distcp` file. The fused folder is a byte copy of the
+input with each predicted chunk's record rewritten in place; a record re-saved with the
+same shape, strides and dtype has the same length, so `.metadata` stays valid unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .torch_pickle import STATE_DICT_KEYS
+
+METADATA = ".metadata"
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_PATH_CLASSES = {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}
+# Entries under these top-level keys are optimizer state, never the model's weights.
+_OPTIMIZER_PREFIXES = ("optim", "optimizer", "optimizers", "optimizer_states", "lr_scheduler", "scheduler")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata records and nothing else."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            (module in _DCP_MODULES and not name.startswith("__"))
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "pathlib" and name in _PATH_CLASSES)
+            or (module == "collections" and name == "OrderedDict")
+        )
+        found = super().find_class(module, name) if allowed else None
+        if found is None or (module in _DCP_MODULES and not isinstance(found, type)):
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return found
+
+
+def read_metadata(folder: Path):
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(folder / METADATA, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"refused {METADATA}: loading it would run code ({exc})", folder) from exc
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
+        raise CheckpointError(f"corrupt or truncated {METADATA} ({exc})", folder) from exc
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{METADATA} is not DCP metadata", folder)
+    return metadata
+
+
+class DcpReader(CheckpointReader):
+    format_name = "torch-dcp"
+
+    def __init__(self, path: Path) -> None:
+        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+        super().__init__(path)
+        self._metadata = read_metadata(self.path)
+        tensors = {fqn: md for fqn, md in self._metadata.state_dict_metadata.items()
+                   if isinstance(md, TensorStorageMetadata)}
+        self._chunks = {}
+        for fqn, md in tensors.items():
+            try:
+                self._chunks[fqn] = [(chunk, self._metadata.storage_data[MetadataIndex(fqn, chunk.offsets)])
+                                     for chunk in md.chunks]
+            except (KeyError, TypeError) as exc:
+                raise CheckpointError(f"{METADATA} has no storage for a chunk of {fqn!r}", self.path) from exc
+        model = _model_names(list(tensors))
+        self._infos = [TensorInfo(fqn, tuple(tensors[fqn].size), tensors[fqn].properties.dtype) for fqn in model]
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def _load_chunk(self, fqn: str, storage) -> torch.Tensor:
+        if storage.transform_descriptors:
+            raise CheckpointError(f"tensor {fqn!r} is stored with transforms {list(storage.transform_descriptors)}, "
+                                  "which pdt cannot rewrite", self.path)
+        file = self.path / storage.relative_path
+        try:
+            with open(file, "rb") as handle:
+                handle.seek(storage.offset)
+                record = handle.read(storage.length)
+            if len(record) != storage.length:
+                raise CheckpointError(f"truncated: tensor {fqn!r} runs past the end of {storage.relative_path}",
+                                      self.path)
+            tensor = torch.load(io.BytesIO(record), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"cannot load tensor {fqn!r} from {storage.relative_path} ({reason})",
+                                  self.path) from exc
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"the record of {fqn!r} is not a tensor", self.path)
+        return tensor
+
+    def read(self, name: str) -> torch.Tensor:
+        info = next(i for i in self._infos if i.name == name)
+        full = torch.empty(info.shape, dtype=info.dtype)
+        for chunk, storage in self._chunks[name]:
+            full[_region(chunk)] = self._load_chunk(name, storage)
+        return full
+
+    def recorded_step(self) -> int | None:
+        """A top-level `step`/`epoch` entry, loaded as data only; the DCP bytes records are torch.save output."""
+        for key in STEP_KEYS:
+            for index, storage in self._metadata.storage_data.items():
+                if index.fqn != key or storage.transform_descriptors:
+                    continue
+                try:
+                    with open(self.path / storage.relative_path, "rb") as handle:
+                        handle.seek(storage.offset)
+                        value = torch.load(io.BytesIO(handle.read(storage.length)), weights_only=True)
+                except Exception:  # an entry that is not plain data is not a step
+                    return None
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    value = value.item()
+                return value if isinstance(value, int) and not isinstance(value, bool) else None
+        return None
+
+    def write_fused(self, out: Path, replace: Replace) -> None:
+        shutil.copytree(self.path, out)
+        for info in self._infos:
+            fused = replace(info.name, self.read(info.name))
+            if fused is None:
+                continue
+            for chunk, storage in self._chunks[info.name]:
+                stored = self._load_chunk(info.name, storage)
+                stored.copy_(fused[_region(chunk)])  # keeps the record's strides, so its length
+                buffer = io.BytesIO()
+                torch.save(stored, buffer)
+                if buffer.tell() != storage.length:
+                    raise CheckpointError(f"the re-saved record of {info.name!r} changed length", self.path)
+                with open(out / storage.relative_path, "r+b") as handle:
+                    handle.seek(storage.offset)
+                    handle.write(buffer.getbuffer())
+
+    def close(self) -> None:
+        self._chunks = {}
+
+
+def _region(chunk) -> tuple[slice, ...]:
+    return tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
+
+
+def _model_names(names: list[str]) -> list[str]:
+    """The model's tensors: those under the usual state-dict key, else all but optimizer state."""
+    for key in STATE_DICT_KEYS:
+        under = [n for n in names if n.startswith(f"{key}.")]
+        if under:
+            return under
+    return [n for n in names if n.split(".", 1)[0] not in _OPTIMIZER_PREFIXES]
+
+
+class DcpFormat(CheckpointFormat):
+    name = "torch-dcp"
+    folder = True
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        return path.is_dir() and (path / METADATA).is_file()
+
+    def open(self, path: Path) -> CheckpointReader:
+        return DcpReader(path)

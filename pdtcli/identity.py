@@ -1,0 +1,49 @@
+"""What identifies a checkpoint on disk: its size, modification time and content hash.
+
+A checkpoint is a file or, for Hugging Face Trainer and PyTorch DCP, a folder. For a
+folder the size is the sum of its files, the time the newest of them, and the hash
+covers every file's relative name and bytes, so a copied folder is a duplicate and a
+folder that gained, lost or changed a file is not the one that was ingested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+_CHUNK = 8 << 20
+
+
+def files_of(path: Path) -> list[Path]:
+    """The regular files that make up a checkpoint, in a stable order."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def stat_of(path: Path) -> tuple[int, float]:
+    """(size in bytes, newest modification time) of a checkpoint file or folder."""
+    path = Path(path)
+    if not path.is_dir():
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime
+    size, mtime = 0, path.stat().st_mtime
+    for child in files_of(path):
+        stat = child.stat()
+        size += stat.st_size
+        mtime = max(mtime, stat.st_mtime)
+    return size, mtime
+
+
+def sha256_path(path: Path) -> str:
+    """The SHA-256 of a file's bytes, or of a folder's relative file names and bytes."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for child in files_of(path):
+        if path.is_dir():
+            digest.update(child.relative_to(path).as_posix().encode() + b"\0")
+        with open(child, "rb") as handle:
+            while block := handle.read(_CHUNK):
+                digest.update(block)
+    return digest.hexdigest()
