@@ -336,3 +336,36 @@ def test_copied_folder_is_a_duplicate(tmp_path):
     result = CliRunner().invoke(app, ["snapshot", str(run), "--json"])
     payload = json.loads(result.output)
     assert any(s["path"].endswith("step_6") and "same content" in s["reason"] for s in payload["skipped"])
+
+
+def test_folder_output_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    from huggingface_hub import save_torch_state_dict
+
+    from pdtcli.formats.safetensors_file import SafetensorsReader
+
+    run = tmp_path / "run"
+    _save_hf_epochs(run, 5, lambda s, f: save_torch_state_dict(s, f, max_shard_size=600))
+    fused = run / "step-5.pdt"
+    write = SafetensorsReader.write_fused
+    calls = []
+
+    def disk_full_on_the_second_shard(self, out, replace):
+        calls.append(out)
+        write(self, out, replace)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SafetensorsReader, "write_fused", disk_full_on_the_second_shard)
+    result = CliRunner().invoke(app, ["predict", str(run)])
+    assert result.exit_code == 5 and "No space left" in result.output
+    assert not fused.exists()
+    assert [p.name for p in run.iterdir() if ".pdt-tmp-" in p.name] == []
+    monkeypatch.setattr(SafetensorsReader, "write_fused", write)
+
+    first = digest_tree(Path(predict(run)["output"]))
+    second = digest_tree(Path(predict(run, "--tau", "2")["output"]))  # a new mask replaces the folder whole
+    assert set(first) == set(second) and first != second
+    assert sorted(p.name for p in run.iterdir()) == [".pdt", *sorted(f"step-{e}" for e in range(1, 6)),
+                                                     "step-5.pdt"]
