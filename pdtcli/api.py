@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .discover import Candidate, is_pdt_output, list_checkpoints, order_key, output_name
+from .discover import ORDERS, Candidate, is_pdt_output, list_checkpoints, order_key, output_name, resolve_order
 from .dmd import FitOptions, solve
 from .errors import CheckpointError, OutputError, StageMissing, StoreError, UsageError
 from .formats import open_checkpoint
@@ -46,6 +46,7 @@ class Settings:
     device: str = "auto"
     block: int = DEFAULT_BLOCK
     store_dtype: str = "float32"
+    order: str | None = None  # auto | name | step | mtime; None: the store's, or auto for a new store
     lock_timeout: float = 60.0
     progress: Progress = field(default_factory=NoProgress)
 
@@ -77,6 +78,7 @@ class Session:
     folder: Path | None
     store: Store | None
     settings: Settings
+    order: str = "name"
 
 
 @contextlib.contextmanager
@@ -113,28 +115,40 @@ def _require_store(s: Session) -> Store:
 # ---- ingest (snapshot) --------------------------------------------------------------
 
 
+def _order_rule(s: Session) -> str:
+    wanted = s.settings.order
+    if wanted is not None and wanted not in ORDERS:
+        raise UsageError(f"--order {wanted!r}: use one of {', '.join(ORDERS)}")
+    if s.store is None:
+        return wanted or "auto"
+    stored = s.store.state.get("order", "name")  # stores made before --order existed ordered by name
+    if wanted not in (None, "auto", stored):
+        raise UsageError(f"this store orders checkpoints by {stored}; remove {s.root} to change --order")
+    return stored
+
+
 def _new_candidates(s: Session) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
     """Checkpoints not seen before and newer than the window, oldest first; and the passed over, with why."""
     store = s.store
     known_outputs = {o["path"] for o in store.state["outputs"]} if store else set()
-    candidates = list_checkpoints(s.folder, known_outputs)
-    seen = {}
-    if store:
-        for rec in store.state["ingested"]:
-            seen[rec["path"]] = rec
+    seen = {rec["path"]: rec for rec in store.state["ingested"]} if store else {}
+    unseen = []
+    for cand in list_checkpoints(s.folder, known_outputs):
+        rec = seen.get(str(cand.path.resolve()))
+        if not (rec and rec["size"] == cand.size and rec["mtime"] == cand.mtime):
+            unseen.append(cand)
+    s.order, unseen = resolve_order(_order_rule(s), unseen)
+    unseen.sort(key=lambda c: (*order_key(c, s.order), c.path.name))
     newest = None
     if store and store.state["window"]:
         checkpoints = [store.record(i) for i in store.state["window"] if store.record(i)["kind"] == "checkpoint"]
         if checkpoints:
-            newest = order_key(checkpoints[-1].get("name_step"), checkpoints[-1]["mtime"])
+            newest = order_key(checkpoints[-1], s.order)
     fresh, passed = [], []
-    for cand in candidates:
+    for cand in unseen:
         rec = seen.get(str(cand.path.resolve()))
-        if rec and rec["size"] == cand.size and rec["mtime"] == cand.mtime:
-            continue
-        if newest is not None and order_key(cand.name_step, cand.mtime) <= newest and not (
-            rec and cand.mtime > rec["mtime"]
-        ):
+        rewritten = rec is not None and cand.mtime > rec["mtime"]  # the same path saved again
+        if newest is not None and order_key(cand, s.order) <= newest and not rewritten:
             passed.append((cand, "older than the newest snapshot in the window"))
             continue
         fresh.append(cand)
@@ -167,7 +181,7 @@ def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress
             plan = plan_layout(reader.tensors(), selection)
             if not plan.predicted:
                 raise CheckpointError("no tensor to predict (all were excluded or not floating point)", path)
-            s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype)
+            s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype, s.order)
         store = s.store
         _check_layout(store, reader, path)
         slot = store.free_slot(keep=set(store.state["window"]))

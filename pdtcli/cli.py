@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, api
+from .discover import ORDERS
 from .dmd import MODES, FitOptions
 from .errors import PdtError
 from .fuse import DEFAULT_BLOCK
@@ -55,6 +56,9 @@ IncludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--include", help="Also predict tensors matching this glob (repeatable).")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
     "--exclude", help="Never predict tensors matching this glob (repeatable).")]
+OrderOpt = Annotated[Optional[str], typer.Option(
+    "--order", help="Training order: auto | name (step number in the name) | step (recorded inside) | mtime "
+    "[default: auto; fixed when the store is made].")]
 StoreDtypeOpt = Annotated[str, typer.Option("--store-dtype", help="float32 | float64, when the store is made.")]
 TauOpt = Annotated[int, typer.Option("--tau", help="Checkpoints to predict ahead.", min=1)]
 ModesOpt = Annotated[str, typer.Option("--modes", help="exact | projected (the paper's eq. 11).")]
@@ -99,12 +103,15 @@ def parse_criteria(text: str) -> tuple[str, ...]:
 
 def settings(*, json_out: bool, device: str = "auto", block: int = DEFAULT_BLOCK, wait: float = 60.0,
              history: int | None = None, include=None, exclude=None, store_dtype: str = "float32",
+             order: str | None = None,
              tau: int = FIT.tau, modes: str = FIT.modes, rank: int | None = None, rtol: float = FIT.rtol,
              criteria: str = "all", random: bool = False, seed: int = 0) -> api.Settings:
     if modes not in MODES:
         raise typer.BadParameter(f"--modes {modes!r}: use one of {', '.join(MODES)}")
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"--device {device!r}: use auto, cpu or cuda")
+    if order is not None and order not in ORDERS:
+        raise typer.BadParameter(f"--order {order!r}: use one of {', '.join(ORDERS)}")
     selection = Selection(tuple(include or ()), tuple(exclude or ())) if (include or exclude) else None
     return api.Settings(
         history=history,
@@ -114,6 +121,7 @@ def settings(*, json_out: bool, device: str = "auto", block: int = DEFAULT_BLOCK
         device=device,
         block=block,
         store_dtype=store_dtype,
+        order=order,
         lock_timeout=wait,
         progress=RichProgress(enabled=not json_out),
     )
@@ -160,15 +168,18 @@ def errors_as_exit() -> Iterator[None]:
 
 @app.command()
 def snapshot(target: Target, store: StoreOpt = None, history: HistoryOpt = None, include: IncludeOpt = None,
-             exclude: ExcludeOpt = None, store_dtype: StoreDtypeOpt = "float32", wait: WaitOpt = 60.0,
-             json_out: JsonOpt = False, strict: StrictOpt = False) -> None:
+             exclude: ExcludeOpt = None, store_dtype: StoreDtypeOpt = "float32", order: OrderOpt = None,
+             wait: WaitOpt = 60.0, json_out: JsonOpt = False, strict: StrictOpt = False) -> None:
     """Ingest the checkpoints the store has not seen (only the newest h are kept).
 
-    Example: `pdt snapshot runs/exp1/ckpts`
+    Examples:
+
+    - `pdt snapshot runs/exp1/ckpts`
+    - `pdt snapshot runs/exp1/ckpts --order step` (names carry no step; use the one saved inside)
     """
     with errors_as_exit():
         s = settings(json_out=json_out, wait=wait, history=history, include=include, exclude=exclude,
-                     store_dtype=store_dtype)
+                     store_dtype=store_dtype, order=order)
         result = api.snapshot(target, store=store, settings=s)
         if strict and result.needed and result.status != "up-to-date":
             result.status = "waiting"
@@ -181,8 +192,9 @@ def predict(target: Target, store: StoreOpt = None, output: OutputOpt = None, dr
             force: ForceOpt = False, history: HistoryOpt = None, tau: TauOpt = FIT.tau, modes: ModesOpt = FIT.modes,
             rank: RankOpt = None, rtol: RtolOpt = FIT.rtol, criteria: CriteriaOpt = "all", random: RandomOpt = False,
             seed: SeedOpt = 0, include: IncludeOpt = None, exclude: ExcludeOpt = None,
-            store_dtype: StoreDtypeOpt = "float32", device: DeviceOpt = "auto", block: BlockOpt = DEFAULT_BLOCK,
-            wait: WaitOpt = 60.0, json_out: JsonOpt = False, strict: StrictOpt = False) -> None:
+            store_dtype: StoreDtypeOpt = "float32", order: OrderOpt = None, device: DeviceOpt = "auto",
+            block: BlockOpt = DEFAULT_BLOCK, wait: WaitOpt = 60.0, json_out: JsonOpt = False,
+            strict: StrictOpt = False) -> None:
     """Ingest new checkpoints, fit DMD, mask, and write the fused checkpoint next to the newest.
 
     Examples:
@@ -193,8 +205,8 @@ def predict(target: Target, store: StoreOpt = None, output: OutputOpt = None, dr
     """
     with errors_as_exit():
         s = settings(json_out=json_out, device=device, block=block, wait=wait, history=history, include=include,
-                     exclude=exclude, store_dtype=store_dtype, tau=tau, modes=modes, rank=rank, rtol=rtol,
-                     criteria=criteria, random=random, seed=seed)
+                     exclude=exclude, store_dtype=store_dtype, order=order, tau=tau, modes=modes, rank=rank,
+                     rtol=rtol, criteria=criteria, random=random, seed=seed)
         result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, settings=s)
         finish(result, json_out=json_out, strict=strict, tensors=_tensors(result, target, store, wait))
 

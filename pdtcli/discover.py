@@ -1,22 +1,29 @@
 """Finding the training checkpoints in a folder, in training order.
 
-Order is by the step number in the file name (natural order: epoch_9 before epoch_10),
-then by the step recorded in the file, then by modification time. pdt's own outputs
-(`*.pdt.*`, and any path the store recorded as an output) are never training checkpoints.
+Training order is one of three rules, fixed when the store is made:
+`name`, the last number in the name (natural order: epoch_9 before epoch_10);
+`step`, the step the checkpoint records inside (Lightning's `global_step`, Trainer's
+`trainer_state.json`, a `step` entry); `mtime`, the modification time. `auto` takes the
+first that every checkpoint in the folder has. pdt's own outputs (`*.pdt.*`, and any path
+the store recorded as an output) are never training checkpoints.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .formats import CHECKPOINT_SUFFIXES, folder_format
+from .errors import CheckpointError
+from .formats import CHECKPOINT_SUFFIXES, folder_format, open_checkpoint
 from .identity import stat_of
 
 OUTPUT_TAG = ".pdt"
 COMPOUND_SUFFIXES = (".weights.h5",)
 _NUMBER = re.compile(r"(\d+)")
+
+
+ORDERS = ("auto", "name", "step", "mtime")
 
 
 @dataclass(frozen=True)
@@ -25,11 +32,40 @@ class Candidate:
     name_step: int | None
     mtime: float
     size: int
+    recorded_step: int | None = None
 
 
-def order_key(step: int | None, mtime: float) -> tuple:
-    """Training order: numbered names by number, then unnumbered ones, ties by modification time."""
-    return (step is None, step if step is not None else 0, mtime)
+def order_key(item: Candidate | dict, rule: str) -> tuple:
+    """The sort key of a candidate or a store record under an order rule; ties go by modification time."""
+    get = item.get if isinstance(item, dict) else lambda key: getattr(item, key)
+    if rule == "mtime":
+        return (get("mtime"),)
+    step = get("recorded_step") if rule == "step" else get("name_step")
+    return (step is None, step if step is not None else 0, get("mtime"))
+
+
+def with_recorded_step(cand: Candidate) -> Candidate:
+    """The candidate with the step its file records; a checkpoint that records none is an error."""
+    with open_checkpoint(cand.path) as reader:
+        step = reader.recorded_step()
+    if step is None:
+        raise CheckpointError("records no step inside; order by --order name or --order mtime", cand.path)
+    return replace(cand, recorded_step=step)
+
+
+def resolve_order(rule: str, candidates: list[Candidate]) -> tuple[str, list[Candidate]]:
+    """The concrete rule for `auto` (name numbers, else recorded steps, else mtime), and the
+    candidates with their recorded steps read when the rule needs them."""
+    if rule == "auto":
+        if all(c.name_step is not None for c in candidates):
+            return "name", candidates
+        try:
+            return "step", [with_recorded_step(c) for c in candidates]
+        except CheckpointError:
+            return "mtime", candidates
+    if rule == "step":
+        return rule, [with_recorded_step(c) for c in candidates]
+    return rule, candidates
 
 
 def name_step(path: Path) -> int | None:
@@ -73,5 +109,5 @@ def list_checkpoints(folder: Path, known_outputs: set[str] = frozenset()) -> lis
             continue
         size, mtime = stat_of(path)
         found.append(Candidate(path, name_step(path), mtime, size))
-    found.sort(key=lambda c: (*order_key(c.name_step, c.mtime), c.path.name))
+    found.sort(key=lambda c: (*order_key(c, "name"), c.path.name))
     return found

@@ -140,7 +140,7 @@ class Store:
 
     @classmethod
     def create(cls, root: Path, folder: Path, plan: LayoutPlan, selection: Selection, history: int,
-               dtype: str = "float32") -> Store:
+               dtype: str = "float32", order: str = "name") -> Store:
         if dtype not in STORE_DTYPES:
             raise StoreError(f"unknown store dtype {dtype!r} (use one of {', '.join(STORE_DTYPES)})")
         root = Path(root)
@@ -153,6 +153,7 @@ class Store:
             "created": now(),
             "folder": str(Path(folder).resolve()),
             "history_len": history,
+            "order": order,
             "capacity": capacity,
             "n": layout["n"],
             "dtype": dtype,
