@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .backups import backup_path, copy_back, prune_backups
 from .discover import ORDERS, Candidate, is_pdt_output, list_checkpoints, order_key, output_name, resolve_order
 from .dmd import FitOptions, solve
 from .errors import CheckpointError, OutputError, StageMissing, StoreError, UsageError
@@ -115,6 +116,14 @@ def _require_store(s: Session) -> Store:
 # ---- ingest (snapshot) --------------------------------------------------------------
 
 
+def _pdt_owned_outputs(store: Store) -> set[str]:
+    """Output paths that still hold what pdt wrote. An in-place output that training has since
+    saved over is a checkpoint again (the same path, the next epoch)."""
+    latest = {o["path"]: o for o in store.state["outputs"]}
+    return {path for path, o in latest.items()
+            if not o.get("in_place") or (Path(path).exists() and list(stat_of(Path(path))) == [o["size"], o["mtime"]])}
+
+
 def _order_rule(s: Session) -> str:
     wanted = s.settings.order
     if wanted is not None and wanted not in ORDERS:
@@ -130,7 +139,7 @@ def _order_rule(s: Session) -> str:
 def _new_candidates(s: Session) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
     """Checkpoints not seen before and newer than the window, oldest first; and the passed over, with why."""
     store = s.store
-    known_outputs = {o["path"] for o in store.state["outputs"]} if store else set()
+    known_outputs = _pdt_owned_outputs(store) if store else set()
     seen = {rec["path"]: rec for rec in store.state["ingested"]} if store else {}
     unseen = []
     for cand in list_checkpoints(s.folder, known_outputs):
@@ -345,7 +354,7 @@ def _mask_valid(store: Store, options: MaskOptions) -> bool:
 
 
 def _run_pass(s: Session, ids: list[int], options: MaskOptions, *, output: Path | None, force: bool,
-              use_stored: bool) -> dict:
+              use_stored: bool, backup: Path | None = None) -> dict:
     """Pass 2 over every predicted tensor; with `output`, write the fused checkpoint too."""
     store = s.store
     settings = s.settings
@@ -372,13 +381,12 @@ def _run_pass(s: Session, ids: list[int], options: MaskOptions, *, output: Path 
             for index, entry in enumerate(store.tensors):
                 one(index, entry, None)
         else:
-            if output.exists() and not (force or is_pdt_output(output)):
+            replaceable = force or is_pdt_output(output)
+            if output.exists() and not replaceable:
                 raise OutputError("exists; pass --force to replace it", output)
             lineage_slot = _lineage_slot(s, ids)
-            base = store.record(ids[-1])
-            source = Path(base["path"])
-            _check_source(source, base)
-            with atomic_path(output, force=force or is_pdt_output(output)) as tmp, open_checkpoint(source) as reader:
+            source = _source_of(store.record(ids[-1]))
+            with atomic_path(output, force=replaceable, backup_to=backup) as tmp, open_checkpoint(source) as reader:
                 def replace(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
                     found = entries.get(name)
                     return None if found is None else one(found[0], found[1], tensor)
@@ -394,12 +402,19 @@ def _run_pass(s: Session, ids: list[int], options: MaskOptions, *, output: Path 
     }
 
 
-def _check_source(source: Path, record: dict) -> None:
+def _source_of(record: dict) -> Path:
+    """The checkpoint whose non-predicted content the output carries over: the newest of the
+    window, or its backup when an in-place write has replaced it."""
+    source = Path(record["path"])
+    backup = Path(record["backup"]) if record.get("backup") else None
+    if backup is not None and backup.exists() and (not source.exists() or stat_of(source) != stat_of(backup)):
+        source = backup
     if not source.exists():
         raise CheckpointError("the newest checkpoint of the window is gone; its non-predicted content "
                               "cannot be carried over", source)
     if stat_of(source) != (record["size"], record["mtime"]) and sha256_path(source) != record["sha256"]:
         raise CheckpointError("the newest checkpoint changed since it was ingested; run `pdt snapshot` again", source)
+    return source
 
 
 def _lineage_slot(s: Session, ids: list[int]) -> int:
@@ -463,10 +478,12 @@ def _step_of(record: dict) -> int | None:
     return recorded if recorded is not None else record.get("name_step")
 
 
-def _commit_output(s: Session, ids: list[int], output: Path, lineage_slot: int) -> None:
+def _commit_output(s: Session, ids: list[int], output: Path, lineage_slot: int, backup: Path | None = None) -> None:
     """Line 17 of Algorithm 1: the fused state becomes the newest snapshot."""
     store = s.store
     base = store.record(ids[-1])
+    if backup is not None:
+        base["backup"] = str(backup.resolve())
     size, mtime = stat_of(output)
     record = {
         "kind": "fused",
@@ -484,8 +501,39 @@ def _commit_output(s: Session, ids: list[int], output: Path, lineage_slot: int) 
     store.state["window"] = ids[:-1] + [fused_id]
     store.state["outputs"].append({
         "path": str(output.resolve()), "fit_id": record["fit_id"], "mask_id": record["mask_id"],
-        "snapshot": fused_id, "at": record["at"],
+        "snapshot": fused_id, "at": record["at"], "size": size, "mtime": mtime,
+        "in_place": backup is not None, "backup": base.get("backup") if backup is not None else None,
     })
+
+
+
+def _write_output(s: Session, ids: list[int], options: MaskOptions, *, output: Path | None, force: bool,
+                  in_place: bool, use_stored: bool, command: str) -> Path:
+    """Pass 2 with a writer, then line 17 (the output becomes the newest snapshot), committed.
+
+    In place, the output is the newest checkpoint's own path; what it held is kept as a
+    backup (once: a second write from the same checkpoint must not back up pdt's output).
+    """
+    store = s.store
+    base = store.record(ids[-1])
+    backup = None
+    if in_place:
+        if output is not None:
+            raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
+        out, backup = Path(base["path"]), backup_path(store, base)
+    else:
+        out = Path(output) if output else output_name(Path(base["path"]))
+    fresh_backup = backup if backup is not None and not backup.exists() else None
+    result = _run_pass(s, ids, options, output=out, force=force or in_place, use_stored=use_stored,
+                       backup=fresh_backup)
+    if not use_stored:
+        _store_mask(store, options, result)
+    _commit_output(s, ids, out, result["lineage_slot"], backup)
+    _record_history(store, command, str(out.resolve()))
+    store.commit()
+    if backup is not None:
+        prune_backups(store)
+    return out
 
 
 def _written_already(store: Store) -> str | None:
@@ -511,7 +559,7 @@ def _waiting(s: Session, ingested: list[str], skipped: list[dict]) -> StepResult
 
 
 def predict(target: Path, *, store: Path | None = None, output: Path | None = None, dry_run: bool = False,
-            force: bool = False, settings: Settings | None = None) -> StepResult:
+            force: bool = False, in_place: bool = False, settings: Settings | None = None) -> StepResult:
     """The whole step: ingest, fit, mask, and (unless `dry_run`) write the fused checkpoint."""
     settings = settings or Settings()
     with session(target, store, settings) as s:
@@ -537,13 +585,8 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
                 st.commit()
             return StepResult("dry-run", "fit and mask computed; nothing written (--dry-run)", str(s.root),
                               ingested, skipped, fit=st.state["fit"], mask=st.state["mask"])
-        out = Path(output) if output else output_name(Path(st.record(ids[-1])["path"]))
-        result = _run_pass(s, ids, settings.mask, output=out, force=force, use_stored=mask_valid)
-        if not mask_valid:
-            _store_mask(st, settings.mask, result)
-        _commit_output(s, ids, out, result["lineage_slot"])
-        _record_history(st, "predict", str(out.resolve()))
-        st.commit()
+        out = _write_output(s, ids, settings.mask, output=output, force=force, in_place=in_place,
+                            use_stored=mask_valid, command="predict")
         return StepResult("written", f"wrote {out}", str(s.root), ingested, skipped, output=str(out),
                           fit=st.state["fit"], mask=st.state["mask"])
 
@@ -568,7 +611,7 @@ def remask(target: Path, *, store: Path | None = None, settings: Settings | None
 
 
 def apply(target: Path, *, store: Path | None = None, output: Path | None = None, force: bool = False,
-          settings: Settings | None = None) -> StepResult:
+          in_place: bool = False, settings: Settings | None = None) -> StepResult:
     """Write the fused checkpoint from the stored fit and mask (to any path)."""
     settings = settings or Settings()
     with session(target, store, settings) as s:
@@ -579,13 +622,41 @@ def apply(target: Path, *, store: Path | None = None, output: Path | None = None
         ids = fit["window"]
         if not all(st.readable(i) for i in ids):
             raise StageMissing("a newer checkpoint replaced the fit's window; run `pdt predict` again", s.root)
-        out = Path(output) if output else output_name(Path(st.record(ids[-1])["path"]))
         options = MaskOptions(tuple(mask["options"]["criteria"]), mask["options"]["random"], mask["options"]["seed"])
-        result = _run_pass(s, ids, options, output=out, force=force, use_stored=True)
-        _commit_output(s, ids, out, result["lineage_slot"])
-        _record_history(st, "apply", str(out.resolve()))
-        st.commit()
+        out = _write_output(s, ids, options, output=output, force=force, in_place=in_place, use_stored=True,
+                            command="apply")
         return StepResult("written", f"wrote {out}", str(s.root), output=str(out), fit=fit, mask=mask)
+
+
+def restore(target: Path, *, store: Path | None = None, path: Path | None = None, force: bool = False,
+            settings: Settings | None = None) -> StepResult:
+    """Put back the checkpoint that the latest `--in-place` write (to `path`, if given) replaced.
+
+    The store forgets that fused state too: its snapshot leaves the window and the
+    checkpoint it came from is the newest again, as if the write had not happened.
+    """
+    settings = settings or Settings()
+    with session(target, store, settings) as s:
+        st = _require_store(s)
+        wanted = str(Path(path).resolve()) if path else None
+        entry = next((o for o in reversed(st.state["outputs"]) if o.get("in_place") and not o.get("restored")
+                      and (wanted is None or o["path"] == wanted)), None)
+        if entry is None:
+            raise StageMissing("no in-place write to undo" + (f" at {path}" if path else ""), s.root)
+        backup, final = Path(entry["backup"] or ""), Path(entry["path"])
+        if not entry["backup"] or not backup.exists():
+            raise StageMissing("the backup of this in-place write was pruned (backups are kept for the "
+                               "checkpoints still in the window)", final)
+        if final.exists() and list(stat_of(final)) != [entry["size"], entry["mtime"]] and not force:
+            raise OutputError("changed since pdt wrote it (training saved over it?); pass --force to restore anyway",
+                              final)
+        copy_back(backup, final)
+        window = st.state["window"]
+        if window and window[-1] == entry["snapshot"]:
+            window[-1] = st.record(entry["snapshot"])["parent"]
+        entry["restored"] = now()
+        st.commit()
+        return StepResult("restored", f"restored {final} from {backup}", str(s.root), output=str(final))
 
 
 def load_state(target: Path, *, store: Path | None = None, lock_timeout: float = 60.0) -> dict[str, Any]:
@@ -602,4 +673,4 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
         }
 
 
-__all__ = ["Settings", "StepResult", "apply", "load_state", "predict", "remask", "snapshot"]
+__all__ = ["Settings", "StepResult", "apply", "load_state", "predict", "remask", "restore", "snapshot"]

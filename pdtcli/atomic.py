@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,10 +42,12 @@ def fsync_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path, *, force: bool = True) -> Iterator[Path]:
+def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success it is synced and renamed over it.
 
-    With `force=False` an existing `final` is refused before anything is written.
+    With `force=False` an existing `final` is refused before anything is written. With
+    `backup_to`, what `final` held is kept there (see `keep_copy`) once the new content is
+    complete and just before it replaces the old.
     """
     final = Path(final)
     if not force and final.exists():
@@ -57,6 +60,8 @@ def atomic_path(final: Path, *, force: bool = True) -> Iterator[Path]:
     tmp = folder / f".{final.name}{TMP_TAG}{os.getpid()}"
     try:
         yield tmp
+        if backup_to is not None and final.exists():
+            keep_copy(final, backup_to)
         _publish(tmp, final)
         fsync_dir(folder)
     except BaseException as exc:
@@ -64,6 +69,35 @@ def atomic_path(final: Path, *, force: bool = True) -> Iterator[Path]:
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise OutputError(f"cannot write: {exc.strerror or exc}", final) from exc
         raise
+
+
+def keep_copy(source: Path, dest: Path) -> None:
+    """Keep `source` (file or folder) at `dest`, atomically: hard links where the filesystem allows.
+
+    A link costs no space or time, and it is safe here because the caller then *renames*
+    new content over `source`, so the linked inodes end up referenced by `dest` alone.
+    """
+    tmp = dest.parent / f".{dest.name}{TMP_TAG}{os.getpid()}"
+    _remove(tmp)
+    try:
+        _link_or_copy(source, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or links not supported
+            shutil.copy2(src, dst)
+
+    if source.is_dir():
+        shutil.copytree(source, dest, copy_function=link)
+    else:
+        link(str(source), str(dest))
 
 
 def _publish(tmp: Path, final: Path) -> None:

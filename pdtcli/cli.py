@@ -70,6 +70,9 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of --random.")]
 OutputOpt = Annotated[Optional[Path], typer.Option(
     "--output", "-o", help="Fused checkpoint path [default: <newest>.pdt<ext>].")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+InPlaceOpt = Annotated[bool, typer.Option(
+    "--in-place", help="Write over the newest checkpoint (for scripts that resume from one path); "
+    "a backup is kept, and `pdt restore` puts it back.")]
 
 
 class RichProgress:
@@ -189,7 +192,8 @@ def snapshot(target: Target, store: StoreOpt = None, history: HistoryOpt = None,
 @app.command()
 def predict(target: Target, store: StoreOpt = None, output: OutputOpt = None, dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Fit and mask; write no checkpoint.")] = False,
-            force: ForceOpt = False, history: HistoryOpt = None, tau: TauOpt = FIT.tau, modes: ModesOpt = FIT.modes,
+            force: ForceOpt = False, in_place: InPlaceOpt = False, history: HistoryOpt = None, tau: TauOpt = FIT.tau,
+            modes: ModesOpt = FIT.modes,
             rank: RankOpt = None, rtol: RtolOpt = FIT.rtol, criteria: CriteriaOpt = "all", random: RandomOpt = False,
             seed: SeedOpt = 0, include: IncludeOpt = None, exclude: ExcludeOpt = None,
             store_dtype: StoreDtypeOpt = "float32", order: OrderOpt = None, device: DeviceOpt = "auto",
@@ -202,12 +206,14 @@ def predict(target: Target, store: StoreOpt = None, output: OutputOpt = None, dr
     - `pdt predict runs/exp1/ckpts` (cron-friendly: exits 0 when there is nothing to do)
     - `pdt predict runs/exp1/ckpts --dry-run --json`
     - `pdt predict runs/exp1/ckpts --tau 3 --modes exact -o resume.pt --force`
+    - `pdt predict runs/exp1/ckpts --in-place` (training always resumes from last.pt; undo: `pdt restore`)
     """
     with errors_as_exit():
         s = settings(json_out=json_out, device=device, block=block, wait=wait, history=history, include=include,
                      exclude=exclude, store_dtype=store_dtype, order=order, tau=tau, modes=modes, rank=rank,
                      rtol=rtol, criteria=criteria, random=random, seed=seed)
-        result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, settings=s)
+        result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, in_place=in_place,
+                             settings=s)
         finish(result, json_out=json_out, strict=strict, tensors=_tensors(result, target, store, wait))
 
 
@@ -232,15 +238,31 @@ def mask_cmd(target: Target, store: StoreOpt = None, criteria: CriteriaOpt = "al
 
 @app.command("apply")
 def apply_cmd(target: Target, store: StoreOpt = None, output: OutputOpt = None, force: ForceOpt = False,
-              device: DeviceOpt = "auto", block: BlockOpt = DEFAULT_BLOCK, wait: WaitOpt = 60.0,
-              json_out: JsonOpt = False) -> None:
+              in_place: InPlaceOpt = False, device: DeviceOpt = "auto", block: BlockOpt = DEFAULT_BLOCK,
+              wait: WaitOpt = 60.0, json_out: JsonOpt = False) -> None:
     """Write the fused checkpoint from the stored fit and mask, to any path.
 
     Example: `pdt apply runs/exp1/ckpts -o runs/exp1/resume.pt --force`
     """
     with errors_as_exit():
         s = settings(json_out=json_out, device=device, block=block, wait=wait)
-        result = api.apply(target, store=store, output=output, force=force, settings=s)
+        result = api.apply(target, store=store, output=output, force=force, in_place=in_place, settings=s)
+        finish(result, json_out=json_out, strict=False)
+
+
+@app.command()
+def restore(target: Target, store: StoreOpt = None, path: Annotated[Optional[Path], typer.Option(
+        "--path", help="Undo the latest in-place write to this file [default: the latest of all].")] = None,
+            force: Annotated[bool, typer.Option(
+                "--force", help="Restore even if training has saved over pdt's output since.")] = False,
+            wait: WaitOpt = 60.0, json_out: JsonOpt = False) -> None:
+    """Put back the checkpoint that `--in-place` replaced, and drop the fused state from the window.
+
+    Example: `pdt restore runs/exp1/ckpts`
+    """
+    with errors_as_exit():
+        result = api.restore(target, store=store, path=path, force=force, settings=settings(json_out=json_out,
+                                                                                           wait=wait))
         finish(result, json_out=json_out, strict=False)
 
 

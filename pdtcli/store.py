@@ -39,6 +39,7 @@ from .selection import LayoutPlan, Selection, layer_type
 FORMAT_VERSION = 1
 STORE_DIRNAME = ".pdt"
 META_NAME = "store.h5"
+BACKUP_DIRNAME = "backups"  # what --in-place replaced (pdtcli.backups)
 DATA_NAME = "snapshots.bin"
 LOCK_NAME = "lock"
 STORE_DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -334,7 +335,7 @@ def resolve_store_root(target: Path, store: Path | None) -> tuple[Path, Path | N
 
 def clean_leftovers(root: Path, folder: Path | None) -> list[Path]:
     """Remove temporaries a killed pdt left behind (call while holding the lock)."""
-    removed = sweep_temporaries(root)
+    removed = sweep_temporaries(root) + sweep_temporaries(root / BACKUP_DIRNAME)
     if folder is not None:
         removed += sweep_temporaries(folder)
     return removed
