@@ -119,17 +119,23 @@ def test_trainer_checkpoint_folders_round_trip_and_resume(tmp_path):
     assert not torch.equal(resumed.model.net[0].weight, plain.model.net[0].weight)
 
 
-def _save_hf_epochs(folder: Path, epochs: int, save) -> dict[int, dict[str, torch.Tensor]]:
-    """Train the MLP by hand and save each epoch with `save(state_dict, epoch_folder)`."""
+def _epochs(epochs: int):
+    """Real AdamW training of the test MLP; yields (epoch, model, optimizer) after each epoch."""
     x, y = training.data()
     net = training.model()
     optim = training.optimizer(net, "adamw")
-    states = {}
     for epoch in range(1, epochs + 1):
         for i in range(0, len(x), 64):
             optim.zero_grad()
             torch.nn.functional.cross_entropy(net(x[i:i + 64]), y[i:i + 64]).backward()
             optim.step()
+        yield epoch, net, optim
+
+
+def _save_hf_epochs(folder: Path, epochs: int, save) -> dict[int, dict[str, torch.Tensor]]:
+    """Train and save each epoch with `save(state_dict, epoch_folder)`, as Hugging Face tools do."""
+    states = {}
+    for epoch, net, _ in _epochs(epochs):
         state = {f"net.{k}": v.clone() for k, v in net.state_dict().items()}
         (folder / f"step-{epoch}").mkdir(parents=True)
         save(state, folder / f"step-{epoch}")
@@ -187,26 +193,19 @@ def test_a_folder_whose_index_names_a_missing_shard_is_refused(tmp_path):
 # ---- PyTorch distributed checkpoints ---------------------------------------------------
 
 
-def _dcp_epochs(folder: Path, epochs: int) -> tuple[dict[int, dict[str, torch.Tensor]], torch.nn.Module]:
+def _dcp_epochs(folder: Path, epochs: int) -> dict[int, dict[str, torch.Tensor]]:
     """Real AdamW training, saved each epoch with `torch.distributed.checkpoint.save`."""
-    x, y = training.data()
-    net = training.model()
-    optim = training.optimizer(net, "adamw")
     states = {}
-    for epoch in range(1, epochs + 1):
-        for i in range(0, len(x), 64):
-            optim.zero_grad()
-            torch.nn.functional.cross_entropy(net(x[i:i + 64]), y[i:i + 64]).backward()
-            optim.step()
+    for epoch, net, optim in _epochs(epochs):
         dcp.save({"model": net.state_dict(), "optim": optim.state_dict(), "step": epoch},
                  checkpoint_id=folder / f"step_{epoch}")
         states[epoch] = {f"model.{k}": v.clone() for k, v in net.state_dict().items()}
-    return states, net
+    return states
 
 
 def test_dcp_folders_round_trip_and_resume(tmp_path):
     run = tmp_path / "run"
-    states, _ = _dcp_epochs(run, 6)
+    states = _dcp_epochs(run, 6)
     newest = run / "step_6"
     before = {p.name: digest_tree(p) for p in run.iterdir() if not p.name.startswith(".")}
     fused = Path(predict(run)["output"])
@@ -260,7 +259,7 @@ os._exit(0)  # gloo's threads can abort a normal interpreter exit ("terminate ca
 
 
 def test_dcp_saved_by_two_ranks_is_read_and_rewritten_chunk_by_chunk(tmp_path):
-    states, _ = _dcp_epochs(tmp_path / "unsharded", 6)
+    states = _dcp_epochs(tmp_path / "unsharded", 6)
     run = tmp_path / "run"
     run.mkdir()
     torch.save({e: {k.removeprefix("model."): v for k, v in s.items()} for e, s in states.items()},
