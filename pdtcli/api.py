@@ -506,7 +506,6 @@ def _commit_output(s: Session, ids: list[int], output: Path, lineage_slot: int, 
     })
 
 
-
 def _write_output(s: Session, ids: list[int], options: MaskOptions, *, output: Path | None, force: bool,
                   in_place: bool, use_stored: bool, command: str) -> Path:
     """Pass 2 with a writer, then line 17 (the output becomes the newest snapshot), committed.

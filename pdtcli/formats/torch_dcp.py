@@ -84,6 +84,7 @@ class DcpReader(CheckpointReader):
                 raise CheckpointError(f"{METADATA} has no storage for a chunk of {fqn!r}", self.path) from exc
         model = _model_names(list(tensors))
         self._infos = [TensorInfo(fqn, tuple(tensors[fqn].size), tensors[fqn].properties.dtype) for fqn in model]
+        self._by_name = {info.name: info for info in self._infos}
 
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
@@ -110,7 +111,7 @@ class DcpReader(CheckpointReader):
         return tensor
 
     def read(self, name: str) -> torch.Tensor:
-        info = next(i for i in self._infos if i.name == name)
+        info = self._by_name[name]
         full = torch.empty(info.shape, dtype=info.dtype)
         for chunk, storage in self._chunks[name]:
             full[_region(chunk)] = self._load_chunk(name, storage)
