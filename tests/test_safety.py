@@ -172,7 +172,8 @@ def _big_run(folder: Path) -> None:
         torch.save({"model": {"w": weights.reshape(1000, 2000).clone()}, "epoch": epoch}, folder / f"e_{epoch}.pt")
 
 
-def test_sigkill_at_any_point_leaves_inputs_store_and_outputs_valid(tmp_path):
+@pytest.mark.parametrize("in_place", [False, True], ids=["beside", "in-place"])
+def test_sigkill_at_any_point_leaves_inputs_store_and_outputs_valid(tmp_path, in_place):
     reference = tmp_path / "reference"
     _big_run(reference)
     assert pdt("predict", reference)[0] == 0
@@ -181,9 +182,12 @@ def test_sigkill_at_any_point_leaves_inputs_store_and_outputs_valid(tmp_path):
     folder = tmp_path / "killed"
     _big_run(folder)
     inputs = digest_tree(folder)
+    args = ["predict", folder, *(["--in-place"] if in_place else [])]
+    out = folder / ("e_6.pt" if in_place else "e_6.pdt.pt")
+    backups = folder / ".pdt" / "backups"
     kills, delay = 0, 1.0
     while True:
-        run = pdt_process("predict", folder)
+        run = pdt_process(*args)
         time.sleep(delay)
         if run.poll() is not None:  # finished before the kill: the run is complete
             assert run.returncode == 0, run.stderr.read()
@@ -193,13 +197,20 @@ def test_sigkill_at_any_point_leaves_inputs_store_and_outputs_valid(tmp_path):
         kills += 1
         delay += 0.35
         left = digest_tree(folder)
+        if in_place and left["e_6.pt"] != inputs["e_6.pt"]:  # replaced: whole, and the original kept
+            assert torch.equal(torch.load(out, weights_only=True)["model"]["w"], expected)
+            assert inputs["e_6.pt"] in digest_tree(backups).values()
+            left["e_6.pt"] = inputs["e_6.pt"]
         assert {k: v for k, v in left.items() if k in inputs} == inputs  # inputs untouched
-        out = folder / "e_6.pdt.pt"
-        if out.exists():  # never half-written under its final name
+        if out.exists() and not in_place:  # never half-written under its final name
             assert torch.equal(torch.load(out, weights_only=True)["model"]["w"], expected)
     assert kills >= 3, "the step finished too quickly to be killed at several points"
-    code, output = pdt("predict", folder, "--json")
+    code, output = pdt(*args, "--json")
     assert code == 0, output
-    assert torch.equal(torch.load(folder / "e_6.pdt.pt", weights_only=True)["model"]["w"], expected)
+    assert torch.equal(torch.load(out, weights_only=True)["model"]["w"], expected)
     assert not [p for p in folder.iterdir() if ".pdt-tmp-" in p.name]
     assert np.isfinite(json.loads(pdt("report", folder, "--json")[1])["fit"]["singular_values"]).all()
+    if in_place:
+        assert inputs["e_6.pt"] in digest_tree(backups).values()
+        assert pdt("restore", folder)[0] == 0
+        assert digest_tree(folder) == inputs
