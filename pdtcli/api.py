@@ -26,7 +26,7 @@ from .dmd import FitOptions, solve
 from .errors import CheckpointError, OutputError, StageMissing, StoreError, UsageError
 from .formats import open_checkpoint
 from .fuse import DEFAULT_BLOCK, Predictor, Window, pick_device
-from .identity import sha256_path, stat_of
+from .identity import sha256_path, stat_of, unchanged
 from .mask import MaskOptions
 from .progress import NoProgress, Progress
 from .report import summarize_counts
@@ -121,7 +121,7 @@ def _pdt_owned_outputs(store: Store) -> set[str]:
     saved over is a checkpoint again (the same path, the next epoch)."""
     latest = {o["path"]: o for o in store.state["outputs"]}
     return {path for path, o in latest.items()
-            if not o.get("in_place") or (Path(path).exists() and list(stat_of(Path(path))) == [o["size"], o["mtime"]])}
+            if not o.get("in_place") or unchanged(Path(path), o)}
 
 
 def _order_rule(s: Session) -> str:
@@ -412,7 +412,7 @@ def _source_of(record: dict) -> Path:
     if not source.exists():
         raise CheckpointError("the newest checkpoint of the window is gone; its non-predicted content "
                               "cannot be carried over", source)
-    if stat_of(source) != (record["size"], record["mtime"]) and sha256_path(source) != record["sha256"]:
+    if not unchanged(source, record) and sha256_path(source) != record["sha256"]:
         raise CheckpointError("the newest checkpoint changed since it was ingested; run `pdt snapshot` again", source)
     return source
 
@@ -642,11 +642,12 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
                       and (wanted is None or o["path"] == wanted)), None)
         if entry is None:
             raise StageMissing("no in-place write to undo" + (f" at {path}" if path else ""), s.root)
-        backup, final = Path(entry["backup"] or ""), Path(entry["path"])
-        if not entry["backup"] or not backup.exists():
+        final = Path(entry["path"])
+        backup = Path(entry["backup"]) if entry["backup"] else None
+        if backup is None or not backup.exists():
             raise StageMissing("the backup of this in-place write was pruned (backups are kept for the "
                                "checkpoints still in the window)", final)
-        if final.exists() and list(stat_of(final)) != [entry["size"], entry["mtime"]] and not force:
+        if final.exists() and not unchanged(final, entry) and not force:
             raise OutputError("changed since pdt wrote it (training saved over it?); pass --force to restore anyway",
                               final)
         copy_back(backup, final)

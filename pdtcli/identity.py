@@ -36,6 +36,12 @@ def stat_of(path: Path) -> tuple[int, float]:
     return size, mtime
 
 
+def unchanged(path: Path, record: dict) -> bool:
+    """Whether `path` still has the size and modification time a store record noted for it."""
+    path = Path(path)
+    return path.exists() and stat_of(path) == (record["size"], record["mtime"])
+
+
 def sha256_path(path: Path) -> str:
     """The SHA-256 of a file's bytes, or of a folder's relative file names and bytes."""
     path = Path(path)
