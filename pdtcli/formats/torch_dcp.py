@@ -89,45 +89,51 @@ class DcpReader(CheckpointReader):
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
 
-    def _load_chunk(self, fqn: str, storage) -> torch.Tensor:
+    def _load_record(self, fqn: str, storage) -> object:
+        """One `torch.save` record of a `.distcp` file, loaded as data only."""
         if storage.transform_descriptors:
-            raise CheckpointError(f"tensor {fqn!r} is stored with transforms {list(storage.transform_descriptors)}, "
+            raise CheckpointError(f"{fqn!r} is stored with transforms {list(storage.transform_descriptors)}, "
                                   "which pdt cannot rewrite", self.path)
-        file = self.path / storage.relative_path
         try:
-            with open(file, "rb") as handle:
+            with open(self.path / storage.relative_path, "rb") as handle:
                 handle.seek(storage.offset)
                 record = handle.read(storage.length)
             if len(record) != storage.length:
-                raise CheckpointError(f"truncated: tensor {fqn!r} runs past the end of {storage.relative_path}",
-                                      self.path)
-            tensor = torch.load(io.BytesIO(record), map_location="cpu", weights_only=True)
+                raise CheckpointError(f"truncated: {fqn!r} runs past the end of {storage.relative_path}", self.path)
+            return torch.load(io.BytesIO(record), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"cannot load tensor {fqn!r} from {storage.relative_path} ({reason})",
-                                  self.path) from exc
-        if not isinstance(tensor, torch.Tensor):
-            raise CheckpointError(f"the record of {fqn!r} is not a tensor", self.path)
-        return tensor
+            raise CheckpointError(f"cannot load {fqn!r} from {storage.relative_path} ({reason})", self.path) from exc
 
-    def read(self, name: str) -> torch.Tensor:
+    def _load_chunks(self, name: str) -> list[tuple[object, object, torch.Tensor]]:
+        """(chunk, storage, tensor) for each rank's piece of a tensor."""
+        loaded = []
+        for chunk, storage in self._chunks[name]:
+            tensor = self._load_record(name, storage)
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"the record of {name!r} is not a tensor", self.path)
+            loaded.append((chunk, storage, tensor))
+        return loaded
+
+    def _assemble(self, name: str, loaded: list[tuple[object, object, torch.Tensor]]) -> torch.Tensor:
         info = self._by_name[name]
         full = torch.empty(info.shape, dtype=info.dtype)
-        for chunk, storage in self._chunks[name]:
-            full[_region(chunk)] = self._load_chunk(name, storage)
+        for chunk, _, tensor in loaded:
+            full[_region(chunk)] = tensor
         return full
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._assemble(name, self._load_chunks(name))
 
     def recorded_step(self) -> int | None:
         """A top-level `step`/`epoch` entry, loaded as data only; the DCP bytes records are torch.save output."""
         for key in STEP_KEYS:
             for index, storage in self._metadata.storage_data.items():
-                if index.fqn != key or storage.transform_descriptors:
+                if index.fqn != key:
                     continue
                 try:
-                    with open(self.path / storage.relative_path, "rb") as handle:
-                        handle.seek(storage.offset)
-                        value = torch.load(io.BytesIO(handle.read(storage.length)), weights_only=True)
-                except Exception:  # an entry that is not plain data is not a step
+                    value = self._load_record(key, storage)
+                except CheckpointError:  # an entry that is not plain data is not a step
                     return None
                 if isinstance(value, torch.Tensor) and value.numel() == 1:
                     value = value.item()
@@ -137,11 +143,11 @@ class DcpReader(CheckpointReader):
     def write_fused(self, out: Path, replace: Replace) -> None:
         shutil.copytree(self.path, out)
         for info in self._infos:
-            fused = replace(info.name, self.read(info.name))
+            loaded = self._load_chunks(info.name)
+            fused = replace(info.name, self._assemble(info.name, loaded))
             if fused is None:
                 continue
-            for chunk, storage in self._chunks[info.name]:
-                stored = self._load_chunk(info.name, storage)
+            for chunk, storage, stored in loaded:
                 stored.copy_(fused[_region(chunk)])  # keeps the record's strides, so its length
                 buffer = io.BytesIO()
                 torch.save(stored, buffer)
