@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import OutputError
@@ -37,8 +37,12 @@ def fsync_dir(folder: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    """Flush a file to disk; a read-only descriptor is enough, so a read-only (linked) file is fine."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -65,7 +69,7 @@ def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = Non
         _publish(tmp, final)
         fsync_dir(folder)
     except BaseException as exc:
-        _remove(tmp)
+        remove_path(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise OutputError(f"cannot write: {exc.strerror or exc}", final) from exc
         raise
@@ -77,27 +81,23 @@ def keep_copy(source: Path, dest: Path) -> None:
     A link costs no space or time, and it is safe here because the caller then *renames*
     new content over `source`, so the linked inodes end up referenced by `dest` alone.
     """
-    tmp = dest.parent / f".{dest.name}{TMP_TAG}{os.getpid()}"
-    _remove(tmp)
-    try:
-        _link_or_copy(source, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        _remove(tmp)
-        raise
+    with atomic_path(dest) as tmp:
+        copy_path(source, tmp, _link_or_copy2)
 
 
-def _link_or_copy(source: Path, dest: Path) -> None:
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:  # another filesystem, or links not supported
-            shutil.copy2(src, dst)
-
+def copy_path(source: Path, dest: Path, copy_function: Callable[[str, str], object] = shutil.copy2) -> None:
+    """Copy a checkpoint file or folder, file by file with `copy_function` (times kept by default)."""
     if source.is_dir():
-        shutil.copytree(source, dest, copy_function=link)
+        shutil.copytree(source, dest, copy_function=copy_function)
     else:
-        link(str(source), str(dest))
+        copy_function(str(source), str(dest))
+
+
+def _link_or_copy2(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copy2(src, dst)
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -107,12 +107,12 @@ def _publish(tmp: Path, final: Path) -> None:
         aside = final.parent / f".{final.name}{TMP_TAG}old-{os.getpid()}"
         os.replace(final, aside)
         os.replace(tmp, final)
-        _remove(aside)
+        remove_path(aside)
     else:
         os.replace(tmp, final)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir():
         for child in sorted(path.rglob("*"), reverse=True):
             child.rmdir() if child.is_dir() else child.unlink()
@@ -127,6 +127,6 @@ def sweep_temporaries(folder: Path) -> list[Path]:
     if folder.is_dir():
         for path in folder.iterdir():
             if path.name.startswith(".") and TMP_TAG in path.name:
-                _remove(path)
+                remove_path(path)
                 removed.append(path)
     return removed

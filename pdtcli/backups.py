@@ -7,10 +7,9 @@ kept for each checkpoint the store still holds a snapshot of, which bounds them 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from .atomic import _remove, atomic_path
+from .atomic import atomic_path, copy_path, remove_path
 from .store import BACKUP_DIRNAME, Store
 
 
@@ -29,7 +28,7 @@ def prune_backups(store: Store) -> list[Path]:
     removed = []
     for path in folder.iterdir():
         if str(path.resolve()) not in wanted:
-            _remove(path)
+            remove_path(path)
             removed.append(path)
     return removed
 
@@ -38,7 +37,4 @@ def copy_back(backup: Path, target: Path) -> None:
     """Put a backup's content at `target`, atomically, as a real copy with the original times
     (a link would let training's next in-place save truncate the backup too)."""
     with atomic_path(target, force=True) as tmp:
-        if backup.is_dir():
-            shutil.copytree(backup, tmp, copy_function=shutil.copy2)
-        else:
-            shutil.copy2(backup, tmp)
+        copy_path(backup, tmp)
