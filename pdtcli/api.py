@@ -139,6 +139,7 @@ def _order_rule(s: Session) -> str:
 def _new_candidates(s: Session) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
     """Checkpoints not seen before and newer than the window, oldest first; and the passed over, with why."""
     store = s.store
+    rule = _order_rule(s)
     known_outputs = _pdt_owned_outputs(store) if store else set()
     seen = {rec["path"]: rec for rec in store.state["ingested"]} if store else {}
     unseen = []
@@ -146,7 +147,7 @@ def _new_candidates(s: Session) -> tuple[list[Candidate], list[tuple[Candidate, 
         rec = seen.get(str(cand.path.resolve()))
         if not (rec and rec["size"] == cand.size and rec["mtime"] == cand.mtime):
             unseen.append(cand)
-    s.order, unseen = resolve_order(_order_rule(s), unseen)
+    s.order, unseen = resolve_order(rule, unseen)
     unseen.sort(key=lambda c: (*order_key(c, s.order), c.path.name))
     newest = None
     if store and store.state["window"]:

@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, api
-from .discover import ORDERS
 from .dmd import MODES, FitOptions
 from .errors import PdtError
 from .fuse import DEFAULT_BLOCK
@@ -113,8 +112,6 @@ def settings(*, json_out: bool, device: str = "auto", block: int = DEFAULT_BLOCK
         raise typer.BadParameter(f"--modes {modes!r}: use one of {', '.join(MODES)}")
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"--device {device!r}: use auto, cpu or cuda")
-    if order is not None and order not in ORDERS:
-        raise typer.BadParameter(f"--order {order!r}: use one of {', '.join(ORDERS)}")
     selection = Selection(tuple(include or ()), tuple(exclude or ())) if (include or exclude) else None
     return api.Settings(
         history=history,

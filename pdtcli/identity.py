@@ -45,9 +45,10 @@ def unchanged(path: Path, record: dict) -> bool:
 def sha256_path(path: Path) -> str:
     """The SHA-256 of a file's bytes, or of a folder's relative file names and bytes."""
     path = Path(path)
+    folder = path.is_dir()
     digest = hashlib.sha256()
     for child in files_of(path):
-        if path.is_dir():
+        if folder:
             digest.update(child.relative_to(path).as_posix().encode() + b"\0")
         with open(child, "rb") as handle:
             while block := handle.read(_CHUNK):
