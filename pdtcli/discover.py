@@ -100,7 +100,8 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def list_checkpoints(folder: Path, known_outputs: set[str] = frozenset()) -> list[Candidate]:
-    """The checkpoints (files, or Trainer/DCP folders) directly in `folder`, oldest first."""
+    """The checkpoints (files, or Trainer/DCP folders) directly in `folder`, unsorted: the
+    order rule may need what is recorded inside, which is read only for unseen ones."""
     found = []
     for path in folder.iterdir():
         if path.name.startswith(".") or is_pdt_output(path) or not is_checkpoint(path):
@@ -109,5 +110,4 @@ def list_checkpoints(folder: Path, known_outputs: set[str] = frozenset()) -> lis
             continue
         size, mtime = stat_of(path)
         found.append(Candidate(path, name_step(path), mtime, size))
-    found.sort(key=lambda c: (*order_key(c, "name"), c.path.name))
     return found

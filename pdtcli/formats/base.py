@@ -86,7 +86,6 @@ class CheckpointReader(abc.ABC):
 class CheckpointFormat(abc.ABC):
     name: str = ""
     suffixes: tuple[str, ...] = ()
-    folder: bool = False  # a checkpoint of this format is a folder of files, not one file
 
     @abc.abstractmethod
     def sniff(self, path: Path, head: bytes) -> bool:

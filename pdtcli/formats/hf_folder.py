@@ -98,7 +98,6 @@ class HfFolderReader(CheckpointReader):
 
 class HfFolderFormat(CheckpointFormat):
     name = "hf-folder"
-    folder = True
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return path.is_dir() and any((path / f).is_file() for layout in WEIGHT_LAYOUTS for f in layout[:2])

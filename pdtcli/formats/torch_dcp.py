@@ -176,7 +176,6 @@ def _model_names(names: list[str]) -> list[str]:
 
 class DcpFormat(CheckpointFormat):
     name = "torch-dcp"
-    folder = True
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return path.is_dir() and (path / METADATA).is_file()
