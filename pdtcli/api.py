@@ -31,7 +31,7 @@ from .mask import MaskOptions
 from .progress import NoProgress, Progress
 from .report import summarize_counts
 from .selection import Selection, plan_layout
-from .store import Store, clean_leftovers, lock_for, now, resolve_store_root
+from .store import Store, clean_leftovers, lock_for, now, resolve_store_root, snapshot_step
 
 DEFAULT_HISTORY = 5
 
@@ -457,7 +457,7 @@ def _store_mask(store: Store, options: MaskOptions, result: dict) -> dict:
 
 def _record_history(store: Store, command: str, output: str | None) -> None:
     fit, mask = store.state["fit"], store.state["mask"]
-    steps = [_step_of(store.record(i)) for i in fit["window"]]
+    steps = [snapshot_step(store.record(i), store.state.get("order", "name")) for i in fit["window"]]
     store.state["history"].append({
         "at": now(),
         "command": command,
@@ -472,11 +472,6 @@ def _record_history(store: Store, command: str, output: str | None) -> None:
         "per_tensor_accepted": [int(c) for c in store.arrays["mask/counts"][:, 1]],
         "output": output,
     })
-
-
-def _step_of(record: dict) -> int | None:
-    recorded = record.get("recorded_step")
-    return recorded if recorded is not None else record.get("name_step")
 
 
 def _commit_output(s: Session, ids: list[int], output: Path, lineage_slot: int, backup: Path | None = None) -> None:

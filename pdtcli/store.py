@@ -311,6 +311,21 @@ class Store:
                 f.create_dataset(key, data=value)
 
 
+def snapshot_step(record: dict, order: str) -> int | None:
+    """The step that places a snapshot in training order, as every command shows it.
+
+    Under `step` order it is the step recorded inside the checkpoint, under `name` the number
+    in its name; under `mtime` time orders the window, and the step shown is whichever of the
+    two the checkpoint has (None when it has neither: show its name instead).
+    """
+    if order == "step":
+        return record.get("recorded_step")
+    if order == "name":
+        return record.get("name_step")
+    recorded = record.get("recorded_step")
+    return recorded if recorded is not None else record.get("name_step")
+
+
 def lock_for(root: Path, timeout: float) -> filelock.BaseFileLock:
     """The store's lock: a second pdt waits up to `timeout` seconds, then fails clearly."""
     Path(root).mkdir(parents=True, exist_ok=True)
