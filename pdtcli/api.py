@@ -10,8 +10,6 @@ recomputes nothing that is still valid.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,43 +18,26 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .backups import backup_path, copy_back, prune_backups
-from .discover import ORDERS, Candidate, is_pdt_output, list_checkpoints, order_key, output_name, resolve_order
-from .dmd import FitOptions, solve
-from .errors import CheckpointError, OutputError, StageMissing, StoreError, UsageError
+from .backups import backup_path, copy_back, in_backups, note_in_place, prune_backups
+from .discover import is_pdt_output, located, output_name
+from .dmd import solve
+from .errors import CheckpointError, OutputError, StageMissing, UsageError
 from .formats import open_checkpoint
-from .fuse import DEFAULT_BLOCK, Predictor, Window, pick_device
+from .fuse import Predictor, Window, pick_device
 from .identity import sha256_path, stat_of, unchanged
+from .ingest import ingest
 from .mask import MaskOptions
-from .progress import NoProgress, Progress
+from .options import DEFAULT_WAIT, Settings
 from .report import summarize_counts
-from .selection import Selection, plan_layout
-from .store import Store, clean_leftovers, lock_for, now, resolve_store_root, snapshot_step
-
-DEFAULT_HISTORY = 5
-
-
-@dataclass
-class Settings:
-    """What a run may change; everything has the paper's default."""
-
-    history: int | None = None
-    fit: FitOptions = field(default_factory=FitOptions)
-    mask: MaskOptions = field(default_factory=MaskOptions)
-    selection: Selection | None = None
-    device: str = "auto"
-    block: int = DEFAULT_BLOCK
-    store_dtype: str = "float32"
-    order: str | None = None  # auto | name | step | mtime; None: the store's, or auto for a new store
-    lock_timeout: float = 60.0
-    progress: Progress = field(default_factory=NoProgress)
+from .session import Session, session
+from .store import Store, now, snapshot_step
 
 
 @dataclass
 class StepResult:
     """What a command did, for the CLI's summary and for `--json`."""
 
-    status: str  # written | dry-run | masked | up-to-date | waiting | ingested
+    status: str  # written | dry-run | masked | up-to-date | waiting | ingested | restored
     message: str
     store: str
     ingested: list[str] = field(default_factory=list)
@@ -65,233 +46,22 @@ class StepResult:
     output: str | None = None
     fit: dict | None = None
     mask: dict | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
 
 
-# ---- sessions: resolve, lock, open --------------------------------------------------
-
-
-@dataclass
-class Session:
-    root: Path
-    folder: Path | None
-    store: Store | None
-    settings: Settings
-    order: str = "name"
-
-
-@contextlib.contextmanager
-def session(target: Path, store: Path | None, settings: Settings) -> Iterator[Session]:
-    """Hold the store's lock for the whole command; a second pdt waits, then fails clearly."""
-    root, folder = resolve_store_root(Path(target), store)
-    lock = lock_for(root, settings.lock_timeout)
-    try:
-        lock.acquire()
-    except Exception as exc:  # filelock.Timeout
-        raise StoreError(f"locked by another pdt process (waited {settings.lock_timeout:g}s; --wait to wait longer)",
-                         root) from exc
-    try:
-        clean_leftovers(root, folder)
-        opened = Store.open(root) if Store.exists(root) else None
-        if opened is not None and folder is not None and opened.folder.resolve() != folder.resolve():
-            raise StoreError(f"this store belongs to another folder ({opened.folder})", root)
-        state = Session(root, folder if folder is not None else (opened.folder if opened else None), opened, settings)
-        try:
-            yield state
-        finally:
-            if state.store is not None:
-                state.store.close()
-    finally:
-        lock.release()
-
-
-def _require_store(s: Session) -> Store:
-    if s.store is None:
-        raise StageMissing("no store yet; run `pdt snapshot` or `pdt predict` on the checkpoint folder first", s.root)
-    return s.store
-
-
 # ---- ingest (snapshot) --------------------------------------------------------------
 
 
-def _pdt_owned_outputs(store: Store) -> set[str]:
-    """Output paths that still hold what pdt wrote. An in-place output that training has since
-    saved over is a checkpoint again (the same path, the next epoch)."""
-    latest = {o["path"]: o for o in store.state["outputs"]}
-    return {path for path, o in latest.items()
-            if not o.get("in_place") or unchanged(Path(path), o)}
-
-
-def _order_rule(s: Session) -> str:
-    wanted = s.settings.order
-    if wanted is not None and wanted not in ORDERS:
-        raise UsageError(f"--order {wanted!r}: use one of {', '.join(ORDERS)}")
-    if s.store is None:
-        return wanted or "auto"
-    stored = s.store.state.get("order", "name")  # stores made before --order existed ordered by name
-    if wanted not in (None, "auto", stored):
-        raise UsageError(f"this store orders checkpoints by {stored}; remove {s.root} to change --order")
-    return stored
-
-
-def _new_candidates(s: Session) -> tuple[list[Candidate], list[tuple[Candidate, str]]]:
-    """Checkpoints not seen before and newer than the window, oldest first; and the passed over, with why."""
-    store = s.store
-    rule = _order_rule(s)
-    known_outputs = _pdt_owned_outputs(store) if store else set()
-    seen = {rec["path"]: rec for rec in store.state["ingested"]} if store else {}
-    unseen = []
-    for cand in list_checkpoints(s.folder, known_outputs):
-        rec = seen.get(str(cand.path.resolve()))
-        if not (rec and rec["size"] == cand.size and rec["mtime"] == cand.mtime):
-            unseen.append(cand)
-    s.order, unseen = resolve_order(rule, unseen)
-    unseen.sort(key=lambda c: (*order_key(c, s.order), c.path.name))
-    newest = None
-    if store and store.state["window"]:
-        checkpoints = [store.record(i) for i in store.state["window"] if store.record(i)["kind"] == "checkpoint"]
-        if checkpoints:
-            newest = order_key(checkpoints[-1], s.order)
-    fresh, passed = [], []
-    for cand in unseen:
-        rec = seen.get(str(cand.path.resolve()))
-        rewritten = rec is not None and cand.mtime > rec["mtime"]  # the same path saved again
-        if newest is not None and order_key(cand, s.order) <= newest and not rewritten:
-            passed.append((cand, "older than the newest snapshot in the window"))
-            continue
-        fresh.append(cand)
-    return fresh, passed
-
-
-def _check_layout(store: Store, reader, path: Path) -> None:
-    infos = {info.name: info for info in reader.tensors()}
-    for entry in store.tensors:
-        info = infos.get(entry["name"])
-        if info is None:
-            raise CheckpointError(f"tensor {entry['name']!r} of the window is missing (another model?)", path)
-        if list(info.shape) != entry["shape"]:
-            raise CheckpointError(
-                f"tensor {entry['name']!r} has shape {list(info.shape)}, the window has {entry['shape']}", path)
-
-
-def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress: Progress) -> dict:
-    settings = s.settings
-    path = cand.path
-    if s.store is not None:
-        duplicate = next((r for r in s.store.state["ingested"]
-                          if r["sha256"] == digest and r.get("status") == "ingested"), None)
-        if duplicate is not None:
-            s.store.state["ingested"].append(_provenance(cand, digest, "duplicate", None))
-            return {"path": str(path), "reason": f"same content as {duplicate['path']}"}
-    with open_checkpoint(path) as reader:
-        if s.store is None:
-            selection = settings.selection or Selection()
-            plan = plan_layout(reader.tensors(), selection)
-            if not plan.predicted:
-                raise CheckpointError("no tensor to predict (all were excluded or not floating point)", path)
-            s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype, s.order)
-        store = s.store
-        _check_layout(store, reader, path)
-        slot = store.free_slot(keep=set(store.state["window"]))
-        store_dtype = torch.float64 if store.dtype == np.float64 else torch.float32
-        with progress.task(f"ingest {path.name}", store.n) as advance:
-            for entry in store.tensors:
-                values = reader.read(entry["name"]).detach().reshape(-1).to(store_dtype)
-                if not bool(torch.isfinite(values).all()):
-                    raise CheckpointError(f"tensor {entry['name']!r} holds NaN or Inf", path)
-                store.write_segment(slot, entry["offset"], values.numpy())
-                advance(entry["numel"])
-        step = reader.recorded_step()
-    record = _provenance(cand, digest, "ingested", step)
-    store.sync()
-    snapshot_id = store.place(slot, dict(record, kind="checkpoint"))
-    record["id"] = snapshot_id
-    store.state["ingested"].append(record)
-    store.state["window"] = (store.state["window"] + [snapshot_id])[-history:]
-    store.commit()
-    return {}
-
-
-def _provenance(cand: Candidate, digest: str | None, status: str, step: int | None) -> dict:
-    return {
-        "path": str(cand.path.resolve()),
-        "size": cand.size,
-        "mtime": cand.mtime,
-        "name_step": cand.name_step,
-        "recorded_step": step,
-        "sha256": digest,
-        "status": status,
-        "at": now(),
-    }
-
-
-def _history_len(s: Session) -> int:
-    wanted = s.settings.history
-    if s.store is None:
-        history = wanted or DEFAULT_HISTORY
-        if history < 2:
-            raise UsageError("--history must be at least 2 (DMD needs a step to learn from)")
-        return history
-    if wanted is not None and wanted != s.store.history_len:
-        raise UsageError(f"this store keeps h={s.store.history_len} snapshots; remove {s.root} to change --history")
-    return s.store.history_len
-
-
-def _check_selection(s: Session) -> None:
-    wanted = s.settings.selection
-    if s.store is not None and wanted is not None and wanted.as_dict() != s.store.state["layout"]["selection"]:
-        raise UsageError(f"this store was made with {s.store.state['layout']['selection']}; "
-                         f"remove {s.root} to change --include/--exclude")
-
-
-def _newest_distinct(fresh: list[Candidate], history: int) -> dict[Candidate, str]:
-    """The new checkpoints worth reading, oldest first, with their content hashes.
-
-    Only the newest h can end up in the window, so older ones are passed over unread; a copy
-    of another checkpoint does not count towards the h (it is skipped as a duplicate later).
-    """
-    chosen: dict[Candidate, str] = {}
-    distinct: set[str] = set()
-    for cand in reversed(fresh):
-        if len(distinct) == history:
-            break
-        digest = sha256_path(cand.path)
-        chosen[cand] = digest
-        distinct.add(digest)
-    return dict(reversed(list(chosen.items())))
-
-
-def _ingest(s: Session) -> tuple[list[str], list[dict]]:
-    if s.folder is None or not s.folder.is_dir():
-        raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
-    _check_selection(s)
-    history = _history_len(s)
-    fresh, passed = _new_candidates(s)
-    chosen = _newest_distinct(fresh, history)
-    passed += [(cand, f"older than the newest {history} new checkpoints") for cand in fresh if cand not in chosen]
-    skipped = [{"path": str(cand.path), "reason": reason} for cand, reason in passed]
-    ingested = []
-    for cand, digest in chosen.items():
-        note = _ingest_one(s, cand, digest, history, s.settings.progress)
-        if note:
-            skipped.append(note)
-        else:
-            ingested.append(str(cand.path))
-    if skipped and s.store is not None:  # remember what was passed over, so it is not reported again
-        for cand, _ in passed:
-            s.store.state["ingested"].append(_provenance(cand, None, "skipped", None))
-        s.store.commit()
-    return ingested, skipped
-
-
-def snapshot(target: Path, *, store: Path | None = None, settings: Settings | None = None) -> StepResult:
-    """Ingest the checkpoints in `target` that the store has not seen."""
+def snapshot(target: Path, *, store: Path | None = None, rebuild: bool = False,
+             settings: Settings | None = None) -> StepResult:
+    """Ingest the checkpoints in `target` that the store has not seen (`rebuild`: into a new store)."""
     settings = settings or Settings()
-    with session(target, store, settings) as s:
-        ingested, skipped = _ingest(s)
-        st = _require_store(s)
+    with session(target, store, settings, ingests=True, rebuild=rebuild) as s:
+        ingested, skipped = ingest(s)
+        st = s.require_store()
         have = len(_base_window(st))
         message = (f"ingested {len(ingested)} checkpoint(s); window holds {have} of {st.history_len}"
                    if ingested else f"nothing new; window holds {have} of {st.history_len}")
@@ -354,9 +124,14 @@ def _mask_valid(store: Store, options: MaskOptions) -> bool:
 # ---- the second pass: mask, and fuse when there is a writer --------------------------
 
 
-def _run_pass(s: Session, ids: list[int], options: MaskOptions, *, output: Path | None, force: bool,
-              use_stored: bool, backup: Path | None = None) -> dict:
-    """Pass 2 over every predicted tensor; with `output`, write the fused checkpoint too."""
+def _run_pass(s: Session, ids: list[int], options: MaskOptions, *, output: Path | None, use_stored: bool,
+              lineage: bool = False, backup: Path | None = None) -> dict:
+    """Pass 2 over every predicted tensor; with `output`, write the fused checkpoint too (and,
+    with `lineage`, the fused values into a free slot: training resumes from that output).
+
+    `backup`: the write is in place; what `output` held is kept there (unless a backup of it
+    exists already), and the store notes the write before it is published (see
+    `backups.note_in_place`)."""
     store = s.store
     settings = s.settings
     predictor = Predictor(_window(store, ids, settings), store.arrays["fit/C"], options)
@@ -382,12 +157,13 @@ def _run_pass(s: Session, ids: list[int], options: MaskOptions, *, output: Path 
             for index, entry in enumerate(store.tensors):
                 one(index, entry, None)
         else:
-            replaceable = force or is_pdt_output(output)
-            if output.exists() and not replaceable:
-                raise OutputError("exists; pass --force to replace it", output)
-            lineage_slot = _lineage_slot(s, ids)
-            source = _source_of(store.record(ids[-1]))
-            with atomic_path(output, force=replaceable, backup_to=backup) as tmp, open_checkpoint(source) as reader:
+            if lineage:
+                lineage_slot = _lineage_slot(s, ids)
+            source = _source_of(store, store.record(ids[-1]))
+            backup_to = backup if backup is not None and not backup.exists() else None
+            note = (lambda tmp: note_in_place(store, output, backup, tmp)) if backup is not None else None
+            with atomic_path(output, backup_to=backup_to, before_publish=note) as tmp, \
+                    open_checkpoint(source) as reader:
                 def replace(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
                     found = entries.get(name)
                     return None if found is None else one(found[0], found[1], tensor)
@@ -403,11 +179,11 @@ def _run_pass(s: Session, ids: list[int], options: MaskOptions, *, output: Path 
     }
 
 
-def _source_of(record: dict) -> Path:
+def _source_of(store: Store, record: dict) -> Path:
     """The checkpoint whose non-predicted content the output carries over: the newest of the
     window, or its backup when an in-place write has replaced it."""
     source = Path(record["path"])
-    backup = Path(record["backup"]) if record.get("backup") else None
+    backup = in_backups(store, record["backup"]) if record.get("backup") else None
     if backup is not None and backup.exists() and (not source.exists() or stat_of(source) != stat_of(backup)):
         source = backup
     if not source.exists():
@@ -474,57 +250,73 @@ def _record_history(store: Store, command: str, output: str | None) -> None:
     })
 
 
-def _commit_output(s: Session, ids: list[int], output: Path, lineage_slot: int, backup: Path | None = None) -> None:
-    """Line 17 of Algorithm 1: the fused state becomes the newest snapshot."""
+def _commit_output(s: Session, ids: list[int], output: Path, lineage_slot: int | None,
+                   backup: Path | None = None) -> None:
+    """Record the output; when training resumes from it (`lineage_slot`), line 17 of Algorithm 1:
+    the fused state becomes the newest snapshot. Audit outputs (`-o`) never enter the window."""
     store = s.store
-    base = store.record(ids[-1])
-    if backup is not None:
-        base["backup"] = str(backup.resolve())
     size, mtime = stat_of(output)
-    record = {
-        "kind": "fused",
-        "parent": ids[-1],
-        "path": str(output.resolve()),
-        "size": size,
-        "mtime": mtime,
-        "name_step": base.get("name_step"),
-        "recorded_step": base.get("recorded_step"),
-        "fit_id": store.state["fit"]["id"],
-        "mask_id": store.state["mask"]["id"],
-        "at": now(),
+    entry = {
+        "path": located(output), "fit_id": store.state["fit"]["id"], "mask_id": store.state["mask"]["id"],
+        "snapshot": None, "at": now(), "size": size, "mtime": mtime, "lineage": lineage_slot is not None,
+        "in_place": backup is not None, "backup": None,
     }
-    fused_id = store.place(lineage_slot, record)
-    store.state["window"] = ids[:-1] + [fused_id]
-    store.state["outputs"].append({
-        "path": str(output.resolve()), "fit_id": record["fit_id"], "mask_id": record["mask_id"],
-        "snapshot": fused_id, "at": record["at"], "size": size, "mtime": mtime,
-        "in_place": backup is not None, "backup": base.get("backup") if backup is not None else None,
-    })
+    if lineage_slot is not None:
+        base = store.record(ids[-1])
+        if backup is not None:
+            base["backup"] = entry["backup"] = located(backup)
+        record = {
+            "kind": "fused",
+            "parent": ids[-1],
+            "path": entry["path"],
+            "size": size,
+            "mtime": mtime,
+            "name_step": base.get("name_step"),
+            "recorded_step": base.get("recorded_step"),
+            "fit_id": entry["fit_id"],
+            "mask_id": entry["mask_id"],
+            "at": entry["at"],
+        }
+        entry["snapshot"] = store.place(lineage_slot, record)
+        store.state["window"] = ids[:-1] + [entry["snapshot"]]
+    store.state["outputs"].append(entry)
 
 
 def _write_output(s: Session, ids: list[int], options: MaskOptions, *, output: Path | None, force: bool,
                   in_place: bool, use_stored: bool, command: str) -> Path:
-    """Pass 2 with a writer, then line 17 (the output becomes the newest snapshot), committed.
+    """Pass 2 with a writer, then the output is recorded (and, when training resumes from it,
+    becomes the newest snapshot), committed.
 
     In place, the output is the newest checkpoint's own path; what it held is kept as a
     backup (once: a second write from the same checkpoint must not back up pdt's output).
+    A link there is refused: replacing it would hide where it pointed, writing through it
+    would change a file outside the folder.
     """
     store = s.store
     base = store.record(ids[-1])
+    newest = store.in_folder(base["path"])
     backup = None
     if in_place:
         if output is not None:
             raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
-        out, backup = Path(base["path"]), backup_path(store, base)
+        if newest.is_symlink():
+            raise OutputError("is a symbolic link; --in-place never writes through one (it would change "
+                              f"{newest.resolve()}); use the default output instead", newest)
+        out, backup = newest, backup_path(store, base)
     else:
-        out = Path(output) if output else output_name(Path(base["path"]))
-    fresh_backup = backup if backup is not None and not backup.exists() else None
-    result = _run_pass(s, ids, options, output=out, force=force or in_place, use_stored=use_stored,
-                       backup=fresh_backup)
+        out = Path(output) if output else output_name(newest)
+    lineage = in_place or output is None
+    # `predict` renews its own default output (a new fit of the same newest checkpoint, or a run
+    # killed after publishing it); anything else is replaced only with --force.
+    renewable = command == "predict" and output is None and is_pdt_output(out)
+    if (out.exists() or out.is_symlink()) and not (force or in_place or renewable):
+        raise OutputError("exists; pass --force to replace it", out)
+    result = _run_pass(s, ids, options, output=out, use_stored=use_stored, lineage=lineage, backup=backup)
     if not use_stored:
         _store_mask(store, options, result)
     _commit_output(s, ids, out, result["lineage_slot"], backup)
-    _record_history(store, command, str(out.resolve()))
+    _record_history(store, command, located(out))
+    store.state["pending_in_place"] = None
     store.commit()
     if backup is not None:
         prune_backups(store)
@@ -545,7 +337,7 @@ def _written_already(store: Store) -> str | None:
 def _waiting(s: Session, ingested: list[str], skipped: list[dict]) -> StepResult | None:
     store = s.store
     have = len(_base_window(store)) if store else 0
-    history = store.history_len if store else _history_len(s)
+    history = store.history_len
     if have >= history:
         return None
     need = history - have
@@ -553,12 +345,26 @@ def _waiting(s: Session, ingested: list[str], skipped: list[dict]) -> StepResult
                       f"(window holds {have} of {history})", str(s.root), ingested, skipped, needed=need)
 
 
+def _mask_warnings(mask: dict | None, wrote: bool) -> list[str]:
+    """What a user must not miss in a result: a mask that accepted nothing."""
+    if not mask or mask["totals"]["accepted"]:
+        return []
+    effect = "the fused checkpoint equals the newest one" if wrote else "a fused checkpoint would equal the newest one"
+    return [f"the mask ({mask['label']}) accepted no element of {mask['totals']['elements']:,}: {effect}"]
+
+
 def predict(target: Path, *, store: Path | None = None, output: Path | None = None, dry_run: bool = False,
             force: bool = False, in_place: bool = False, settings: Settings | None = None) -> StepResult:
-    """The whole step: ingest, fit, mask, and (unless `dry_run`) write the fused checkpoint."""
+    """The whole step: ingest, fit, mask, and (unless `dry_run`) write the fused checkpoint.
+
+    Training is taken to resume from the default output (or, `in_place`, the newest checkpoint's
+    own path); an `output` elsewhere is an audit copy and leaves the store's lineage alone.
+    """
     settings = settings or Settings()
-    with session(target, store, settings) as s:
-        ingested, skipped = _ingest(s)
+    if in_place and output is not None:
+        raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
+    with session(target, store, settings, ingests=True) as s:
+        ingested, skipped = ingest(s)
         waiting = _waiting(s, ingested, skipped)
         if waiting:
             return waiting
@@ -568,49 +374,63 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         fit = _ensure_fit(st, ids, settings)
         mask_valid = _mask_valid(st, settings.mask)
         done = _written_already(st) if mask_valid else None
-        if done and not ingested and (output is None or Path(output).resolve() == Path(done)):
+        if done and not ingested and (output is None or located(Path(output)) == done):
             return StepResult("up-to-date", f"nothing new since {Path(done).name}; no checkpoint to add",
                               str(s.root), ingested, skipped, output=done, fit=fit, mask=st.state["mask"])
         if dry_run:
             if not mask_valid:
-                result = _run_pass(s, ids, settings.mask, output=None, force=force, use_stored=False)
+                result = _run_pass(s, ids, settings.mask, output=None, use_stored=False)
                 _store_mask(st, settings.mask, result)
                 _record_history(st, "predict --dry-run", None)
             if (fit_before, mask_before) != (st.state["fit"], st.state["mask"]):
                 st.commit()
             return StepResult("dry-run", "fit and mask computed; nothing written (--dry-run)", str(s.root),
-                              ingested, skipped, fit=st.state["fit"], mask=st.state["mask"])
+                              ingested, skipped, fit=st.state["fit"], mask=st.state["mask"],
+                              warnings=_mask_warnings(st.state["mask"], wrote=False))
         out = _write_output(s, ids, settings.mask, output=output, force=force, in_place=in_place,
                             use_stored=mask_valid, command="predict")
         return StepResult("written", f"wrote {out}", str(s.root), ingested, skipped, output=str(out),
-                          fit=st.state["fit"], mask=st.state["mask"])
+                          fit=st.state["fit"], mask=st.state["mask"],
+                          warnings=_mask_warnings(st.state["mask"], wrote=True))
+
+
+def _stored_fit(s: Session) -> dict:
+    st = s.require_store()
+    fit = st.state["fit"]
+    if not fit or not all(st.readable(i) for i in fit["window"]):
+        raise StageMissing("no valid fit in the store; run `pdt predict --dry-run` first", s.root)
+    return fit
 
 
 def remask(target: Path, *, store: Path | None = None, settings: Settings | None = None) -> StepResult:
     """Mask again from the stored fit with other settings; no new fit, nothing ingested."""
     settings = settings or Settings()
     with session(target, store, settings) as s:
-        st = _require_store(s)
-        fit = st.state["fit"]
-        if not fit or not all(st.readable(i) for i in fit["window"]):
-            raise StageMissing("no valid fit in the store; run `pdt predict --dry-run` first", s.root)
+        fit = _stored_fit(s)
+        st = s.store
         if _mask_valid(st, settings.mask):
             return StepResult("up-to-date", f"mask {settings.mask.label} is already the stored one", str(s.root),
                               fit=fit, mask=st.state["mask"])
-        result = _run_pass(s, fit["window"], settings.mask, output=None, force=False, use_stored=False)
+        result = _run_pass(s, fit["window"], settings.mask, output=None, use_stored=False)
         _store_mask(st, settings.mask, result)
         _record_history(st, "mask", None)
         st.commit()
         return StepResult("masked", f"stored mask {settings.mask.label}", str(s.root), fit=fit,
-                          mask=st.state["mask"])
+                          mask=st.state["mask"], warnings=_mask_warnings(st.state["mask"], wrote=False))
 
 
 def apply(target: Path, *, store: Path | None = None, output: Path | None = None, force: bool = False,
           in_place: bool = False, settings: Settings | None = None) -> StepResult:
-    """Write the fused checkpoint from the stored fit and mask (to any path)."""
+    """Write the fused checkpoint from the stored fit and mask.
+
+    To the default output (or `in_place`), training is taken to resume from it; to any other
+    `output`, it is an audit copy. An existing file is replaced only with `force`.
+    """
     settings = settings or Settings()
+    if in_place and output is not None:
+        raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
     with session(target, store, settings) as s:
-        st = _require_store(s)
+        st = s.require_store()
         fit, mask = st.state["fit"], st.state["mask"]
         if not fit or not mask or mask["fit_id"] != fit["id"]:
             raise StageMissing("no stored fit and mask; run `pdt predict --dry-run` (or `pdt mask`) first", s.root)
@@ -620,7 +440,8 @@ def apply(target: Path, *, store: Path | None = None, output: Path | None = None
         options = MaskOptions(tuple(mask["options"]["criteria"]), mask["options"]["random"], mask["options"]["seed"])
         out = _write_output(s, ids, options, output=output, force=force, in_place=in_place, use_stored=True,
                             command="apply")
-        return StepResult("written", f"wrote {out}", str(s.root), output=str(out), fit=fit, mask=mask)
+        return StepResult("written", f"wrote {out}", str(s.root), output=str(out), fit=fit, mask=mask,
+                          warnings=_mask_warnings(mask, wrote=True))
 
 
 def restore(target: Path, *, store: Path | None = None, path: Path | None = None, force: bool = False,
@@ -628,21 +449,25 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
     """Put back the checkpoint that the latest `--in-place` write (to `path`, if given) replaced.
 
     The store forgets that fused state too: its snapshot leaves the window and the
-    checkpoint it came from is the newest again, as if the write had not happened.
+    checkpoint it came from is the newest again, as if the write had not happened. Both
+    paths come from the store, so both are checked: the target must lie in the checkpoint
+    folder and not be a link, the backup in the store's backups.
     """
     settings = settings or Settings()
     with session(target, store, settings) as s:
-        st = _require_store(s)
-        wanted = str(Path(path).resolve()) if path else None
+        st = s.require_store()
+        wanted = located(Path(path)) if path else None
         entry = next((o for o in reversed(st.state["outputs"]) if o.get("in_place") and not o.get("restored")
                       and (wanted is None or o["path"] == wanted)), None)
         if entry is None:
             raise StageMissing("no in-place write to undo" + (f" at {path}" if path else ""), s.root)
-        final = Path(entry["path"])
-        backup = Path(entry["backup"]) if entry["backup"] else None
+        final = st.in_folder(entry["path"])
+        backup = in_backups(st, entry["backup"]) if entry["backup"] else None
         if backup is None or not backup.exists():
             raise StageMissing("the backup of this in-place write was pruned (backups are kept for the "
                                "checkpoints still in the window)", final)
+        if final.is_symlink():
+            raise OutputError("is now a symbolic link; pdt never writes through one", final)
         if final.exists() and not unchanged(final, entry) and not force:
             raise OutputError("changed since pdt wrote it (training saved over it?); pass --force to restore anyway",
                               final)
@@ -655,10 +480,10 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
         return StepResult("restored", f"restored {final} from {backup}", str(s.root), output=str(final))
 
 
-def load_state(target: Path, *, store: Path | None = None, lock_timeout: float = 60.0) -> dict[str, Any]:
+def load_state(target: Path, *, store: Path | None = None, lock_timeout: float = DEFAULT_WAIT) -> dict[str, Any]:
     """The store's state (fit, mask, per-tensor counts, history) for reports, read under the lock."""
     with session(target, store, Settings(lock_timeout=lock_timeout)) as s:
-        st = _require_store(s)
+        st = s.require_store()
         counts = st.arrays.get("mask/counts")
         return {
             "store": str(s.root),

@@ -46,12 +46,15 @@ def fsync_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = None) -> Iterator[Path]:
+def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = None,
+                before_publish: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success it is synced and renamed over it.
 
     With `force=False` an existing `final` is refused before anything is written. With
     `backup_to`, what `final` held is kept there (see `keep_copy`) once the new content is
-    complete and just before it replaces the old.
+    complete and just before it replaces the old. `before_publish(tmp)` runs when the
+    content is complete and on disk, just before the rename, so a caller can note what is
+    about to appear under `final` (and recognise it after a crash in between).
     """
     final = Path(final)
     if not force and final.exists():
@@ -62,10 +65,15 @@ def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = Non
     if not os.access(folder, os.W_OK):
         raise OutputError("no permission to write in this folder", final)
     tmp = folder / f".{final.name}{TMP_TAG}{os.getpid()}"
+    remove_path(tmp)  # whatever sits under the name (a planted link, a dead run's file) is not written through
     try:
         yield tmp
         if backup_to is not None and final.exists():
             keep_copy(final, backup_to)
+        for written in files_of(tmp):
+            fsync_file(written)
+        if before_publish is not None:
+            before_publish(tmp)
         _publish(tmp, final)
         fsync_dir(folder)
     except BaseException as exc:
@@ -101,8 +109,6 @@ def _link_or_copy2(src: str, dst: str) -> None:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    for written in files_of(tmp):
-        fsync_file(written)
     if tmp.is_dir() and final.exists():
         aside = final.parent / f".{final.name}{TMP_TAG}old-{os.getpid()}"
         os.replace(final, aside)
@@ -113,12 +119,12 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def remove_path(path: Path) -> None:
-    if path.is_dir():
-        for child in sorted(path.rglob("*"), reverse=True):
-            child.rmdir() if child.is_dir() else child.unlink()
-        path.rmdir()
-    elif path.exists():
+    """Remove a file or folder; a symbolic link is removed itself, never what it points to."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
         path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def sweep_temporaries(folder: Path) -> list[Path]:

@@ -10,24 +10,43 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import atomic_path, copy_path, remove_path
+from .confine import is_inside
+from .discover import located
+from .errors import StoreError
+from .identity import stat_of
 from .store import BACKUP_DIRNAME, Store
 
 
-def backup_path(store: Store, record: dict) -> Path:
+def _folder(store: Store) -> Path:
     folder = store.root / BACKUP_DIRNAME
+    if folder.is_symlink():
+        raise StoreError("is a symbolic link; pdt keeps backups only in the store itself (remove the link)", folder)
+    return folder
+
+
+def backup_path(store: Store, record: dict) -> Path:
+    folder = _folder(store)
     folder.mkdir(exist_ok=True)
     return folder / f"{record['id']}-{Path(record['path']).name}"
 
 
+def in_backups(store: Store, path: str) -> Path:
+    """A backup path the store recorded, checked to lie in its backups folder and not to be a link."""
+    backup = Path(path)
+    if backup.is_symlink() or not is_inside(backup.parent, _folder(store)):
+        raise StoreError(f"names a backup outside {store.root / BACKUP_DIRNAME} ({path}); refused", store.meta_path)
+    return backup
+
+
 def prune_backups(store: Store) -> list[Path]:
     """Remove the backups of checkpoints the store no longer holds; call after a commit."""
-    folder = store.root / BACKUP_DIRNAME
+    folder = _folder(store)
     if not folder.is_dir():
         return []
     wanted = {rec.get("backup") for rec in store.state["snapshots"].values()}
     removed = []
     for path in folder.iterdir():
-        if str(path.resolve()) not in wanted:
+        if located(path) not in wanted:
             remove_path(path)
             removed.append(path)
     return removed
@@ -38,3 +57,33 @@ def copy_back(backup: Path, target: Path) -> None:
     (a link would let training's next in-place save truncate the backup too)."""
     with atomic_path(target, force=True) as tmp:
         copy_path(backup, tmp)
+
+
+def note_in_place(store: Store, final: Path, backup: Path, tmp: Path) -> None:
+    """Commit, just before an in-place output is renamed over `final`, what it will look like.
+
+    A run killed between that rename and the store's next commit leaves the fused file under
+    the checkpoint's name with nothing in the store saying so; the next run would take it for
+    a checkpoint training saved. The note lets the next run recognise it (`finish_in_place`).
+    """
+    size, mtime = stat_of(tmp)
+    store.state["pending_in_place"] = {"path": located(final), "backup": located(backup), "size": size,
+                                       "mtime": mtime}
+    store.commit()
+
+
+def finish_in_place(store: Store) -> bool:
+    """Undo an in-place write that a killed run published but never recorded: put the original
+    back from its backup, so the store and the folder agree again. True when it did."""
+    pending = store.state.get("pending_in_place")
+    if not pending:
+        return False
+    final = store.in_folder(pending["path"])
+    backup = in_backups(store, pending["backup"])
+    undone = (final.exists() and not final.is_symlink() and backup.exists()
+              and stat_of(final) == (pending["size"], pending["mtime"]))
+    if undone:
+        copy_back(backup, final)
+    store.state["pending_in_place"] = None
+    store.commit()
+    return undone

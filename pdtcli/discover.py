@@ -5,16 +5,19 @@ Training order is one of three rules, fixed when the store is made:
 `step`, the step the checkpoint records inside (Lightning's `global_step`, Trainer's
 `trainer_state.json`, a `step` entry); `mtime`, the modification time. `auto` takes the
 first that every checkpoint in the folder has. pdt's own outputs (`*.pdt.*`, and any path
-the store recorded as an output) are never training checkpoints.
+the store recorded as an output) are never training checkpoints. A file with a checkpoint
+suffix that holds no tensors (`hparams.pt`) is passed over with a note, and `--files` globs
+say which names are checkpoints when a folder holds other files with the same suffixes.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NotACheckpoint
 from .formats import CHECKPOINT_SUFFIXES, folder_format, open_checkpoint
 from .identity import stat_of
 
@@ -53,19 +56,46 @@ def with_recorded_step(cand: Candidate) -> Candidate:
     return replace(cand, recorded_step=step)
 
 
-def resolve_order(rule: str, candidates: list[Candidate]) -> tuple[str, list[Candidate]]:
-    """The concrete rule for `auto` (name numbers, else recorded steps, else mtime), and the
-    candidates with their recorded steps read when the rule needs them."""
+def located(path: Path) -> str:
+    """How the store names a checkpoint or output: its folder resolved, its own name kept, so a
+    link stays the link (and is never mistaken for, or written as, the file it points to)."""
+    path = Path(path)
+    return str(path.parent.resolve() / path.name)
+
+
+def holds_tensors(cand: Candidate) -> bool:
+    """False for a file that opens cleanly but holds no state dict (hparams, a config)."""
+    try:
+        with open_checkpoint(cand.path):
+            return True
+    except NotACheckpoint:
+        return False
+
+
+def resolve_order(rule: str, candidates: list[Candidate]) -> tuple[str, list[Candidate], list[Candidate]]:
+    """The concrete rule for `auto` (name numbers, else recorded steps, else mtime), the candidates
+    with their recorded steps read when the rule needs them, and the files found to hold no state
+    dict on the way (they must not decide the order for the real checkpoints)."""
+    dropped: list[Candidate] = []
     if rule == "auto":
+        unnamed = [c for c in candidates if c.name_step is None]
+        dropped = [c for c in unnamed if not holds_tensors(c)]
+        candidates = [c for c in candidates if c not in dropped]
         if all(c.name_step is not None for c in candidates):
-            return "name", candidates
+            return "name", candidates, dropped
         try:
-            return "step", [with_recorded_step(c) for c in candidates]
+            return "step", [with_recorded_step(c) for c in candidates], dropped
         except CheckpointError:
-            return "mtime", candidates
+            return "mtime", candidates, dropped
     if rule == "step":
-        return rule, [with_recorded_step(c) for c in candidates]
-    return rule, candidates
+        kept = []
+        for cand in candidates:
+            try:
+                kept.append(with_recorded_step(cand))
+            except NotACheckpoint:
+                dropped.append(cand)
+        return rule, kept, dropped
+    return rule, candidates, dropped
 
 
 def name_step(path: Path) -> int | None:
@@ -99,15 +129,41 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES
 
 
-def list_checkpoints(folder: Path, known_outputs: set[str] = frozenset()) -> list[Candidate]:
+def list_checkpoints(folder: Path, known_outputs: set[str] = frozenset(),
+                     files: tuple[str, ...] | None = None) -> list[Candidate]:
     """The checkpoints (files, or Trainer/DCP folders) directly in `folder`, unsorted: the
-    order rule may need what is recorded inside, which is read only for unseen ones."""
+    order rule may need what is recorded inside, which is read only for unseen ones.
+    `files`: globs on the name; only matching entries are checkpoints."""
     found = []
     for path in folder.iterdir():
         if path.name.startswith(".") or is_pdt_output(path) or not is_checkpoint(path):
             continue
-        if str(path.resolve()) in known_outputs:
+        if files and not any(fnmatchcase(path.name, pattern) for pattern in files):
+            continue
+        if located(path) in known_outputs:
             continue
         size, mtime = stat_of(path)
         found.append(Candidate(path, name_step(path), mtime, size))
     return found
+
+
+def _readable_with_checkpoints(folder: Path, files: tuple[str, ...] | None) -> bool:
+    try:
+        return bool(list_checkpoints(folder, files=files))
+    except OSError:  # a sub-folder we may not read is not one to suggest
+        return False
+
+
+def no_checkpoints_here(folder: Path, files: tuple[str, ...] | None = None) -> str | None:
+    """Why `folder` cannot be a checkpoint folder (nothing in it looks like one), naming the
+    sub-folders that do hold checkpoints, as a user who gave the parent folder needs; or None."""
+    if list_checkpoints(folder, files=files):
+        return None
+    where = f" matching --files {' '.join(files)}" if files else ""
+    message = f"no checkpoints here{where} (files {', '.join(CHECKPOINT_SUFFIXES)}, or Trainer/DCP folders)"
+    holding = sorted(f"{sub.name}/" for sub in folder.iterdir()
+                     if sub.is_dir() and not sub.name.startswith(".") and not is_checkpoint(sub)
+                     and _readable_with_checkpoints(sub, files))
+    if holding:
+        message += "; sub-folders that hold checkpoints: " + ", ".join(holding[:5]) + (" …" if len(holding) > 5 else "")
+    return message

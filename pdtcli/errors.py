@@ -35,6 +35,11 @@ class CheckpointError(PdtError):
     exit_code = 3
 
 
+class NotACheckpoint(CheckpointError):
+    """A file with a checkpoint's suffix that opens cleanly but holds no tensors (hparams.pt):
+    passed over with a note rather than stopping every run."""
+
+
 class StoreError(PdtError):
     """A store that belongs to another folder or model, is from a newer pdt, or is locked."""
 

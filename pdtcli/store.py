@@ -14,7 +14,10 @@ Layout of a store folder (default `<checkpoints>/.pdt/`):
 - `lock`: held by the one pdt process allowed to change the store.
 
 `store.h5` is small and is rewritten whole, atomically (temporary file, fsync, rename),
-at each commit.
+at each commit, with a SHA-256 of its records, so that a store damaged on disk is refused
+(exit 4) instead of silently steering a fit. The store's files are never written through a
+symbolic link: `snapshots.bin` is opened without following one, and a linked lock file or
+default store folder is refused.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_path, sweep_temporaries
-from .errors import StoreError
+from .atomic import atomic_path, remove_path, sweep_temporaries
+from .confine import is_inside, stored_outside
+from .errors import StoreError, UsageError
 from .selection import LayoutPlan, Selection, layer_type
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records carry a checksum
 STORE_DIRNAME = ".pdt"
 META_NAME = "store.h5"
 BACKUP_DIRNAME = "backups"  # what --in-place replaced (pdtcli.backups)
@@ -109,6 +113,7 @@ class Store:
     @classmethod
     def open(cls, root: Path) -> Store:
         path = Path(root) / META_NAME
+        hint = f"; `pdt snapshot --rebuild` makes it afresh from the checkpoints (or delete {Path(root)})"
         try:
             with h5py.File(path, "r") as f:
                 version = int(f.attrs.get("format_version", -1))
@@ -117,22 +122,25 @@ class Store:
                         f"made by a newer pdt (store format {version}, this pdt reads up to {FORMAT_VERSION}); "
                         "upgrade pdt", path)
                 if version < 1:
-                    raise StoreError("not a pdt store", path)
-                state = json.loads(f["state"][()])
-                state["layout"] = json.loads(f["layout"][()])
-                state["history"] = json.loads(f["history"][()])
-                arrays = {
-                    f"{group}/{name}": f[group][name][()]
-                    for group in ("fit", "mask")
-                    if group in f
-                    for name in f[group]
-                }
+                    raise StoreError("not a pdt store" + hint, path)
+                outside = stored_outside(f, allowed=("snapshots",))
+                if outside is not None:
+                    raise StoreError(f"refused: {outside}" + hint, path)
+                records = {name: f[name][()] for name in ("state", "layout", "history")}
+                records.update({f"{group}/{name}": f[group][name][()]
+                                for group in ("fit", "mask") if group in f for name in f[group]})
+                stored_sum = f.attrs.get("checksum")
+            if (version >= 2 or stored_sum is not None) and _checksum(records) != _text(stored_sum):
+                raise StoreError("damaged: its records fail their checksum" + hint, path)
+            state = json.loads(records.pop("state"))
+            state["layout"] = json.loads(records.pop("layout"))
+            state["history"] = json.loads(records.pop("history"))
+            _check_schema(state)
         except StoreError:
             raise
-        except (OSError, KeyError, ValueError) as exc:
-            raise StoreError(f"unreadable store ({exc}); remove the folder {Path(root)} to start afresh",
-                             path) from exc
-        store = cls(Path(root), state, arrays)
+        except (OSError, KeyError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
+            raise StoreError(f"unreadable store ({type(exc).__name__}: {exc})" + hint, path) from exc
+        store = cls(Path(root), state, records)
         data = store.data_path
         expected = store.capacity * store.n * store.itemsize
         if not data.is_file() or data.stat().st_size < expected:
@@ -171,10 +179,32 @@ class Store:
         }
         store = cls(root, state, {})
         size = capacity * layout["n"] * store.itemsize
-        with open(store.data_path, "wb") as handle:
-            handle.truncate(size)
+        remove_path(store.data_path)  # a dead run's file or a planted link: never written through
+        fd = os.open(store.data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
         store.commit()
         return store
+
+    @staticmethod
+    def set_aside(root: Path) -> list[Path]:
+        """Drop a store's records and matrix unread, for `--rebuild`; backups are kept, renamed.
+
+        The backups of `--in-place` writes are the user's original checkpoints, so they move to
+        `backups-before-rebuild-<time>` rather than being pruned by the new store.
+        """
+        root = Path(root)
+        for name in (META_NAME, DATA_NAME):
+            remove_path(root / name)
+        backups = root / BACKUP_DIRNAME
+        if not backups.is_dir() or backups.is_symlink() or not any(backups.iterdir()):
+            remove_path(backups)
+            return []
+        kept = root / f"{BACKUP_DIRNAME}-before-rebuild-{now().replace(':', '')}"
+        os.replace(backups, kept)
+        return [kept]
 
     # ---- properties -----------------------------------------------------------------
     @property
@@ -222,15 +252,17 @@ class Store:
     def readable(self, snapshot_id: int) -> bool:
         return snapshot_id in self.state["slots"]
 
-    # ---- locking --------------------------------------------------------------------
-    def lock(self, timeout: float) -> filelock.BaseFileLock:
-        return lock_for(self.root, timeout)
+    def in_folder(self, path: str | Path) -> Path:
+        """A path the store recorded, checked to lie in its checkpoint folder before pdt writes there."""
+        if not is_inside(Path(path).parent, self.folder):
+            raise StoreError(f"names {path}, outside its checkpoint folder {self.folder}; refused", self.meta_path)
+        return Path(path)
 
     # ---- the snapshot matrix ----------------------------------------------------------
     def _handle(self) -> int:
         if self._fd is None:
             try:
-                self._fd = os.open(self.data_path, os.O_RDWR)
+                self._fd = os.open(self.data_path, os.O_RDWR | os.O_NOFOLLOW)
             except OSError as exc:
                 raise StoreError(f"cannot open snapshot matrix: {exc.strerror}", self.data_path) from exc
         return self._fd
@@ -299,16 +331,20 @@ class Store:
         """Replace store.h5 atomically with the current state; values must be synced first."""
         self.sync()
         small = {k: v for k, v in self.state.items() if k not in ("layout", "history")}
+        records: dict[str, Any] = {
+            "state": json.dumps(small),
+            "layout": json.dumps(self.state["layout"]),
+            "history": json.dumps(self.state["history"]),
+        }
+        records.update(self.arrays)
         with atomic_path(self.meta_path) as tmp, h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["pdt_version"] = __version__
-            f.create_dataset("state", data=json.dumps(small))
-            f.create_dataset("layout", data=json.dumps(self.state["layout"]))
-            f.create_dataset("history", data=json.dumps(self.state["history"]))
+            f.attrs["checksum"] = _checksum(records)
+            for key, value in records.items():
+                f.create_dataset(key, data=value)
             f.create_dataset("snapshots", shape=(self.capacity, self.n), dtype=self.dtype,
                              external=[(DATA_NAME, 0, h5py.h5f.UNLIMITED)])
-            for key, value in self.arrays.items():
-                f.create_dataset(key, data=value)
 
 
 def snapshot_step(record: dict, order: str) -> int | None:
@@ -326,10 +362,57 @@ def snapshot_step(record: dict, order: str) -> int | None:
     return recorded if recorded is not None else record.get("name_step")
 
 
+_REQUIRED = {
+    "folder": str, "history_len": int, "capacity": int, "n": int, "dtype": str, "layout": dict, "snapshots": dict,
+    "slots": list, "window": list, "next_id": int, "ingested": list, "outputs": list, "history": list,
+}
+
+
+def _check_schema(state: dict) -> None:
+    """Refuse a store whose records parse but lack what the commands rely on."""
+    if not isinstance(state, dict):
+        raise ValueError("its state is not a record")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"its state lacks {key!r}")
+    if not isinstance(state["layout"].get("tensors"), list) or state["dtype"] not in STORE_DTYPES:
+        raise ValueError("its layout is incomplete")
+    if len(state["slots"]) != state["capacity"]:
+        raise ValueError("its ring of slots does not match its capacity")
+
+
+def _text(value: object) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else None
+
+
+def _checksum(records: dict[str, Any]) -> str:
+    """SHA-256 over every record of store.h5 (names, then JSON text or array dtype, shape and bytes)."""
+    digest = hashlib.sha256()
+    for key in sorted(records):
+        value = records[key]
+        digest.update(key.encode() + b"\0")
+        if isinstance(value, (str, bytes)):
+            digest.update(value.encode() if isinstance(value, str) else value)
+        else:
+            array = np.ascontiguousarray(value)
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(array.tobytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def lock_for(root: Path, timeout: float) -> filelock.BaseFileLock:
-    """The store's lock: a second pdt waits up to `timeout` seconds, then fails clearly."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    return filelock.FileLock(str(Path(root) / LOCK_NAME), timeout=timeout)
+    """The store's lock: a second pdt waits up to `timeout` seconds, then fails clearly.
+
+    filelock opens the lock file with truncation, so a lock file that is a link (planted to
+    make pdt truncate another file) is refused rather than opened.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / LOCK_NAME
+    if lock.is_symlink():
+        raise StoreError("the lock file is a symbolic link; pdt never writes through one (remove it)", lock)
+    return filelock.FileLock(str(lock), timeout=timeout)
 
 
 def resolve_store_root(target: Path, store: Path | None) -> tuple[Path, Path | None]:
@@ -339,13 +422,21 @@ def resolve_store_root(target: Path, store: Path | None) -> tuple[Path, Path | N
     names another), a store folder, or a store's `store.h5`.
     """
     target = Path(target)
+    if not target.exists():
+        raise UsageError("does not exist", target)
     if target.is_file() and target.name == META_NAME:
         return target.parent, None
     if (target / META_NAME).is_file() and not store:
         return target, None
     if not target.is_dir():
-        raise StoreError("not a checkpoint folder or a pdt store", target)
-    return (Path(store) if store else target / STORE_DIRNAME), target
+        raise UsageError("not a checkpoint folder or a pdt store", target)
+    if store:
+        return Path(store), target
+    root = target / STORE_DIRNAME
+    if root.is_symlink():
+        raise StoreError(f"is a symbolic link to {os.readlink(root)}; pdt keeps its default store inside the "
+                         "checkpoint folder (pass --store with the real folder if you meant it)", root)
+    return root, target
 
 
 def clean_leftovers(root: Path, folder: Path | None) -> list[Path]:

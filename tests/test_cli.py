@@ -144,15 +144,29 @@ def test_stage_by_stage_and_report(sgd_run):
 
 def test_apply_twice_keeps_lineage_consistent(sgd_run):
     pdt_json("predict", sgd_run, "--dry-run")
-    first = sgd_run.parent / "a.pt"
-    pdt_json("apply", sgd_run, "-o", first)
+    resume = sgd_run / "epoch_8.pdt.pt"
+    pdt_json("apply", sgd_run)
+    first = resume.read_bytes()
     pdt_json("mask", sgd_run, "--criteria", "lower,upper")
-    second = sgd_run.parent / "b.pt"
-    pdt_json("apply", sgd_run, "-o", second)
+    code, output = pdt("apply", sgd_run)  # the resume output exists: apply replaces nothing without --force
+    assert code == 5 and "--force" in output and resume.read_bytes() == first
+    pdt_json("apply", sgd_run, "--force")
     report = pdt_json("report", sgd_run)
-    assert report["window"][-1]["kind"] == "fused" and report["window"][-1]["path"] == str(second)
-    assert not torch.equal(torch.load(first, weights_only=True)["model"]["0.weight"],
-                           torch.load(second, weights_only=True)["model"]["0.weight"])
+    assert report["window"][-1]["kind"] == "fused" and report["window"][-1]["path"] == str(resume)
+    assert report["resumed_from"] == str(resume)
+    assert resume.read_bytes() != first
+
+
+def test_audit_outputs_never_enter_the_window(sgd_run, tmp_path):
+    pdt_json("predict", sgd_run, "--dry-run")
+    before = pdt_json("report", sgd_run)
+    audit = tmp_path / "audit.pt"
+    assert pdt_json("apply", sgd_run, "-o", audit)["status"] == "written"
+    assert pdt_json("predict", sgd_run, "-o", tmp_path / "audit2.pt")["status"] == "written"
+    after = pdt_json("report", sgd_run)
+    assert after["window"] == before["window"] and after["resumed_from"] == before["resumed_from"]
+    assert all(w["kind"] == "checkpoint" for w in after["window"])
+    assert [h["output"] for h in after["history"]][-2:] == [str(audit), str(tmp_path / "audit2.pt")]
 
 
 def test_block_size_and_device_do_not_change_the_output(sgd_run, tmp_path):
@@ -224,6 +238,7 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_file(sgd_run):
     os.replace(other / "epoch_1.pt", sgd_run / "epoch_10.pt")
     code, output = pdt("predict", sgd_run)
     assert code == 3 and "epoch_10.pt" in output and "shape" in output
+    assert not (sgd_run / ".pdt").exists()  # a first run that fails leaves no store behind
 
 
 def test_installed_entry_point_runs(sgd_run):

@@ -86,5 +86,6 @@ def test_in_place_takes_no_output_and_restore_needs_a_write(sgd_run):
     code, output = pdt("predict", sgd_run, "--in-place", "-o", sgd_run / "x.pt")
     assert code == 2 and "--in-place" in output
     assert not (sgd_run / "x.pt").exists()
+    assert pdt("snapshot", sgd_run)[0] == 0
     code, output = pdt("restore", sgd_run)
     assert code == 6 and "no in-place write" in output

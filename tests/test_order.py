@@ -53,5 +53,7 @@ def test_step_order_needs_a_step_in_every_checkpoint(sgd_run):
     before = (sgd_run / "epoch_3.pt").read_bytes()
     code, output = snapshot(sgd_run, "--order", "step")
     assert code == 3
-    assert "epoch_3.pt" in output and "records no step" in output and len(output.strip().splitlines()) == 1
+    line, error = output.strip().splitlines()  # one line for people, one JSON object for --json
+    assert "epoch_3.pt" in line and "records no step" in line
+    assert json.loads(error)["exit_code"] == 3 and json.loads(error)["path"].endswith("epoch_3.pt")
     assert (sgd_run / "epoch_3.pt").read_bytes() == before and not (sgd_run / ".pdt" / "store.h5").exists()

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -127,25 +126,25 @@ def test_output_folder_that_does_not_exist_is_an_output_error(sgd_run, tmp_path)
 
 
 HOLD_LOCK = """
-import sys, time
+import sys
 from filelock import FileLock
 with FileLock(sys.argv[1]):
     print("held", flush=True)
-    time.sleep(float(sys.argv[2]))
+    sys.stdin.readline()  # until the test says so
 """
 
 
 def test_a_second_pdt_waits_for_the_lock_or_fails_clearly(sgd_run):
     assert pdt("snapshot", sgd_run)[0] == 0
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(sgd_run / ".pdt" / "lock"), "4"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(sgd_run / ".pdt" / "lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     waiting = pdt_process("predict", sgd_run, "--wait", "0.5")
     _, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 4 and "locked by another pdt process" in err
-    patient = pdt_process("predict", sgd_run, "--wait", "30", "--json")
-    out, err = patient.communicate(timeout=90)
-    holder.wait()
+    patient = pdt_process("predict", sgd_run, "--wait", "120", "--json")
+    holder.communicate("release\n", timeout=60)  # the lock goes while the patient pdt waits or starts
+    out, err = patient.communicate(timeout=180)
     assert patient.returncode == 0, err
     assert json.loads(out)["status"] == "written"
 
@@ -172,6 +171,30 @@ def _big_run(folder: Path) -> None:
         torch.save({"model": {"w": weights.reshape(1000, 2000).clone()}, "epoch": epoch}, folder / f"e_{epoch}.pt")
 
 
+# Where a run is killed, in the order a step reaches them: mid-ingest, between two ingest
+# commits, in the QR pass, half-way through writing the output, after the in-place backup,
+# after the output is published but before the store records it, before the final commit,
+# and before backups are pruned. Each is one SIGKILL at that call (tests/kill_at.py).
+KILL_POINTS = [
+    ("pdtcli.store:Store.write_segment", 1, "before"),
+    ("pdtcli.store:Store.commit", 3, "after"),
+    ("pdtcli.store:Store.write_segment", 3, "before"),
+    ("pdtcli.fuse:Window.qr_factor", 1, "before"),
+    ("torch:save", 1, "half"),
+    ("pdtcli.atomic:keep_copy", 1, "after"),
+    ("pdtcli.api:_commit_output", 1, "before"),
+    ("pdtcli.api:_record_history", 1, "after"),
+    ("pdtcli.api:prune_backups", 1, "before"),
+]
+IN_PLACE_ONLY = {"pdtcli.atomic:keep_copy", "pdtcli.api:prune_backups"}
+
+
+def killed_at(point: tuple[str, int, str], *args) -> subprocess.CompletedProcess:
+    target, nth, when = point
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "kill_at.py"), target, str(nth), when, "--",
+                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("in_place", [False, True], ids=["beside", "in-place"])
 def test_sigkill_at_any_point_leaves_inputs_store_and_outputs_valid(tmp_path, in_place):
     reference = tmp_path / "reference"
@@ -185,26 +208,18 @@ def test_sigkill_at_any_point_leaves_inputs_store_and_outputs_valid(tmp_path, in
     args = ["predict", folder, *(["--in-place"] if in_place else [])]
     out = folder / ("e_6.pt" if in_place else "e_6.pdt.pt")
     backups = folder / ".pdt" / "backups"
-    kills, delay = 0, 1.0
-    while True:
-        run = pdt_process(*args)
-        time.sleep(delay)
-        if run.poll() is not None:  # finished before the kill: the run is complete
-            assert run.returncode == 0, run.stderr.read()
-            break
-        run.send_signal(signal.SIGKILL)
-        run.wait()
-        kills += 1
-        delay += 0.35
+    points = [p for p in KILL_POINTS if in_place or p[0] not in IN_PLACE_ONLY]
+    for point in points:
+        run = killed_at(point, *args)
+        assert run.returncode == -signal.SIGKILL, (point, run.returncode, run.stderr)
         left = digest_tree(folder)
         if in_place and left["e_6.pt"] != inputs["e_6.pt"]:  # replaced: whole, and the original kept
             assert torch.equal(torch.load(out, weights_only=True)["model"]["w"], expected)
             assert inputs["e_6.pt"] in digest_tree(backups).values()
             left["e_6.pt"] = inputs["e_6.pt"]
-        assert {k: v for k, v in left.items() if k in inputs} == inputs  # inputs untouched
+        assert {k: v for k, v in left.items() if k in inputs} == inputs, point  # inputs untouched
         if out.exists() and not in_place:  # never half-written under its final name
-            assert torch.equal(torch.load(out, weights_only=True)["model"]["w"], expected)
-    assert kills >= 3, "the step finished too quickly to be killed at several points"
+            assert torch.equal(torch.load(out, weights_only=True)["model"]["w"], expected), point
     code, output = pdt(*args, "--json")
     assert code == 0, output
     assert torch.equal(torch.load(out, weights_only=True)["model"]["w"], expected)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NotACheckpoint
 from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
 from .flax_msgpack import FlaxFormat
 from .hf_folder import HfFolderFormat
@@ -51,7 +51,12 @@ def detect(path: Path) -> CheckpointFormat:
 
 
 def open_checkpoint(path: Path) -> CheckpointReader:
-    return detect(path).open(Path(path))
+    """An open reader; a file that opens cleanly but holds no tensors is NotACheckpoint."""
+    reader = detect(path).open(Path(path))
+    if not reader.tensors():
+        reader.close()
+        raise NotACheckpoint("holds no tensors", path)
+    return reader
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
 from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
 from .safetensors_file import SafetensorsReader
@@ -39,6 +40,8 @@ def weight_files(folder: Path) -> tuple[list[str], type[CheckpointReader]] | Non
                 shards = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"corrupt shard index {index} ({exc})", folder) from exc
+            for shard in shards:
+                member(folder, shard, f"the shard index {index}")
             return shards, reader
         if (folder / single).is_file():
             return [single], reader
@@ -50,6 +53,7 @@ class HfFolderReader(CheckpointReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        refuse_links_out(self.path)
         found = weight_files(self.path)
         if found is None:
             raise CheckpointError("no model.safetensors or pytorch_model.bin (nor their index) in this folder",
@@ -89,7 +93,7 @@ class HfFolderReader(CheckpointReader):
         shutil.copytree(self.path, out, ignore=lambda folder, names: [
             n for n in names if Path(folder) == self.path and n in shards])
         for name, shard in self._shards.items():
-            shard.write_fused(out / name, replace)
+            shard.write_fused(member(out, name, "the shard index"), replace)
 
     def close(self) -> None:
         for shard in self._shards.values():

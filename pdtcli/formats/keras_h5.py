@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import torch
 
+from ..confine import stored_outside
 from ..errors import CheckpointError
 from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo, torch_dtype
 
@@ -34,6 +35,10 @@ class KerasReader(CheckpointReader):
             self._file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
         except (OSError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"corrupt or truncated HDF5 weights file ({exc})", self.path) from exc
+        outside = stored_outside(self._file)
+        if outside is not None:
+            self._file.close()
+            raise CheckpointError(f"refused: {outside}; pdt reads weights only from the file itself", self.path)
         self._infos = [
             TensorInfo(name, tuple(self._file[name].shape), torch_dtype(self._file[name].dtype, name, self.path))
             for name in names

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
 from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Replace, TensorInfo
 from .torch_pickle import STATE_DICT_KEYS
@@ -72,7 +73,12 @@ class DcpReader(CheckpointReader):
         from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
         super().__init__(path)
+        refuse_links_out(self.path)
         self._metadata = read_metadata(self.path)
+        if not isinstance(self._metadata.storage_data, dict):
+            raise CheckpointError(f"{METADATA} has no storage table", self.path)
+        for storage in self._metadata.storage_data.values():
+            member(self.path, getattr(storage, "relative_path", None), METADATA)
         tensors = {fqn: md for fqn, md in self._metadata.state_dict_metadata.items()
                    if isinstance(md, TensorStorageMetadata)}
         self._chunks = {}
@@ -95,7 +101,7 @@ class DcpReader(CheckpointReader):
             raise CheckpointError(f"{fqn!r} is stored with transforms {list(storage.transform_descriptors)}, "
                                   "which pdt cannot rewrite", self.path)
         try:
-            with open(self.path / storage.relative_path, "rb") as handle:
+            with open(member(self.path, storage.relative_path, METADATA), "rb") as handle:
                 handle.seek(storage.offset)
                 record = handle.read(storage.length)
             if len(record) != storage.length:
@@ -153,7 +159,7 @@ class DcpReader(CheckpointReader):
                 torch.save(stored, buffer)
                 if buffer.tell() != storage.length:
                     raise CheckpointError(f"the re-saved record of {info.name!r} changed length", self.path)
-                with open(out / storage.relative_path, "r+b") as handle:
+                with open(member(out, storage.relative_path, METADATA), "r+b") as handle:
                     handle.seek(storage.offset)
                     handle.write(buffer.getbuffer())
 

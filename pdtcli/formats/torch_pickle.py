@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NotACheckpoint
 from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
 
 # Where training code usually keeps the model's weights inside a checkpoint dict.
@@ -52,8 +52,8 @@ def find_state_dict(obj: Any) -> tuple[str, ...]:
                 return (key,)
         if _is_state_dict(obj):
             return ()
-    raise CheckpointError("no model state dict found (looked at the top level and under "
-                          + ", ".join(STATE_DICT_KEYS) + ")")
+    raise NotACheckpoint("holds no model state dict (looked at the top level and under "
+                         + ", ".join(STATE_DICT_KEYS) + ")")
 
 
 def _flatten(mapping: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -91,8 +91,8 @@ class TorchReader(CheckpointReader):
         self._obj = load_pickle(self.path)
         try:
             self._key_path = find_state_dict(self._obj)
-        except CheckpointError as exc:
-            raise CheckpointError(str(exc), self.path) from None
+        except NotACheckpoint as exc:
+            raise NotACheckpoint(str(exc), self.path) from None
         self._tensors = _flatten(self._state_dict())
 
     def _state_dict(self) -> Mapping:

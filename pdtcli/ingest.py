@@ -1,0 +1,263 @@
+"""Folder → new snapshots: discover, filter, check, hash, dedup, then copy values into the store.
+
+A run checks every checkpoint it will take in (format, layout, that it holds a state dict)
+before it writes a single value, so a bad file in the folder stops the run with the store
+as it was. A store made by this run is removed again if any checkpoint then fails while its
+values are copied (NaN, a short read). An existing store with several new checkpoints takes
+them oldest first and commits after each, so a failure there keeps the ones before the bad
+checkpoint in training order, never the bad one nor any after it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import remove_path
+from .discover import ORDERS, Candidate, list_checkpoints, located, order_key, resolve_order
+from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError
+from .formats import TensorInfo, open_checkpoint
+from .identity import sha256_path, unchanged
+from .options import DEFAULT_HISTORY
+from .progress import Progress
+from .selection import Selection, plan_layout
+from .session import Session
+from .store import DATA_NAME, META_NAME, Store, now
+
+Layout = list[tuple[str, list[int]]]  # (tensor name, shape) of every predicted tensor
+
+
+def owned_outputs(store: Store) -> set[str]:
+    """Output paths that still hold what pdt wrote. An in-place output that training has since
+    saved over is a checkpoint again (the same path, the next epoch)."""
+    latest = {o["path"]: o for o in store.state["outputs"]}
+    return {path for path, o in latest.items()
+            if not o.get("in_place") or unchanged(Path(path), o)}
+
+
+def order_rule(s: Session) -> str:
+    wanted = s.settings.order
+    if wanted is not None and wanted not in ORDERS:
+        raise UsageError(f"--order {wanted!r}: use one of {', '.join(ORDERS)}")
+    if s.store is None:
+        return wanted or "auto"
+    stored = s.store.state.get("order", "name")  # stores made before --order existed ordered by name
+    if wanted not in (None, "auto", stored):
+        raise UsageError(f"this store orders checkpoints by {stored}; remove {s.root} to change --order")
+    return stored
+
+
+def history_len(s: Session) -> int:
+    wanted = s.settings.history
+    if s.store is None:
+        history = wanted or DEFAULT_HISTORY
+        if history < 2:
+            raise UsageError("--history must be at least 2 (DMD needs a step to learn from)")
+        return history
+    if wanted is not None and wanted != s.store.history_len:
+        raise UsageError(f"this store keeps h={s.store.history_len} snapshots; remove {s.root} to change --history")
+    return s.store.history_len
+
+
+def file_patterns(s: Session) -> tuple[str, ...] | None:
+    """`--files` globs of this run, else those the store keeps from an earlier one."""
+    if s.settings.files is not None:
+        return tuple(s.settings.files) or None
+    if s.store is None:
+        return None
+    kept = s.store.state.get("files")
+    return tuple(kept) if kept else None
+
+
+def _check_selection(s: Session) -> None:
+    wanted = s.settings.selection
+    if s.store is not None and wanted is not None and wanted.as_dict() != s.store.state["layout"]["selection"]:
+        raise UsageError(f"this store was made with {s.store.state['layout']['selection']}; "
+                         f"remove {s.root} to change --include/--exclude")
+
+
+def _new_candidates(s: Session, files: tuple[str, ...] | None
+                    ) -> tuple[list[Candidate], list[tuple[Candidate, str]], list[tuple[Candidate, str]]]:
+    """Checkpoints not seen before and newer than the window, oldest first; those passed over,
+    with why; and files found to hold no state dict."""
+    store = s.store
+    rule = order_rule(s)
+    known = owned_outputs(store) if store else set()
+    seen = {rec["path"]: rec for rec in store.state["ingested"]} if store else {}
+    unseen = []
+    for cand in list_checkpoints(s.folder, known, files):
+        rec = seen.get(located(cand.path))
+        if not (rec and rec["size"] == cand.size and rec["mtime"] == cand.mtime):
+            unseen.append(cand)
+    s.order, unseen, dropped = resolve_order(rule, unseen)
+    unseen.sort(key=lambda c: (*order_key(c, s.order), c.path.name))
+    newest = None
+    if store and store.state["window"]:
+        checkpoints = [store.record(i) for i in store.state["window"] if store.record(i)["kind"] == "checkpoint"]
+        if checkpoints:
+            newest = order_key(checkpoints[-1], s.order)
+    fresh, passed = [], []
+    for cand in unseen:
+        rec = seen.get(located(cand.path))
+        rewritten = rec is not None and cand.mtime > rec["mtime"]  # the same path saved again
+        if newest is not None and order_key(cand, s.order) <= newest and not rewritten:
+            passed.append((cand, "older than the newest snapshot in the window"))
+            continue
+        fresh.append(cand)
+    return fresh, passed, [(cand, NOT_A_CHECKPOINT) for cand in dropped]
+
+
+NOT_A_CHECKPOINT = "holds no state dict, so it is not a checkpoint; `--files GLOB` names the checkpoints"
+
+
+def _layout_of(infos: list[TensorInfo], selection: Selection, path: Path) -> Layout:
+    plan = plan_layout(infos, selection)
+    if not plan.predicted:
+        raise CheckpointError("no tensor to predict (all were excluded or not floating point)", path)
+    return [(info.name, list(info.shape)) for info in plan.predicted]
+
+
+def _check_layout(expected: Layout, tensors: list[TensorInfo], path: Path) -> None:
+    infos = {info.name: info for info in tensors}
+    for name, shape in expected:
+        info = infos.get(name)
+        if info is None:
+            raise CheckpointError(f"tensor {name!r} of the window is missing (another model?)", path)
+        if list(info.shape) != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {list(info.shape)}, the window has {shape}", path)
+
+
+def _checked(s: Session, fresh: list[Candidate], history: int
+             ) -> tuple[dict[Candidate, str], list[tuple[Candidate, str]]]:
+    """The new checkpoints worth reading, oldest first, with their content hashes, each opened
+    and checked against the window's layout before anything is written; and the files that
+    turned out to hold no state dict.
+
+    Only the newest h can end up in the window, so older ones are passed over unread; a copy
+    of another checkpoint does not count towards the h (it is skipped as a duplicate later).
+    """
+    chosen: dict[Candidate, str] = {}
+    opened: dict[Candidate, list[TensorInfo]] = {}
+    dropped: list[tuple[Candidate, str]] = []
+    distinct: set[str] = set()
+    for cand in reversed(fresh):
+        if len(distinct) == history:
+            break
+        digest = sha256_path(cand.path)
+        if digest not in distinct:
+            try:
+                with open_checkpoint(cand.path) as reader:
+                    opened[cand] = reader.tensors()
+            except NotACheckpoint:
+                dropped.append((cand, NOT_A_CHECKPOINT))
+                continue
+        chosen[cand] = digest
+        distinct.add(digest)
+    chosen = dict(reversed(list(chosen.items())))
+    expected = [(e["name"], e["shape"]) for e in s.store.tensors] if s.store else None
+    for cand, infos in sorted(opened.items(), key=lambda item: list(chosen).index(item[0])):
+        if expected is None:  # a new store: the oldest checkpoint sets the layout
+            expected = _layout_of(infos, s.settings.selection or Selection(), cand.path)
+        _check_layout(expected, infos, cand.path)
+    return chosen, dropped
+
+
+def _provenance(cand: Candidate, digest: str | None, status: str, step: int | None) -> dict:
+    return {
+        "path": located(cand.path),
+        "size": cand.size,
+        "mtime": cand.mtime,
+        "name_step": cand.name_step,
+        "recorded_step": step,
+        "sha256": digest,
+        "status": status,
+        "at": now(),
+    }
+
+
+def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress: Progress) -> dict:
+    settings = s.settings
+    path = cand.path
+    if s.store is not None:
+        duplicate = next((r for r in s.store.state["ingested"]
+                          if r["sha256"] == digest and r.get("status") == "ingested"), None)
+        if duplicate is not None:
+            s.store.state["ingested"].append(_provenance(cand, digest, "duplicate", None))
+            return {"path": str(path), "reason": f"same content as {duplicate['path']}"}
+    with open_checkpoint(path) as reader:
+        if s.store is None:
+            selection = settings.selection or Selection()
+            plan = plan_layout(reader.tensors(), selection)
+            s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype, s.order)
+        store = s.store
+        _check_layout([(e["name"], e["shape"]) for e in store.tensors], reader.tensors(), path)
+        slot = store.free_slot(keep=set(store.state["window"]))
+        store_dtype = torch.float64 if store.dtype == np.float64 else torch.float32
+        with progress.task(f"ingest {path.name}", store.n) as advance:
+            for entry in store.tensors:
+                values = reader.read(entry["name"]).detach().reshape(-1).to(store_dtype)
+                if not bool(torch.isfinite(values).all()):
+                    raise CheckpointError(f"tensor {entry['name']!r} holds NaN or Inf", path)
+                store.write_segment(slot, entry["offset"], values.numpy())
+                advance(entry["numel"])
+        step = reader.recorded_step()
+    record = _provenance(cand, digest, "ingested", step)
+    store.sync()
+    snapshot_id = store.place(slot, dict(record, kind="checkpoint"))
+    record["id"] = snapshot_id
+    store.state["ingested"].append(record)
+    store.state["window"] = (store.state["window"] + [snapshot_id])[-history:]
+    store.commit()
+    return {}
+
+
+def _forget_new_store(s: Session) -> None:
+    """Undo a store this run created: the run failed, so it leaves nothing behind."""
+    s.store.close()
+    for name in (META_NAME, DATA_NAME):
+        remove_path(s.root / name)
+    s.store = None
+
+
+def ingest(s: Session) -> tuple[list[str], list[dict]]:
+    """Take the folder's new checkpoints into the store; (paths ingested, passed over with why)."""
+    if s.folder is None or not s.folder.is_dir():
+        raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
+    _check_selection(s)
+    history = history_len(s)
+    files = file_patterns(s)
+    fresh, passed, dropped = _new_candidates(s, files)
+    chosen, more_dropped = _checked(s, fresh, history)
+    dropped += more_dropped
+    passed += [(cand, f"older than the newest {history} new checkpoints") for cand in fresh
+               if cand not in chosen and cand not in {c for c, _ in more_dropped}]
+    if s.store is None and not chosen:
+        names = ", ".join(c.path.name for c, _ in dropped[:3])
+        raise UsageError(f"no checkpoints here: {names} {'hold' if len(dropped) > 1 else 'holds'} no state dict"
+                         if dropped else "no new checkpoints here", s.folder)
+    skipped = [{"path": str(cand.path), "reason": reason} for cand, reason in passed + dropped]
+    ingested = []
+    created = s.store is None
+    try:
+        for cand, digest in chosen.items():
+            note = _ingest_one(s, cand, digest, history, s.settings.progress)
+            if note:
+                skipped.append(note)
+            else:
+                ingested.append(str(cand.path))
+    except BaseException:
+        if created and s.store is not None:
+            _forget_new_store(s)
+        raise
+    store = s.store
+    files_changed = s.settings.files is not None and list(s.settings.files) != store.state.get("files", [])
+    if files_changed:
+        store.state["files"] = list(s.settings.files)
+    if passed or dropped:  # remember what was passed over, so it is not reported again
+        store.state["ingested"] += [_provenance(cand, None, "skipped", None) for cand, _ in passed]
+        store.state["ingested"] += [_provenance(cand, None, "not-a-checkpoint", None) for cand, _ in dropped]
+    if skipped or files_changed:
+        store.commit()
+    return ingested, skipped
