@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 on the torch that is already installed
 sys.path.insert(0, str(Path(__file__).parent))
 
 import training  # noqa: E402

@@ -8,7 +8,6 @@ with the framework's own loader (and, where the framework resumes, resumes from 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -18,8 +17,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pdtcli.cli import app
-
-os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 on the torch that is already installed
 
 
 def predict(folder, *args: str) -> dict:

@@ -60,8 +60,12 @@ class FlaxReader(CheckpointReader):
         try:
             self._tree = msgpack.unpackb(self.path.read_bytes(), raw=False, strict_map_key=False,
                                          ext_hook=lambda code, data: Leaf(code, data))
+        except msgpack.StackError as exc:
+            raise CheckpointError("corrupt msgpack state: nested deeper than msgpack reads (1024 levels); "
+                                  "not a Flax state", self.path) from exc
         except (ValueError, msgpack.UnpackException, OSError) as exc:
-            raise CheckpointError(f"corrupt or truncated msgpack state ({exc})", self.path) from exc
+            raise CheckpointError(f"corrupt or truncated msgpack state ({type(exc).__name__}: {exc})",
+                                  self.path) from exc
         if not isinstance(self._tree, dict):
             raise CheckpointError("not a Flax state (the top level is not a map)", self.path)
         root = self._tree.get(PARAMS_KEY)

@@ -49,14 +49,40 @@ def read_header(path: Path) -> tuple[int, dict]:
         raise CheckpointError(f"corrupt safetensors header ({exc})", path) from exc
     except OSError as exc:
         raise CheckpointError(f"cannot read: {exc.strerror or exc}", path) from exc
+    if not isinstance(header, dict):
+        raise CheckpointError("corrupt safetensors header (not a JSON object)", path)
     data_size = size - 8 - length
     for name, entry in header.items():
         if name == "__metadata__":
+            if entry is not None and not isinstance(entry, dict):
+                raise CheckpointError("corrupt safetensors header (__metadata__ is not an object)", path)
             continue
-        start, stop = entry["data_offsets"]
-        if stop > data_size:
-            raise CheckpointError(f"truncated: tensor {name!r} runs past the end of the file", path)
+        _check_entry(name, entry, data_size, path)
     return length, header
+
+
+def _check_entry(name: str, entry: object, data_size: int, path: Path) -> None:
+    """One tensor's header entry: a dtype pdt knows, a shape, and offsets inside the data whose
+    length matches shape and dtype (so a crafted header cannot point reads or writes astray)."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"corrupt safetensors header (the entry of {name!r} is not an object)", path)
+    offsets, shape, dtype = entry.get("data_offsets"), entry.get("shape"), entry.get("dtype")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)):
+        raise CheckpointError(f"corrupt safetensors header ({name!r} has no valid data_offsets)", path)
+    if not (isinstance(shape, list) and all(_count(d) for d in shape)) or dtype not in _DTYPES:
+        raise CheckpointError(f"corrupt safetensors header ({name!r} has no valid shape or dtype)", path)
+    start, stop = offsets
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if stop > data_size:
+        raise CheckpointError(f"truncated: tensor {name!r} runs past the end of the file", path)
+    if stop - start != numel * _DTYPES[dtype].itemsize:
+        raise CheckpointError(f"corrupt safetensors header ({name!r}: its offsets do not match its shape)", path)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class SafetensorsReader(CheckpointReader):

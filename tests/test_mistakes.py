@@ -1,0 +1,177 @@
+"""The mistakes a new user makes get one clear line and the documented exit code, and cost nothing.
+
+Cron runs pdt unattended, so a wrong path must fail (not wait forever), a stray file must not
+stop every run, and every failure must reach the log that `--json >>` writes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import training
+from test_hostile import one_error_line, pdt
+from typer.testing import CliRunner
+
+from pdtcli.cli import app
+from pdtcli.ingest import NOT_A_CHECKPOINT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_path_that_does_not_exist_is_a_usage_error(tmp_path):
+    code, output = pdt("predict", tmp_path / "nosuchdir")
+    assert code == 2 and "nosuchdir: does not exist" in one_error_line(output)
+    assert not (tmp_path / "nosuchdir").exists()
+
+
+def test_errors_reach_a_json_log_as_one_object_on_stdout(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pdtcli", "predict", str(tmp_path / "nosuchdir"), "--json"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    error = json.loads(done.stdout)
+    assert error == {"status": "error", "exit_code": 2, "error": f"{tmp_path / 'nosuchdir'}: does not exist",
+                     "path": str(tmp_path / "nosuchdir")}
+    assert done.stderr.strip().count("\n") == 0 and "does not exist" in done.stderr
+
+
+def test_a_folder_without_checkpoints_fails_and_creates_nothing(sgd_run, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, output = pdt("predict", empty)
+    assert code == 2 and "no checkpoints here" in one_error_line(output)
+    assert list(empty.iterdir()) == []
+    parent = sgd_run.parent  # the folder above the real one: say where the checkpoints are
+    code, output = pdt("snapshot", parent)
+    line = one_error_line(output)
+    assert code == 2 and "sub-folders that hold checkpoints: ckpts/" in line
+    assert not (parent / ".pdt").exists()
+
+
+def test_a_folder_holding_only_non_checkpoints_fails_and_creates_nothing(tmp_path):
+    torch.save({"lr": 0.1, "layers": [64, 64]}, tmp_path / "hparams.pt")
+    code, output = pdt("predict", tmp_path)
+    assert code == 2 and "hparams.pt holds no state dict" in one_error_line(output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hparams.pt"]
+
+
+def test_a_stray_file_with_a_checkpoint_suffix_is_skipped_with_one_warning(sgd_run):
+    hparams = sgd_run / "hparams.pt"
+    torch.save({"lr": 0.05, "hidden": 32}, hparams)
+    os.utime(hparams, (2e9, 2e9))  # newest by time, and without a number: it must not decide the order
+    code, output = pdt("predict", sgd_run, "--json")
+    payload = json.loads(output)
+    assert code == 0 and payload["status"] == "written" and payload["output"].endswith("epoch_8.pdt.pt")
+    assert [s for s in payload["skipped"] if s["path"].endswith("hparams.pt")] == [
+        {"path": str(hparams), "reason": NOT_A_CHECKPOINT}]
+    report = json.loads(pdt("report", sgd_run, "--json")[1])
+    assert [w["step"] for w in report["window"]][:4] == [4, 5, 6, 7]  # name order, not mtime
+    shutil.copy(sgd_run / "epoch_8.pt", sgd_run / "epoch_9.pt")
+    payload = json.loads(pdt("predict", sgd_run, "--json")[1])
+    assert not [s for s in payload["skipped"] if s["path"].endswith("hparams.pt")]  # said once
+
+
+def test_a_bad_checkpoint_leaves_the_store_as_it_was_and_files_names_the_checkpoints(sgd_run, tmp_path):
+    later = tmp_path / "later"
+    later.mkdir()
+    for epoch in (6, 7, 8):
+        os.replace(sgd_run / f"epoch_{epoch}.pt", later / f"epoch_{epoch}.pt")
+    assert pdt("snapshot", sgd_run)[0] == 0
+    store = (sgd_run / ".pdt" / "store.h5").read_bytes()
+    for epoch in (6, 7):
+        os.replace(later / f"epoch_{epoch}.pt", sgd_run / f"epoch_{epoch}.pt")
+    data = (later / "epoch_8.pt").read_bytes()
+    (sgd_run / "epoch_8.pt").write_bytes(data[: len(data) // 2])
+    code, output = pdt("predict", sgd_run)
+    assert code == 3 and "epoch_8.pt" in one_error_line(output)
+    assert (sgd_run / ".pdt" / "store.h5").read_bytes() == store  # epochs 6 and 7 were not taken in either
+
+    os.replace(sgd_run / "epoch_8.pt", sgd_run / "notes_8.pt")  # not a checkpoint, but it looks like one
+    code, output = pdt("predict", sgd_run, "--files", "epoch_*.pt", "--json")
+    payload = json.loads(output)
+    assert code == 0 and [Path(p).name for p in payload["ingested"]] == ["epoch_6.pt", "epoch_7.pt"]
+    (sgd_run / "epoch_8.pt").write_bytes(data)
+    payload = json.loads(pdt("predict", sgd_run, "--json")[1])  # --files is kept in the store
+    assert [Path(p).name for p in payload["ingested"]] == ["epoch_8.pt"]
+
+
+def _safetensors_with_header(path: Path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("entry", ["a string", {"dtype": "F32", "shape": [2]},
+                                   {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]},
+                                   {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}],
+                         ids=["string", "no-offsets", "short", "negative"])
+def test_a_malformed_safetensors_header_is_a_bad_checkpoint(safetensors_run, entry):
+    newest = safetensors_run / "epoch_7.safetensors"
+    _safetensors_with_header(newest, {"0.weight": entry, "__metadata__": {"epoch": "7"}}, bytes(8))
+    code, output = pdt("predict", safetensors_run)
+    line = one_error_line(output)
+    assert code == 3 and "epoch_7.safetensors" in line and "corrupt safetensors header" in line
+
+
+def test_a_deeply_nested_msgpack_says_what_is_wrong(tmp_path):
+    (tmp_path / "state_1.msgpack").write_bytes(b"\x81\xa6params" + b"\x91" * 100_000 + b"\x00")
+    code, output = pdt("predict", tmp_path)
+    line = one_error_line(output)
+    assert code == 3 and "state_1.msgpack" in line and "nested deeper" in line
+
+
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(monkeypatch, capsys):
+    import pdtcli.__main__ as entry
+
+    real_import = builtins.__import__
+
+    def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "cli" and level == 1 or name == "pdtcli.cli":
+            raise KeyboardInterrupt
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.delitem(sys.modules, "pdtcli.cli")
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        entry.main()
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
+
+
+def test_a_mask_that_accepts_nothing_is_said_out_loud(sgd_run):
+    # with tau = 1 the lower and upper bounds contradict each other: nothing can pass both
+    code, output = pdt("predict", sgd_run, "--tau", "1", "--json")
+    payload = json.loads(output)
+    assert code == 0 and payload["mask"]["totals"]["accepted"] == 0
+    assert payload["warnings"] and "accepted no element" in payload["warnings"][0]
+    code, output = pdt("mask", sgd_run, "--criteria", "lower,upper")
+    assert code == 0 and "warning: the mask (lower+upper) accepted no element" in output
+
+
+def test_help_names_paths_and_flags_plainly():
+    result = CliRunner().invoke(app, ["predict", "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0
+    text = result.output
+    usage = next(line for line in text.splitlines() if "Usage:" in line)
+    assert "DIR" in usage and "target" not in usage  # typer writes a required argument as {DIR}
+    assert "DIR/.pdt" in text and "[default: /.pdt]" not in text
+    assert [line for line in text.splitlines() if "<bool>" in line and "--help" not in line] == []
+
+
+def test_a_checkpoint_written_in_another_dtype_does_not_count_as_a_layout_change(tmp_path):
+    # the same model saved in bf16 after fp32 checkpoints keeps names and shapes: it is ingested
+    training.train(tmp_path, 5)
+    state = torch.load(tmp_path / "epoch_5.pt", weights_only=True)
+    state["model"] = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state["model"].items()}
+    state["epoch"] = 6
+    torch.save(state, tmp_path / "epoch_6.pt")
+    code, output = pdt("predict", tmp_path, "--json")
+    assert code == 0 and json.loads(output)["status"] == "written"
