@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -178,6 +180,12 @@ def errors_as_exit(json_out: bool = False) -> Iterator[None]:
         _fail(str(exc), exc.exit_code, json_out, None if exc.path is None else str(exc.path))
     except KeyboardInterrupt:
         _fail(INTERRUPTED, 130, json_out, None)
+    except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        raise
+    except Exception as exc:  # a bug: keep the traceback for the report, and still end with one line
+        traceback.print_exc()
+        _fail(f"unexpected {type(exc).__name__}: {exc} (a bug in pdt; the traceback above helps to fix it)", 1,
+              json_out, None)
 
 
 def _fail(message: str, code: int, json_out: bool, path: str | None) -> None:

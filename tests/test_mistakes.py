@@ -175,3 +175,17 @@ def test_a_checkpoint_written_in_another_dtype_does_not_count_as_a_layout_change
     torch.save(state, tmp_path / "epoch_6.pt")
     code, output = pdt("predict", tmp_path, "--json")
     assert code == 0 and json.loads(output)["status"] == "written"
+
+
+def test_an_unexpected_failure_still_ends_in_one_line_and_a_json_object(sgd_run, monkeypatch):
+    from pdtcli import api
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("something pdt did not foresee")
+
+    monkeypatch.setattr(api, "predict", broken)
+    result = CliRunner().invoke(app, ["predict", str(sgd_run), "--json"])
+    assert result.exit_code == 1
+    error = json.loads(result.stdout.strip().splitlines()[-1])
+    assert error["status"] == "error" and error["exit_code"] == 1 and "did not foresee" in error["error"]
+    assert "pdt: error: unexpected RuntimeError" in result.stderr
