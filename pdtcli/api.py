@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .backups import backup_path, copy_back, in_backups, note_in_place, prune_backups
+from .backups import backup_path, copy_back, in_backups, note_in_place, prune_backups, recorded_backup
 from .discover import is_pdt_output, located, output_name
 from .dmd import solve
 from .errors import CheckpointError, OutputError, StageMissing, UsageError
@@ -160,7 +160,8 @@ def _run_pass(s: Session, ids: list[int], options: MaskOptions, *, output: Path 
             if lineage:
                 lineage_slot = _lineage_slot(s, ids)
             source = _source_of(store, store.record(ids[-1]))
-            backup_to = backup if backup is not None and not backup.exists() else None
+            kept = backup is not None and recorded_backup(store, store.record(ids[-1]), backup)
+            backup_to = None if kept else backup
             note = (lambda tmp: note_in_place(store, output, backup, tmp)) if backup is not None else None
             with atomic_path(output, backup_to=backup_to, before_publish=note) as tmp, \
                     open_checkpoint(source) as reader:

@@ -19,8 +19,8 @@ from .store import BACKUP_DIRNAME, Store
 
 def _folder(store: Store) -> Path:
     folder = store.root / BACKUP_DIRNAME
-    if folder.is_symlink():
-        raise StoreError("is a symbolic link; pdt keeps backups only in the store itself (remove the link)", folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise StoreError("is not a folder of the store's own (a link or a file); remove it", folder)
     return folder
 
 
@@ -28,6 +28,13 @@ def backup_path(store: Store, record: dict) -> Path:
     folder = _folder(store)
     folder.mkdir(exist_ok=True)
     return folder / f"{record['id']}-{Path(record['path']).name}"
+
+
+def recorded_backup(store: Store, record: dict, backup: Path) -> bool:
+    """Whether `backup` is the store's own backup of this checkpoint (made by an earlier in-place
+    write from it), and so must not be made again from what is now pdt's output. A file that
+    merely sits under the predictable name (planted, or left by a killed run) is not."""
+    return record.get("backup") == located(backup) and backup.is_file() and not backup.is_symlink()
 
 
 def in_backups(store: Store, path: str) -> Path:

@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -180,7 +179,7 @@ def errors_as_exit(json_out: bool = False) -> Iterator[None]:
         _fail(str(exc), exc.exit_code, json_out, None if exc.path is None else str(exc.path))
     except KeyboardInterrupt:
         _fail(INTERRUPTED, 130, json_out, None)
-    except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+    except (typer.Exit, typer.Abort, typer.BadParameter):
         raise
     except Exception as exc:  # a bug: keep the traceback for the report, and still end with one line
         traceback.print_exc()

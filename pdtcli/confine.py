@@ -31,7 +31,7 @@ def member(folder: Path, name: object, what: str, owner: Path | None = None) -> 
     `folder`; `owner` is the file the error names (the checkpoint).
     """
     text = str(name) if isinstance(name, (str, os.PathLike)) else None
-    parts = PurePosixPath(text.replace("\\", "/")).parts if text else ()
+    parts = PurePosixPath(text.replace("\\", "/")).parts if text and "\0" not in text else ()
     if not parts or text.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
         raise CheckpointError(f"{what} names {name!r}: only names relative to the checkpoint, without '..', "
                               "are accepted", owner or folder)
@@ -39,31 +39,40 @@ def member(folder: Path, name: object, what: str, owner: Path | None = None) -> 
     if not is_inside(path, folder):
         raise CheckpointError(f"{what} names {name!r}, which leads outside the checkpoint (a link?)",
                               owner or folder)
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{what} names {name!r}, which is not a regular file", owner or folder)
     return path
 
 
 def refuse_links_out(folder: Path) -> None:
-    """Refuse a checkpoint folder that holds a symbolic link to anything outside it.
+    """Refuse a checkpoint folder that holds anything but files, folders and links to files in it.
 
     Its files are copied into the fused folder and some are rewritten there, so a link
     out would either copy someone else's file into the output or, once copied as a link,
-    be written through.
+    be written through; a link to a folder can loop; a pipe or device would block the copy.
     """
     folder = Path(folder)
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
             path = Path(root, name)
-            if path.is_symlink() and not is_inside(path, folder):
-                raise CheckpointError(f"{path.relative_to(folder)} is a symbolic link to {os.readlink(path)}, "
-                                      "outside the checkpoint; pdt does not follow links out of a checkpoint",
-                                      folder)
+            shown = path.relative_to(folder)
+            if path.is_symlink():
+                if not is_inside(path, folder):
+                    raise CheckpointError(f"{shown} is a symbolic link to {os.readlink(path)}, outside the "
+                                          "checkpoint; pdt does not follow links out of a checkpoint", folder)
+                if not path.is_file():
+                    raise CheckpointError(f"{shown} is a symbolic link to a folder or to nothing; pdt copies "
+                                          "only files", folder)
+            elif not (path.is_file() or path.is_dir()):
+                raise CheckpointError(f"{shown} is not a regular file (a pipe, socket or device)", folder)
 
 
-def stored_outside(file: h5py.File, allowed: tuple[str, ...] = ()) -> str | None:
+def stored_outside(file: h5py.File, allowed: tuple[str, ...] = (), soft_links: bool = True) -> str | None:
     """The first dataset or link of an HDF5 file whose data lives in another file, or None.
 
     External datasets, virtual datasets and external links all point into other files;
     `allowed` names the ones the caller placed there itself (the store's snapshot matrix).
+    `soft_links=False` refuses links inside the file too, for files pdt wrote without any.
     """
     found: list[str] = []
 
@@ -72,6 +81,9 @@ def stored_outside(file: h5py.File, allowed: tuple[str, ...] = ()) -> str | None
             return None
         if isinstance(link, h5py.ExternalLink):
             found.append(f"{name} (an external link to {link.filename})")
+            return True
+        if isinstance(link, h5py.SoftLink) and not soft_links:
+            found.append(f"{name} (a link to {link.path})")
             return True
         if isinstance(link, h5py.HardLink):
             obj = file.get(name)

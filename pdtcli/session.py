@@ -18,7 +18,7 @@ from .backups import finish_in_place
 from .discover import no_checkpoints_here
 from .errors import StageMissing, StoreError, UsageError
 from .options import Settings
-from .store import Store, clean_leftovers, lock_for, resolve_store_root
+from .store import STORE_DIRNAME, Store, clean_leftovers, lock_for, resolve_store_root
 
 
 @dataclass
@@ -34,6 +34,13 @@ class Session:
             raise StageMissing("no store yet; run `pdt snapshot` or `pdt predict` on the checkpoint folder first",
                                self.root)
         return self.store
+
+
+def _default_store_of(root: Path, folder: Path) -> bool:
+    """Whether `root` is `folder/.pdt`. Only then may a store opened by its own path say which
+    folder it serves: otherwise a store.h5 planted in any folder could name any other folder,
+    and pdt would write outputs (and restore backups) there."""
+    return root.name == STORE_DIRNAME and root.resolve().parent == folder.resolve()
 
 
 @contextlib.contextmanager
@@ -67,6 +74,9 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
         opened = Store.open(root) if Store.exists(root) else None
         if opened is not None and folder is not None and opened.folder.resolve() != folder.resolve():
             raise StoreError(f"this store belongs to another folder ({opened.folder})", root)
+        if opened is not None and folder is None and not _default_store_of(root, opened.folder):
+            raise StoreError(f"is not the .pdt folder of the checkpoint folder it names ({opened.folder}); "
+                             f"run pdt on that folder with --store {root}", root)
         if opened is not None:
             finish_in_place(opened)
         state = Session(root, folder if folder is not None else (opened.folder if opened else None), opened, settings)

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_path, remove_path, sweep_temporaries
-from .confine import is_inside, stored_outside
+from .confine import stored_outside
 from .errors import StoreError, UsageError
 from .selection import LayoutPlan, Selection, layer_type
 
@@ -123,12 +123,10 @@ class Store:
                         "upgrade pdt", path)
                 if version < 1:
                     raise StoreError("not a pdt store" + hint, path)
-                outside = stored_outside(f, allowed=("snapshots",))
+                outside = stored_outside(f, allowed=("snapshots",), soft_links=False)
                 if outside is not None:
                     raise StoreError(f"refused: {outside}" + hint, path)
-                records = {name: f[name][()] for name in ("state", "layout", "history")}
-                records.update({f"{group}/{name}": f[group][name][()]
-                                for group in ("fit", "mask") if group in f for name in f[group]})
+                records = {name: _record(f, name) for name in RECORDS if name in f or "/" not in name}
                 stored_sum = f.attrs.get("checksum")
             if (version >= 2 or stored_sum is not None) and _checksum(records) != _text(stored_sum):
                 raise StoreError("damaged: its records fail their checksum" + hint, path)
@@ -253,18 +251,25 @@ class Store:
         return snapshot_id in self.state["slots"]
 
     def in_folder(self, path: str | Path) -> Path:
-        """A path the store recorded, checked to lie in its checkpoint folder before pdt writes there."""
-        if not is_inside(Path(path).parent, self.folder):
+        """A path the store recorded, checked to be an entry of its checkpoint folder (where every
+        checkpoint and resume output lives) before pdt writes there."""
+        path = Path(path)
+        if path.name in ("", ".", "..") or path.parent.resolve() != self.folder.resolve():
             raise StoreError(f"names {path}, outside its checkpoint folder {self.folder}; refused", self.meta_path)
-        return Path(path)
+        return path
 
     # ---- the snapshot matrix ----------------------------------------------------------
     def _handle(self) -> int:
         if self._fd is None:
             try:
-                self._fd = os.open(self.data_path, os.O_RDWR | os.O_NOFOLLOW)
+                fd = os.open(self.data_path, os.O_RDWR | os.O_NOFOLLOW)
             except OSError as exc:
                 raise StoreError(f"cannot open snapshot matrix: {exc.strerror}", self.data_path) from exc
+            if os.fstat(fd).st_nlink != 1:  # another name for the same bytes, perhaps outside the store
+                os.close(fd)
+                raise StoreError("the snapshot matrix has other hard links; pdt writes only into a file of its "
+                                 "own (remove the store and run again)", self.data_path)
+            self._fd = fd
         return self._fd
 
     def _position(self, slot: int, offset: int) -> int:
@@ -362,6 +367,24 @@ def snapshot_step(record: dict, order: str) -> int | None:
     return recorded if recorded is not None else record.get("name_step")
 
 
+# Every record pdt writes into store.h5, and so the only ones it reads back.
+RECORDS = ("state", "layout", "history", "fit/R", "fit/C", "fit/singular_values", "fit/eigenvalues",
+           "mask/bits", "mask/byte_offsets", "mask/counts")
+
+
+def _record(file: h5py.File, name: str) -> Any:
+    """One record, read only if it is a dataset stored in the file itself under its own name
+    (a soft link could make any dataset, such as the external snapshot matrix, read as a record)."""
+    node: h5py.Group = file
+    for part in name.split("/"):
+        if not isinstance(node.get(part, getlink=True), h5py.HardLink):
+            raise ValueError(f"{name} is missing or a link, not a record")
+        node = node[part]
+    if not isinstance(node, h5py.Dataset) or node.external or node.is_virtual:
+        raise ValueError(f"{name} is not a record stored in the file")
+    return node[()]
+
+
 _REQUIRED = {
     "folder": str, "history_len": int, "capacity": int, "n": int, "dtype": str, "layout": dict, "snapshots": dict,
     "slots": list, "window": list, "next_id": int, "ingested": list, "outputs": list, "history": list,
@@ -408,6 +431,8 @@ def lock_for(root: Path, timeout: float) -> filelock.BaseFileLock:
     make pdt truncate another file) is refused rather than opened.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise StoreError("is not a folder; pdt keeps its store in a folder of this name (remove the file)", root)
     root.mkdir(parents=True, exist_ok=True)
     lock = root / LOCK_NAME
     if lock.is_symlink():

@@ -14,6 +14,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -378,3 +380,151 @@ def test_a_store_whose_records_lack_a_field_is_a_store_error(sgd_run):
     _edit_store(sgd_run, lambda state: state.pop("window"))
     code, output = pdt("predict", sgd_run)
     assert code == 4 and "'window'" in one_error_line(output) and "--rebuild" in output
+
+
+# ---- found by an adversarial review: each once let a folder reach outside itself -------------------
+
+
+def _store_records(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        records = {name: f[name][()] for name in ("state", "layout", "history")}
+        records.update({f"{g}/{n}": f[g][n][()] for g in ("fit", "mask") if g in f for n in f[g]})
+    return records
+
+
+def test_a_store_planted_at_the_top_of_a_folder_cannot_name_another_folder(sgd_run, tmp_path):
+    assert pdt("predict", sgd_run)[0] == 0
+    victim_folder = tmp_path / "outside"
+    victim_folder.mkdir()
+    victim = victim_folder / "canary.bin"
+    victim.write_bytes(b"keep me")
+    planted = tmp_path / "downloaded"
+    shutil.copytree(sgd_run, planted, ignore=shutil.ignore_patterns(".pdt"))
+    for name in ("store.h5", "snapshots.bin"):
+        shutil.copy(sgd_run / ".pdt" / name, planted / name)
+    (planted / "backups").mkdir()
+    (planted / "backups" / "p").write_bytes(b"ATTACKER PAYLOAD")
+    records = _store_records(planted / "store.h5")
+    state = json.loads(records["state"])
+    stat = victim.stat()
+    state["folder"] = str(victim_folder)
+    state["pending_in_place"] = {"path": str(victim), "backup": str(planted / "backups" / "p"),
+                                 "size": stat.st_size, "mtime": stat.st_mtime}
+    records["state"] = json.dumps(state)
+    with h5py.File(planted / "store.h5", "r+") as f:
+        del f["state"]
+        f.create_dataset("state", data=records["state"])
+        f.attrs["checksum"] = _checksum(records)
+    before = snapshot_of(victim_folder)
+    for command in ("report", "restore", "predict"):
+        code, output = pdt(command, planted)
+        assert code == 4 and "is not the .pdt folder" in one_error_line(output), (command, output)
+    assert snapshot_of(victim_folder) == before
+
+
+def test_a_store_cannot_read_records_through_links_or_other_files(sgd_run, tmp_path):
+    assert pdt("predict", sgd_run)[0] == 0
+    secret = tmp_path / "secret.txt"
+    secret.write_text("victim secret key material\n")
+    path = sgd_run / ".pdt" / "store.h5"
+    records = _store_records(path)
+    with h5py.File(path, "w") as f:  # an old-format store (no checksum) with a link to an outside file
+        f.attrs["format_version"] = 1
+        for key, value in records.items():
+            f[key] = value
+        f.create_dataset("snapshots", shape=(27,), dtype="u1", external=[(str(secret), 0, h5py.h5f.UNLIMITED)])
+        f["fit/leak"] = h5py.SoftLink("/snapshots")
+    before = path.read_bytes()
+    code, output = pdt("report", sgd_run)
+    assert code == 4 and "refused" in one_error_line(output)
+    assert path.read_bytes() == before
+
+
+def test_a_hard_linked_snapshot_matrix_is_refused(sgd_run, tmp_path):
+    (sgd_run / "epoch_8.pt").rename(tmp_path / "epoch_8.pt")
+    assert pdt("snapshot", sgd_run)[0] == 0
+    matrix = sgd_run / ".pdt" / "snapshots.bin"
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(matrix.read_bytes())
+    matrix.unlink()
+    os.link(victim, matrix)
+    (tmp_path / "epoch_8.pt").rename(sgd_run / "epoch_8.pt")
+    before = snapshot_of(victim)
+    code, output = pdt("snapshot", sgd_run)
+    assert code == 4 and "hard links" in one_error_line(output)
+    assert snapshot_of(victim) == before
+
+
+def test_a_file_planted_under_the_backup_name_does_not_replace_the_backup(sgd_run):
+    original = (sgd_run / "epoch_8.pt").read_bytes()
+    assert pdt("snapshot", sgd_run)[0] == 0
+    backups = sgd_run / ".pdt" / "backups"
+    backups.mkdir()
+    for snapshot_id in range(1, 12):  # every name the backup of epoch_8 could take
+        (backups / f"{snapshot_id}-epoch_8.pt").write_bytes(b"planted")
+    assert pdt("predict", sgd_run, "--in-place")[0] == 0
+    assert (sgd_run / "epoch_8.pt").read_bytes() != original
+    assert pdt("restore", sgd_run)[0] == 0
+    assert (sgd_run / "epoch_8.pt").read_bytes() == original
+
+
+def _dcp_run(folder: Path, epochs: int = 5) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    for epoch, state in enumerate(_trained(epochs), start=1):
+        dcp.save({"model": state, "step": epoch}, checkpoint_id=folder / f"step_{epoch}")
+    return folder
+
+
+def test_a_pipe_in_a_checkpoint_folder_is_refused_without_blocking(tmp_path):
+    run = _dcp_run(tmp_path / "run")
+    os.mkfifo(run / "step_5" / "pipe.distcp")
+    done = subprocess.run([sys.executable, "-m", "pdtcli", "predict", str(run)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 3 and "pipe.distcp" in done.stderr and "not a regular file" in done.stderr
+
+
+class _Allocate:
+    """A .metadata entry that would call a torch constructor found in DCP's own module."""
+
+    def __reduce__(self):
+        from torch.distributed.checkpoint import filesystem
+
+        return (filesystem.Tensor, (2 ** 40,))
+
+
+def test_dcp_metadata_may_name_only_dcp_record_types(tmp_path):
+    run = _dcp_run(tmp_path / "run")
+    with open(run / "step_5" / ".metadata", "rb") as handle:
+        metadata = pickle.load(handle)
+    metadata.planner_data = _Allocate()
+    with open(run / "step_5" / ".metadata", "wb") as handle:
+        pickle.dump(metadata, handle)
+    code, output = pdt("predict", run)
+    assert code == 3 and "refused .metadata" in one_error_line(output)
+
+
+@pytest.mark.parametrize("case", ["nested-msgpack", "nul-shard", "loop-link"])
+def test_malformed_inputs_end_in_one_line_not_a_traceback(tmp_path, sgd_run, case):
+    if case == "nested-msgpack":  # under msgpack's own depth limit, over Python's recursion limit
+        (sgd_run / "x.msgpack").write_bytes(b"\x81\xa1a" * 990 + b"\xc0")
+        code, output = pdt("predict", sgd_run)
+        assert code == 0 or (code == 3 and "x.msgpack" in one_error_line(output)), output
+        return
+    run = _hf_run(tmp_path / "run")
+    newest = run / "checkpoint-5"
+    if case == "nul-shard":
+        index_path = newest / "model.safetensors.index.json"
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {k: "model\x00.safetensors" for k in index["weight_map"]}
+        index_path.write_text(json.dumps(index))
+    else:
+        (newest / "loop").symlink_to(".")
+    code, output = pdt("predict", run)
+    assert code == 3 and "checkpoint-5" in one_error_line(output), output
+
+
+def test_a_store_folder_that_is_a_file_is_a_store_error(sgd_run):
+    (sgd_run / ".pdt").write_bytes(b"not a folder")
+    code, output = pdt("predict", sgd_run)
+    assert code == 4 and "is not a folder" in one_error_line(output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 from ..errors import CheckpointError, NotACheckpoint
@@ -50,9 +51,19 @@ def detect(path: Path) -> CheckpointFormat:
     raise CheckpointError("not a checkpoint pdt can read (" + ", ".join(f.name for f in FORMATS) + ")", path)
 
 
+# What a parser of untrusted bytes raises on input it cannot make sense of (deep nesting, a
+# field of the wrong type, a size out of range); pdt reports it as a bad checkpoint.
+_PARSE_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError, MemoryError,
+                 OverflowError, struct.error)
+
+
 def open_checkpoint(path: Path) -> CheckpointReader:
     """An open reader; a file that opens cleanly but holds no tensors is NotACheckpoint."""
-    reader = detect(path).open(Path(path))
+    fmt = detect(path)
+    try:
+        reader = fmt.open(Path(path))
+    except _PARSE_ERRORS as exc:
+        raise CheckpointError(f"cannot read it as {fmt.name} ({type(exc).__name__}: {exc})"[:300], path) from exc
     if not reader.tensors():
         reader.close()
         raise NotACheckpoint("holds no tensors", path)

@@ -41,15 +41,20 @@ class Leaf:
 
     def array_header(self) -> tuple[list[int], str, bytes]:
         shape, dtype, raw = msgpack.unpackb(self.data, raw=False)
+        if not isinstance(dtype, str) or not isinstance(raw, bytes):
+            raise ValueError("an array leaf is not (shape, dtype name, bytes)")
         return list(shape), dtype, raw
 
 
 def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _walk(value, f"{prefix}{key}/")
-    else:
-        yield prefix[:-1], node
+    """(key path, leaf) in file order; iterative, so a deeply nested file cannot exhaust the stack."""
+    stack = [(prefix, node)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(reversed([(f"{path}{key}/", value) for key, value in item.items()]))
+        else:
+            yield path[:-1], item
 
 
 class FlaxReader(CheckpointReader):
@@ -79,10 +84,14 @@ class FlaxReader(CheckpointReader):
         self._infos = [self._describe(name, leaf) for name, leaf in self._leaves.items()]
 
     def _describe(self, name: str, leaf: Leaf) -> TensorInfo:
-        shape, dtype, _ = leaf.array_header()
+        shape, dtype, raw = leaf.array_header()
         if dtype not in _DTYPES:
             raise CheckpointError(f"array {name!r} has unsupported dtype {dtype}", self.path)
-        return TensorInfo(name, tuple(shape), _DTYPES[dtype])
+        info = TensorInfo(name, tuple(shape), _DTYPES[dtype])
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or len(raw) != info.numel * info.dtype.itemsize:
+            raise CheckpointError(f"array {name!r}: its bytes do not match its shape {shape} and dtype {dtype}",
+                                  self.path)
+        return info
 
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
@@ -98,7 +107,12 @@ class FlaxReader(CheckpointReader):
             return step if isinstance(step, int) and not isinstance(step, bool) else None
         if step.code not in (EXT_NDARRAY, EXT_NPSCALAR):
             return None
-        shape, dtype, raw = step.array_header()  # a NumPy scalar is packed as a 0-d array
+        try:
+            shape, dtype, raw = step.array_header()  # a NumPy scalar is packed as a 0-d array
+        except (ValueError, TypeError, msgpack.UnpackException):
+            return None
+        if len(raw) < 1 or dtype in _DTYPES and len(raw) != _DTYPES[dtype].itemsize:
+            return None
         if shape or dtype not in _DTYPES or _DTYPES[dtype].is_floating_point:
             return None
         return int(torch.frombuffer(bytearray(raw), dtype=_DTYPES[dtype])[0])

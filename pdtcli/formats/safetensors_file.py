@@ -45,8 +45,8 @@ def read_header(path: Path) -> tuple[int, dict]:
             if length > min(_MAX_HEADER, size - 8):
                 raise CheckpointError("not a safetensors file (header length out of range)", path)
             header = json.loads(handle.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"corrupt safetensors header ({exc})", path) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"corrupt safetensors header ({type(exc).__name__})", path) from exc
     except OSError as exc:
         raise CheckpointError(f"cannot read: {exc.strerror or exc}", path) from exc
     if not isinstance(header, dict):

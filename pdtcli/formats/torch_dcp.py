@@ -15,7 +15,10 @@ same shape, strides and dtype has the same length, so `.metadata` stays valid un
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import io
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -46,9 +49,17 @@ class _MetadataUnpickler(pickle.Unpickler):
             or (module == "collections" and name == "OrderedDict")
         )
         found = super().find_class(module, name) if allowed else None
-        if found is None or (module in _DCP_MODULES and not isinstance(found, type)):
+        if found is None or (module in _DCP_MODULES and not _record_class(found, module)):
             raise pickle.UnpicklingError(f"refused global {module}.{name}")
         return found
+
+
+def _record_class(found: object, module: str) -> bool:
+    """DCP's own record types: dataclasses and enums defined in its modules, whose unpickling
+    runs no constructor with arguments from the file (a module's imported names, such as
+    `Tensor` or `FileSystemReader`, are refused)."""
+    return (isinstance(found, type) and found.__module__ == module
+            and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)))
 
 
 def read_metadata(folder: Path):
@@ -59,8 +70,8 @@ def read_metadata(folder: Path):
             metadata = _MetadataUnpickler(handle).load()
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"refused {METADATA}: loading it would run code ({exc})", folder) from exc
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
-        raise CheckpointError(f"corrupt or truncated {METADATA} ({exc})", folder) from exc
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError, RecursionError, MemoryError) as exc:
+        raise CheckpointError(f"corrupt or truncated {METADATA} ({type(exc).__name__}: {exc})", folder) from exc
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{METADATA} is not DCP metadata", folder)
     return metadata
@@ -89,8 +100,14 @@ class DcpReader(CheckpointReader):
             except (KeyError, TypeError) as exc:
                 raise CheckpointError(f"{METADATA} has no storage for a chunk of {fqn!r}", self.path) from exc
         model = _model_names(list(tensors))
-        self._infos = [TensorInfo(fqn, tuple(tensors[fqn].size), tensors[fqn].properties.dtype) for fqn in model]
+        self._infos = [self._describe(fqn, tensors[fqn]) for fqn in model]
         self._by_name = {info.name: info for info in self._infos}
+
+    def _describe(self, fqn: str, md) -> TensorInfo:
+        size, dtype = tuple(md.size), getattr(md.properties, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or not all(isinstance(d, int) and d >= 0 for d in size):
+            raise CheckpointError(f"{METADATA} describes {fqn!r} with no valid size or dtype", self.path)
+        return TensorInfo(fqn, size, dtype)
 
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
@@ -102,6 +119,11 @@ class DcpReader(CheckpointReader):
                                   "which pdt cannot rewrite", self.path)
         try:
             with open(member(self.path, storage.relative_path, METADATA), "rb") as handle:
+                if not (isinstance(storage.offset, int) and isinstance(storage.length, int)
+                        and storage.offset >= 0 and storage.length >= 0
+                        and storage.offset + storage.length <= os.fstat(handle.fileno()).st_size):
+                    raise CheckpointError(f"truncated: {fqn!r} runs past the end of {storage.relative_path}",
+                                          self.path)
                 handle.seek(storage.offset)
                 record = handle.read(storage.length)
             if len(record) != storage.length:
