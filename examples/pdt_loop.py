@@ -91,13 +91,9 @@ def _train_api(cfg: LoopConfig, out: Path, resume: Path | None) -> dict:
 
 def _pdt_api(cfg: LoopConfig, out: Path) -> dict:
     from pdtcli import api
-    from pdtcli.cli import parse_criteria
-    from pdtcli.dmd import FitOptions
-    from pdtcli.mask import MaskOptions
 
-    fit = FitOptions(tau=cfg.tau, modes=cfg.modes) if cfg.modes else FitOptions(tau=cfg.tau)
-    settings = api.Settings(fit=fit,
-                            mask=MaskOptions(parse_criteria(cfg.criteria), cfg.random))
+    modes = {"modes": cfg.modes} if cfg.modes else {}
+    settings = api.Settings.build(tau=cfg.tau, criteria=cfg.criteria, random=cfg.random, **modes)
     return api.predict(out, settings=settings).as_dict()
 
 

@@ -3,6 +3,7 @@
 A backup lives in the store folder as `backups/<snapshot id>-<name>`, made by hard link at
 the moment the fused checkpoint is renamed over the original (so it costs no copy). One is
 kept for each checkpoint the store still holds a snapshot of, which bounds them to h+1.
+Every backup path the store recorded is checked to lie in that folder before it is used.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .discover import located
 from .errors import StoreError
 from .identity import stat_of
 from .store import BACKUP_DIRNAME, Store
+from .store.records import Pending, Snapshot
 
 
 def _folder(store: Store) -> Path:
@@ -24,17 +26,17 @@ def _folder(store: Store) -> Path:
     return folder
 
 
-def backup_path(store: Store, record: dict) -> Path:
+def backup_path(store: Store, snapshot: Snapshot) -> Path:
     folder = _folder(store)
     folder.mkdir(exist_ok=True)
-    return folder / f"{record['id']}-{Path(record['path']).name}"
+    return folder / f"{snapshot.id}-{Path(snapshot.path).name}"
 
 
-def recorded_backup(store: Store, record: dict, backup: Path) -> bool:
+def recorded_backup(snapshot: Snapshot, backup: Path) -> bool:
     """Whether `backup` is the store's own backup of this checkpoint (made by an earlier in-place
     write from it), and so must not be made again from what is now pdt's output. A file that
     merely sits under the predictable name (planted, or left by a killed run) is not."""
-    return record.get("backup") == located(backup) and backup.is_file() and not backup.is_symlink()
+    return snapshot.backup == located(backup) and backup.is_file() and not backup.is_symlink()
 
 
 def in_backups(store: Store, path: str) -> Path:
@@ -50,7 +52,7 @@ def prune_backups(store: Store) -> list[Path]:
     folder = _folder(store)
     if not folder.is_dir():
         return []
-    wanted = {rec.get("backup") for rec in store.state["snapshots"].values()}
+    wanted = store.recorded_backups()
     removed = []
     for path in folder.iterdir():
         if located(path) not in wanted:
@@ -74,23 +76,22 @@ def note_in_place(store: Store, final: Path, backup: Path, tmp: Path) -> None:
     a checkpoint training saved. The note lets the next run recognise it (`finish_in_place`).
     """
     size, mtime = stat_of(tmp)
-    store.state["pending_in_place"] = {"path": located(final), "backup": located(backup), "size": size,
-                                       "mtime": mtime}
+    store.pending = Pending(located(final), located(backup), size, mtime)
     store.commit()
 
 
 def finish_in_place(store: Store) -> bool:
     """Undo an in-place write that a killed run published but never recorded: put the original
     back from its backup, so the store and the folder agree again. True when it did."""
-    pending = store.state.get("pending_in_place")
-    if not pending:
+    pending = store.pending
+    if pending is None:
         return False
-    final = store.in_folder(pending["path"])
-    backup = in_backups(store, pending["backup"])
+    final = store.in_folder(pending.path)
+    backup = in_backups(store, pending.backup)
     undone = (final.exists() and not final.is_symlink() and backup.exists()
-              and stat_of(final) == (pending["size"], pending["mtime"]))
+              and stat_of(final) == (pending.size, pending.mtime))
     if undone:
         copy_back(backup, final)
-    store.state["pending_in_place"] = None
+    store.pending = None
     store.commit()
     return undone

@@ -1,31 +1,32 @@
-"""The `pdt` command: parse options, call `pdtcli.api`, render. Nothing else lives here."""
+"""The `pdt` command: parse options, call `pdtcli.api`, render. Nothing else lives here.
+
+Every flag is made from its declaration in `pdtcli.options` (default, help, limits), and the
+values go to `Settings.build`, which checks them: an invalid one is exit 2 before any work.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, api
-from .dmd import MODES, FitOptions
 from .errors import PdtError
-from .fuse import DEFAULT_BLOCK
-from .mask import CRITERIA, MaskOptions
-from .options import DEFAULT_STORE_DTYPE, DEFAULT_WAIT
-from .report import build_report, render_report, render_summary, tensor_rows
-from .selection import Selection
+from .options import OPTIONS, Settings
+from .report import build_report, render_report, render_summary
 
-FIT = FitOptions()  # the defaults the options show
 EXIT_WAITING = 10
 EXIT_UP_TO_DATE = 11
+EXIT_INTERRUPTED = 130
 
 EPILOG = """Exit codes: 0 done (also 'nothing new' and 'waiting for checkpoints', unless --strict);
 1 unexpected error; 2 bad usage (a path that does not exist, a folder with no checkpoints);
@@ -43,44 +44,52 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+log = logging.getLogger("pdtcli")
 
-Target = Annotated[Path, typer.Argument(help="Checkpoint folder, or a store folder / store.h5.", show_default=False,
-                                        metavar="DIR")]
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store folder [default: DIR/.pdt].", metavar="PATH")]
-JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON on stdout (errors too).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
-BlockOpt = Annotated[int, typer.Option("--block", help="Elements per row block (bounds memory).", min=8)]
-WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to wait for another pdt's lock.", min=0)]
-StrictOpt = Annotated[bool, typer.Option(
-    "--strict", metavar="", help="Exit 10 when waiting for checkpoints, 11 when nothing is new.")]
-FilesOpt = Annotated[Optional[list[str]], typer.Option(
-    "--files", metavar="GLOB", help="Only names matching this glob are checkpoints (repeatable; kept in the store "
-    "for later runs).")]
-HistoryOpt = Annotated[Optional[int], typer.Option(
-    "--history", help="Snapshots in the window, h [default: 5; fixed when the store is made].", min=2)]
-IncludeOpt = Annotated[Optional[list[str]], typer.Option(
-    "--include", help="Also predict tensors matching this glob (repeatable).")]
-ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
-    "--exclude", help="Never predict tensors matching this glob (repeatable).")]
-OrderOpt = Annotated[Optional[str], typer.Option(
-    "--order", help="Training order: auto | name (step number in the name) | step (recorded inside) | mtime "
-    "[default: auto; fixed when the store is made].")]
-StoreDtypeOpt = Annotated[str, typer.Option("--store-dtype", help="float32 | float64, when the store is made.")]
-TauOpt = Annotated[int, typer.Option("--tau", help="Checkpoints to predict ahead.", min=1)]
-ModesOpt = Annotated[str, typer.Option("--modes", help="exact | projected (the paper's eq. 11).")]
-RankOpt = Annotated[Optional[int], typer.Option("--rank", help="Fixed DMD rank instead of --rtol.", min=1)]
-RtolOpt = Annotated[float, typer.Option("--rtol", help="Keep singular values above rtol x the largest.")]
-CriteriaOpt = Annotated[str, typer.Option("--criteria", help="all | none | comma list of lower,upper,sign.")]
-RandomOpt = Annotated[bool, typer.Option("--random", metavar="",
-                                          help="Audit: random mask at the criteria's per-tensor ratio.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of --random.")]
-OutputOpt = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", metavar="PATH", help="Write an audit copy here instead; training is taken to resume from the "
-    "default output, NAME.pdt.EXT beside the newest checkpoint, which alone enters the window.")]
-ForceOpt = Annotated[bool, typer.Option("--force", metavar="", help="Replace an existing output.")]
-InPlaceOpt = Annotated[bool, typer.Option(
-    "--in-place", metavar="", help="Write over the newest checkpoint (for scripts that resume from one path); "
-    "a backup is kept, and `pdt restore` puts it back. Refused when that checkpoint is a symbolic link.")]
+
+def flag(name: str) -> Any:
+    """The Typer option for `OPTIONS[name]`: flags, help, limits and shown default in one place."""
+    option = OPTIONS[name]
+    kwargs: dict[str, Any] = {"help": option.help}
+    if isinstance(option.default, bool):
+        kwargs["metavar"] = ""  # a flag takes no value
+    elif option.metavar:
+        kwargs["metavar"] = option.metavar
+    if option.min is not None:
+        kwargs["min"] = option.min
+    if option.shown_default is not None:
+        kwargs["show_default"] = option.shown_default
+    return typer.Option(*option.flags, **kwargs)
+
+
+D = {name: option.default for name, option in OPTIONS.items()}
+Target = Annotated[Path, typer.Argument(help="Checkpoint folder, or its .pdt store folder / store.h5.",
+                                        show_default=False, metavar="DIR")]
+Store = Annotated[Optional[Path], flag("store")]
+Output = Annotated[Optional[Path], flag("output")]
+DryRun = Annotated[bool, flag("dry_run")]
+Force = Annotated[bool, flag("force")]
+InPlace = Annotated[bool, flag("in_place")]
+History = Annotated[Optional[int], flag("history")]
+Tau = Annotated[int, flag("tau")]
+Modes = Annotated[str, flag("modes")]
+Rank = Annotated[Optional[int], flag("rank")]
+Rtol = Annotated[float, flag("rtol")]
+Criteria = Annotated[str, flag("criteria")]
+Random = Annotated[bool, flag("random")]
+Seed = Annotated[int, flag("seed")]
+Include = Annotated[Optional[list[str]], flag("include")]
+Exclude = Annotated[Optional[list[str]], flag("exclude")]
+Files = Annotated[Optional[list[str]], flag("files")]
+Order = Annotated[Optional[str], flag("order")]
+StoreDtype = Annotated[Optional[str], flag("store_dtype")]
+Device = Annotated[str, flag("device")]
+Block = Annotated[int, flag("block")]
+Wait = Annotated[float, flag("wait")]
+Rebuild = Annotated[bool, flag("rebuild")]
+Json = Annotated[bool, flag("json_out")]
+Strict = Annotated[bool, flag("strict")]
+Verbose = Annotated[bool, flag("verbose")]
 
 
 class RichProgress:
@@ -100,67 +109,33 @@ class RichProgress:
             yield lambda n: bar.advance(task, n)
 
 
-def parse_criteria(text: str) -> tuple[str, ...]:
-    words = [w.strip().lower() for w in text.split(",") if w.strip()]
-    if words == ["all"]:
-        return CRITERIA
-    if words == ["none"]:
-        return ()
-    unknown = [w for w in words if w not in CRITERIA]
-    if unknown or not words:
-        raise typer.BadParameter(f"{text!r}: use all, none, or a comma list of {', '.join(CRITERIA)}")
-    return tuple(words)
+def settings(json_out: bool, verbose: bool, **values: Any) -> Settings:
+    """Checked settings from the command's flags; with --verbose, the library's reasons on stderr."""
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pdt: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    return Settings.build(progress=RichProgress(enabled=not json_out), **values)
 
 
-def settings(*, json_out: bool, device: str = "auto", block: int = DEFAULT_BLOCK, wait: float = DEFAULT_WAIT,
-             history: int | None = None, include=None, exclude=None, store_dtype: str = DEFAULT_STORE_DTYPE,
-             order: str | None = None, files: list[str] | None = None,
-             tau: int = FIT.tau, modes: str = FIT.modes, rank: int | None = None, rtol: float = FIT.rtol,
-             criteria: str = "all", random: bool = False, seed: int = 0) -> api.Settings:
-    if modes not in MODES:
-        raise typer.BadParameter(f"--modes {modes!r}: use one of {', '.join(MODES)}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise typer.BadParameter(f"--device {device!r}: use auto, cpu or cuda")
-    selection = Selection(tuple(include or ()), tuple(exclude or ())) if (include or exclude) else None
-    return api.Settings(
-        history=history,
-        fit=FitOptions(tau=tau, modes=modes, rank=rank, rtol=rtol),
-        mask=MaskOptions(parse_criteria(criteria), random, seed),
-        selection=selection,
-        device=device,
-        block=block,
-        store_dtype=store_dtype,
-        order=order,
-        files=tuple(files) if files else None,
-        lock_timeout=wait,
-        progress=RichProgress(enabled=not json_out),
-    )
-
-
-def finish(result: api.StepResult, *, json_out: bool, strict: bool, tensors: list[dict] | None = None) -> None:
+def finish(result: api.StepResult, *, json_out: bool, strict: bool) -> None:
     payload = result.as_dict()
     if json_out:
-        if tensors is not None:
-            payload["tensors"] = tensors
+        if result.tensors is not None:
+            payload["tensors"] = result.tensors
         print(json.dumps(payload, indent=2, default=str))
     else:
         for item in result.skipped:
             typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
         if result.status in ("written", "dry-run", "masked"):
-            render_summary(payload, tensors, out)
+            render_summary(payload, result.tensors, out)
         else:
             typer.echo(result.message)
     if strict and result.status == "waiting":
         raise typer.Exit(EXIT_WAITING)
     if strict and result.status == "up-to-date":
         raise typer.Exit(EXIT_UP_TO_DATE)
-
-
-def _tensors(result: api.StepResult, target: Path, store: Path | None, wait: float) -> list[dict] | None:
-    if not result.mask:
-        return None
-    data = api.load_state(target, store=store, lock_timeout=wait)
-    return tensor_rows(data["state"]["layout"]["tensors"], data["counts"]) if data["counts"] else None
 
 
 INTERRUPTED = "interrupted; the store and earlier outputs are unchanged"
@@ -178,7 +153,7 @@ def errors_as_exit(json_out: bool = False) -> Iterator[None]:
     except PdtError as exc:
         _fail(str(exc), exc.exit_code, json_out, None if exc.path is None else str(exc.path))
     except KeyboardInterrupt:
-        _fail(INTERRUPTED, 130, json_out, None)
+        _fail(INTERRUPTED, EXIT_INTERRUPTED, json_out, None)
     except (typer.Exit, typer.Abort, typer.BadParameter):
         raise
     except Exception as exc:  # a bug: keep the traceback for the report, and still end with one line
@@ -188,20 +163,18 @@ def errors_as_exit(json_out: bool = False) -> Iterator[None]:
 
 
 def _fail(message: str, code: int, json_out: bool, path: str | None) -> None:
-    typer.echo(f"pdt: error: {message}" if code != 130 else f"pdt: {message}", err=True)
+    typer.echo(f"pdt: error: {message}" if code != EXIT_INTERRUPTED else f"pdt: {message}", err=True)
     if json_out:
-        print(json.dumps({"status": "error" if code != 130 else "interrupted", "exit_code": code,
+        print(json.dumps({"status": "error" if code != EXIT_INTERRUPTED else "interrupted", "exit_code": code,
                           "error": message, "path": path}))
     raise typer.Exit(code)
 
 
 @app.command()
-def snapshot(target: Target, store: StoreOpt = None, history: HistoryOpt = None, include: IncludeOpt = None,
-             exclude: ExcludeOpt = None, store_dtype: StoreDtypeOpt = DEFAULT_STORE_DTYPE, order: OrderOpt = None,
-             files: FilesOpt = None, rebuild: Annotated[bool, typer.Option(
-                 "--rebuild", metavar="", help="Set the store aside unread (it may be damaged) and ingest the "
-                 "folder's newest checkpoints into a new one; backups are kept.")] = False,
-             wait: WaitOpt = DEFAULT_WAIT, json_out: JsonOpt = False, strict: StrictOpt = False) -> None:
+def snapshot(target: Target, store: Store = None, history: History = None, include: Include = None,
+             exclude: Exclude = None, store_dtype: StoreDtype = None, order: Order = None, files: Files = None,
+             rebuild: Rebuild = False, wait: Wait = D["wait"], json_out: Json = False, strict: Strict = False,
+             verbose: Verbose = False) -> None:
     """Ingest the checkpoints the store has not seen (only the newest h are kept).
 
     Examples:
@@ -212,7 +185,7 @@ def snapshot(target: Target, store: StoreOpt = None, history: HistoryOpt = None,
     - `pdt snapshot runs/exp1/ckpts --rebuild` (after `pdt` reported a damaged store)
     """
     with errors_as_exit(json_out):
-        s = settings(json_out=json_out, wait=wait, history=history, include=include, exclude=exclude,
+        s = settings(json_out, verbose, wait=wait, history=history, include=include, exclude=exclude,
                      store_dtype=store_dtype, order=order, files=files)
         result = api.snapshot(target, store=store, rebuild=rebuild, settings=s)
         if strict and result.needed and result.status != "up-to-date":
@@ -221,15 +194,12 @@ def snapshot(target: Target, store: StoreOpt = None, history: HistoryOpt = None,
 
 
 @app.command()
-def predict(target: Target, store: StoreOpt = None, output: OutputOpt = None, dry_run: Annotated[
-        bool, typer.Option("--dry-run", metavar="", help="Fit and mask; write no checkpoint.")] = False,
-            force: ForceOpt = False, in_place: InPlaceOpt = False, history: HistoryOpt = None, tau: TauOpt = FIT.tau,
-            modes: ModesOpt = FIT.modes,
-            rank: RankOpt = None, rtol: RtolOpt = FIT.rtol, criteria: CriteriaOpt = "all", random: RandomOpt = False,
-            seed: SeedOpt = 0, include: IncludeOpt = None, exclude: ExcludeOpt = None,
-            store_dtype: StoreDtypeOpt = DEFAULT_STORE_DTYPE, order: OrderOpt = None, files: FilesOpt = None,
-            device: DeviceOpt = "auto", block: BlockOpt = DEFAULT_BLOCK, wait: WaitOpt = DEFAULT_WAIT,
-            json_out: JsonOpt = False, strict: StrictOpt = False) -> None:
+def predict(target: Target, store: Store = None, output: Output = None, dry_run: DryRun = False, force: Force = False,
+            in_place: InPlace = False, history: History = None, tau: Tau = D["tau"], modes: Modes = D["modes"],
+            rank: Rank = None, rtol: Rtol = D["rtol"], criteria: Criteria = D["criteria"], random: Random = False,
+            seed: Seed = D["seed"], include: Include = None, exclude: Exclude = None, store_dtype: StoreDtype = None,
+            order: Order = None, files: Files = None, device: Device = D["device"], block: Block = D["block"],
+            wait: Wait = D["wait"], json_out: Json = False, strict: Strict = False, verbose: Verbose = False) -> None:
     """Ingest new checkpoints, fit DMD, mask, and write the fused checkpoint next to the newest.
 
     Examples:
@@ -241,18 +211,18 @@ def predict(target: Target, store: StoreOpt = None, output: OutputOpt = None, dr
     - `*/30 * * * * pdt predict /data/run1/ckpts --json >> /data/run1/pdt.log` (cron; errors are logged as JSON too)
     """
     with errors_as_exit(json_out):
-        s = settings(json_out=json_out, device=device, block=block, wait=wait, history=history, include=include,
+        s = settings(json_out, verbose, device=device, block=block, wait=wait, history=history, include=include,
                      exclude=exclude, store_dtype=store_dtype, order=order, files=files, tau=tau, modes=modes,
                      rank=rank, rtol=rtol, criteria=criteria, random=random, seed=seed)
         result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, in_place=in_place,
                              settings=s)
-        finish(result, json_out=json_out, strict=strict, tensors=_tensors(result, target, store, wait))
+        finish(result, json_out=json_out, strict=strict)
 
 
 @app.command("mask")
-def mask_cmd(target: Target, store: StoreOpt = None, criteria: CriteriaOpt = "all", random: RandomOpt = False,
-             seed: SeedOpt = 0, device: DeviceOpt = "auto", block: BlockOpt = DEFAULT_BLOCK,
-             wait: WaitOpt = DEFAULT_WAIT, json_out: JsonOpt = False) -> None:
+def mask_cmd(target: Target, store: Store = None, criteria: Criteria = D["criteria"], random: Random = False,
+             seed: Seed = D["seed"], device: Device = D["device"], block: Block = D["block"], wait: Wait = D["wait"],
+             json_out: Json = False, verbose: Verbose = False) -> None:
     """Mask again from the stored fit with other settings (the paper's ablations); no new fit.
 
     Examples:
@@ -262,46 +232,44 @@ def mask_cmd(target: Target, store: StoreOpt = None, criteria: CriteriaOpt = "al
     - `pdt mask runs/exp1/ckpts --random --seed 1` (random mask at the paper mask's ratio)
     """
     with errors_as_exit(json_out):
-        s = settings(json_out=json_out, device=device, block=block, wait=wait, criteria=criteria, random=random,
+        s = settings(json_out, verbose, device=device, block=block, wait=wait, criteria=criteria, random=random,
                      seed=seed)
-        result = api.remask(target, store=store, settings=s)
-        finish(result, json_out=json_out, strict=False, tensors=_tensors(result, target, store, wait))
+        finish(api.remask(target, store=store, settings=s), json_out=json_out, strict=False)
 
 
 @app.command("apply")
-def apply_cmd(target: Target, store: StoreOpt = None, output: OutputOpt = None, force: ForceOpt = False,
-              in_place: InPlaceOpt = False, device: DeviceOpt = "auto", block: BlockOpt = DEFAULT_BLOCK,
-              wait: WaitOpt = DEFAULT_WAIT, json_out: JsonOpt = False) -> None:
-    """Write the fused checkpoint from the stored fit and mask, to any path.
+def apply_cmd(target: Target, store: Store = None, output: Output = None, force: Force = False,
+              in_place: InPlace = False, device: Device = D["device"], block: Block = D["block"],
+              wait: Wait = D["wait"], json_out: Json = False, verbose: Verbose = False) -> None:
+    """Write the fused checkpoint from the stored fit and mask: the default output, or an audit copy.
 
-    Example: `pdt apply runs/exp1/ckpts -o runs/exp1/resume.pt --force`
+    Examples: `pdt apply runs/exp1/ckpts --force` (after `pdt mask`), `pdt apply runs/exp1/ckpts -o /tmp/audit.pt`
     """
     with errors_as_exit(json_out):
-        s = settings(json_out=json_out, device=device, block=block, wait=wait)
+        s = settings(json_out, verbose, device=device, block=block, wait=wait)
         result = api.apply(target, store=store, output=output, force=force, in_place=in_place, settings=s)
         finish(result, json_out=json_out, strict=False)
 
 
 @app.command()
-def restore(target: Target, store: StoreOpt = None, path: Annotated[Optional[Path], typer.Option(
-        "--path", help="Undo the latest in-place write to this file [default: the latest of all].")] = None,
-            force: Annotated[bool, typer.Option(
+def restore(target: Target, store: Store = None, path: Annotated[Optional[Path], typer.Option(
+        "--path", metavar="PATH", help="Undo the latest in-place write to this file [default: the latest of all].")]
+            = None, force: Annotated[bool, typer.Option(
                 "--force", metavar="", help="Restore even if training has saved over pdt's output since.")] = False,
-            wait: WaitOpt = DEFAULT_WAIT, json_out: JsonOpt = False) -> None:
+            wait: Wait = D["wait"], json_out: Json = False, verbose: Verbose = False) -> None:
     """Put back the checkpoint that `--in-place` replaced, and drop the fused state from the window.
 
     Example: `pdt restore runs/exp1/ckpts`
     """
     with errors_as_exit(json_out):
-        result = api.restore(target, store=store, path=path, force=force, settings=settings(json_out=json_out,
-                                                                                           wait=wait))
-        finish(result, json_out=json_out, strict=False)
+        s = settings(json_out, verbose, wait=wait)
+        finish(api.restore(target, store=store, path=path, force=force, settings=s), json_out=json_out, strict=False)
 
 
 @app.command()
-def report(target: Target, store: StoreOpt = None, top: Annotated[
+def report(target: Target, store: Store = None, top: Annotated[
         Optional[int], typer.Option("--top", help="Show only the N largest tensors.", min=1)] = None,
-           wait: WaitOpt = DEFAULT_WAIT, json_out: JsonOpt = False) -> None:
+           wait: Wait = D["wait"], json_out: Json = False) -> None:
     """Per tensor, per layer type and model: accepted elements and which criterion rejected the rest;
     the DMD fit; and the mask ratio of every past step.
 

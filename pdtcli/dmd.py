@@ -52,6 +52,17 @@ class FitOptions:
     rank: int | None = None
     rtol: float = 1e-6
 
+    def __post_init__(self) -> None:
+        """Refuse options no fit can use before any data is read."""
+        if self.modes not in MODES:
+            raise ValueError(f"--modes {self.modes!r}: use one of {', '.join(MODES)}")
+        if self.tau < 1:
+            raise ValueError(f"--tau {self.tau}: predict at least one checkpoint ahead")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"--rank {self.rank}: keep at least one mode")
+        if not 0 <= self.rtol < 1:
+            raise ValueError(f"--rtol {self.rtol:g}: use a relative threshold from 0 up to 1")
+
     def as_dict(self) -> dict:
         return {"tau": self.tau, "modes": self.modes, "rank": self.rank, "rtol": self.rtol}
 

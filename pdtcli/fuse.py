@@ -2,21 +2,27 @@
 
 Only one row block of the snapshot matrix (h x block elements) is in memory at a time,
 whatever the model size; the blocks move to the compute device (CUDA when there is
-one) and are evaluated in float64 there.
+one) and are evaluated in float64 there. The second pass hands each fused tensor to the
+checkpoint's writer as the writer reaches it, so the output is written in one stream too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .dmd import accumulate_r
 from .errors import UsageError
-from .mask import MaskOptions, evaluate, random_accept, step_matrix
+from .formats import open_checkpoint
+from .mask import COUNT_COLUMNS, MaskOptions, evaluate, random_accept, step_matrix
+from .progress import NoProgress, Progress
 from .store import Store
+from .store.records import TensorEntry
 
 DEFAULT_BLOCK = 1 << 18
 
@@ -48,12 +54,16 @@ class Window:
             self._buffer = np.empty((len(self.slots), self.block), dtype=self.store.dtype)
         for a in range(start, stop, self.block):
             b = min(stop, a + self.block)
-            values = self.store.read_block(self.slots, a, b, out=self._buffer)
+            values = self.store.matrix.read(self.slots, a, b, out=self._buffer)
             yield a, b, torch.from_numpy(values).to(device=self.device, dtype=torch.float64, copy=True)
 
     def qr_factor(self) -> np.ndarray:
         """Pass 1: R of W = QR over the whole window."""
         return accumulate_r((w for _, _, w in self.blocks(0, self.store.n)), len(self.slots))
+
+
+def window_of(store: Store, ids: list[int], device: str, block: int) -> Window:
+    return Window(store, [store.slot_of(i) for i in ids], pick_device(device), block)
 
 
 @dataclass
@@ -71,32 +81,30 @@ class Predictor:
         self.steps_t = torch.from_numpy(np.ascontiguousarray(step_matrix(coefficients).T)).to(window.device)
         self.options = options
 
-    def _blocks(self, entry: dict) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        start = int(entry["offset"])
-        for a, b, w in self.window.blocks(start, start + int(entry["numel"])):
-            yield a - start, b - start, w, self.steps_t @ w
+    def _blocks(self, entry: TensorEntry) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        for a, b, w in self.window.blocks(entry.offset, entry.offset + entry.numel):
+            yield a - entry.offset, b - entry.offset, w, self.steps_t @ w
 
-    def _ratio(self, entry: dict) -> float:
-        counts = np.zeros(6, dtype=np.int64)
+    def _ratio(self, entry: TensorEntry) -> float:
+        counts = np.zeros(len(COUNT_COLUMNS), dtype=np.int64)
         for *_, p in self._blocks(entry):
             counts += evaluate(p, self.options.criteria).counts()
         return counts[1] / max(1, counts[0])
 
-    def run(self, entry: dict, original: torch.Tensor | None = None, stored_bits: np.ndarray | None = None,
+    def run(self, entry: TensorEntry, original: torch.Tensor | None = None, stored_bits: np.ndarray | None = None,
             lineage_slot: int | None = None) -> TensorResult:
         """Mask (or take `stored_bits`) and, given the newest checkpoint's tensor, fuse it.
 
         With `lineage_slot`, the fused values also go into that snapshot slot, since the
         fused state is what training resumes from (Algorithm 1, line 17).
         """
-        counts = np.zeros(6, dtype=np.int64)
+        counts = np.zeros(len(COUNT_COLUMNS), dtype=np.int64)
         ratio = self._ratio(entry) if self.options.random and stored_bits is None else None
         flat = original.reshape(-1).clone() if original is not None else None
         unpacked = None
         if stored_bits is not None:
-            unpacked = np.unpackbits(stored_bits, count=int(entry["numel"])).astype(bool)
+            unpacked = np.unpackbits(stored_bits, count=entry.numel).astype(bool)
         bits = []
-        offset = int(entry["offset"])
         for a, b, w, p in self._blocks(entry):
             if unpacked is not None:
                 accepted = torch.from_numpy(unpacked[a:b])
@@ -105,7 +113,8 @@ class Predictor:
                 counts += verdict.counts()
                 accepted = verdict.accepted.cpu()
                 if ratio is not None:
-                    accepted = torch.from_numpy(random_accept(offset + a, offset + b, ratio, self.options.seed))
+                    accepted = torch.from_numpy(random_accept(entry.offset + a, entry.offset + b, ratio,
+                                                              self.options.seed))
                     accepted &= ~verdict.nonfinite.cpu()
                 bits.append(np.packbits(accepted.numpy()))
             if flat is not None:
@@ -115,9 +124,66 @@ class Predictor:
                     predicted = predicted.round()
                 target.copy_(torch.where(accepted, predicted.to(flat.dtype), target))
                 if lineage_slot is not None:
-                    self.window.store.write_segment(lineage_slot, offset + a, target.to(torch.float64).numpy())
+                    self.window.store.matrix.write(lineage_slot, entry.offset + a, target.to(torch.float64).numpy())
         if unpacked is None and ratio is not None:
-            counts[1] = int(np.unpackbits(np.concatenate(bits), count=int(entry["numel"])).sum())
+            counts[1] = int(np.unpackbits(np.concatenate(bits), count=entry.numel).sum())
         packed = stored_bits if stored_bits is not None else (np.concatenate(bits) if bits else np.zeros(0, np.uint8))
         fused = flat.reshape(original.shape) if flat is not None else None
         return TensorResult(counts, packed, fused)
+
+
+@dataclass
+class Written:
+    """Where pass 2 writes the fused checkpoint, and from what."""
+
+    path: Path
+    source: Path  # the checkpoint whose non-predicted content is carried over
+    lineage_slot: int | None = None  # training resumes from it: its values go into this slot too
+    backup_to: Path | None = None  # in place: keep what `path` held here first
+    before_publish: Callable[[Path], None] | None = None
+
+
+@dataclass
+class PassResult:
+    counts: np.ndarray  # (tensors, COUNT_COLUMNS)
+    bits: np.ndarray  # packed accepted bits of all tensors, in layout order
+    byte_offsets: np.ndarray  # where each tensor's bits start in `bits`
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"bits": self.bits, "byte_offsets": self.byte_offsets, "counts": self.counts}
+
+
+def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: dict[str, np.ndarray] | None = None,
+                write: Written | None = None, progress: Progress | None = None) -> PassResult:
+    """Pass 2 over every predicted tensor: the mask (or the `stored` one), and with `write`, the
+    fused checkpoint, each tensor handed to the writer as it reaches it."""
+    progress = progress or NoProgress()
+    predictor = Predictor(window, store.coefficients, options)
+    index_of = {entry.name: index for index, entry in enumerate(store.tensors)}
+    counts = np.zeros((len(store.tensors), len(COUNT_COLUMNS)), dtype=np.int64)
+    bits: list[np.ndarray] = [np.zeros(0, np.uint8)] * len(store.tensors)
+    lineage_slot = write.lineage_slot if write else None
+
+    with progress.task("predict + mask" + (" + write" if write else ""), store.n) as advance:
+        def one(index: int, original: torch.Tensor | None) -> torch.Tensor | None:
+            entry = store.tensors[index]
+            given = None
+            if stored is not None:
+                given = stored["bits"][stored["byte_offsets"][index]:stored["byte_offsets"][index + 1]]
+            result = predictor.run(entry, original, given, lineage_slot)
+            counts[index] = result.counts if given is None else stored["counts"][index]
+            bits[index] = result.bits
+            advance(entry.numel)
+            return result.fused
+
+        if write is None:
+            for index in range(len(store.tensors)):
+                one(index, None)
+        else:
+            with atomic_path(write.path, backup_to=write.backup_to, before_publish=write.before_publish) as tmp, \
+                    open_checkpoint(write.source) as reader:
+                reader.write_fused(tmp, lambda name, tensor: one(index_of[name], tensor)
+                                   if name in index_of else None)
+            store.matrix.sync()
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in bits])]).astype(np.int64)
+    return PassResult(counts, np.concatenate(bits) if bits else np.zeros(0, np.uint8), offsets)

@@ -15,38 +15,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import remove_path
-from .discover import ORDERS, Candidate, list_checkpoints, located, order_key, resolve_order
+from .discover import Candidate, list_checkpoints, located, order_key, resolve_order
 from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError
 from .formats import TensorInfo, open_checkpoint
-from .identity import sha256_path, unchanged
-from .options import DEFAULT_HISTORY
+from .identity import sha256_path
+from .options import DEFAULT_HISTORY, DEFAULT_STORE_DTYPE
 from .progress import Progress
 from .selection import Selection, plan_layout
 from .session import Session
-from .store import DATA_NAME, META_NAME, Store, now
+from .store import Store, now
+from .store.records import Seen
 
 Layout = list[tuple[str, list[int]]]  # (tensor name, shape) of every predicted tensor
 
 
-def owned_outputs(store: Store) -> set[str]:
-    """Output paths that still hold what pdt wrote. An in-place output that training has since
-    saved over is a checkpoint again (the same path, the next epoch)."""
-    latest = {o["path"]: o for o in store.state["outputs"]}
-    return {path for path, o in latest.items()
-            if not o.get("in_place") or unchanged(Path(path), o)}
-
-
 def order_rule(s: Session) -> str:
     wanted = s.settings.order
-    if wanted is not None and wanted not in ORDERS:
-        raise UsageError(f"--order {wanted!r}: use one of {', '.join(ORDERS)}")
     if s.store is None:
         return wanted or "auto"
-    stored = s.store.state.get("order", "name")  # stores made before --order existed ordered by name
+    stored = s.store.order
     if wanted not in (None, "auto", stored):
         raise UsageError(f"this store orders checkpoints by {stored}; remove {s.root} to change --order")
     return stored
+
+
+def _check_store_dtype(s: Session) -> None:
+    wanted = s.settings.store_dtype
+    if s.store is not None and wanted is not None and wanted != s.store.dtype_name:
+        raise UsageError(f"this store keeps snapshots as {s.store.dtype_name}; remove {s.root} to change "
+                         "--store-dtype")
 
 
 def history_len(s: Session) -> int:
@@ -67,14 +64,13 @@ def file_patterns(s: Session) -> tuple[str, ...] | None:
         return tuple(s.settings.files) or None
     if s.store is None:
         return None
-    kept = s.store.state.get("files")
-    return tuple(kept) if kept else None
+    return tuple(s.store.files) or None
 
 
 def _check_selection(s: Session) -> None:
     wanted = s.settings.selection
-    if s.store is not None and wanted is not None and wanted.as_dict() != s.store.state["layout"]["selection"]:
-        raise UsageError(f"this store was made with {s.store.state['layout']['selection']}; "
+    if s.store is not None and wanted is not None and wanted.as_dict() != s.store.layout.selection:
+        raise UsageError(f"this store was made with {s.store.layout.selection}; "
                          f"remove {s.root} to change --include/--exclude")
 
 
@@ -84,24 +80,18 @@ def _new_candidates(s: Session, files: tuple[str, ...] | None
     with why; and files found to hold no state dict."""
     store = s.store
     rule = order_rule(s)
-    known = owned_outputs(store) if store else set()
-    seen = {rec["path"]: rec for rec in store.state["ingested"]} if store else {}
-    unseen = []
-    for cand in list_checkpoints(s.folder, known, files):
-        rec = seen.get(located(cand.path))
-        if not (rec and rec["size"] == cand.size and rec["mtime"] == cand.mtime):
-            unseen.append(cand)
+    known = store.owned_outputs() if store else set()
+    seen = {cand: store.last_seen(located(cand.path)) if store else None
+            for cand in list_checkpoints(s.folder, known, files)}
+    unseen = [cand for cand, rec in seen.items() if not (rec and rec.size == cand.size and rec.mtime == cand.mtime)]
     s.order, unseen, dropped = resolve_order(rule, unseen)
     unseen.sort(key=lambda c: (*order_key(c, s.order), c.path.name))
-    newest = None
-    if store and store.state["window"]:
-        checkpoints = [store.record(i) for i in store.state["window"] if store.record(i)["kind"] == "checkpoint"]
-        if checkpoints:
-            newest = order_key(checkpoints[-1], s.order)
+    last = store.newest_checkpoint() if store else None
+    newest = order_key(last, s.order) if last else None
     fresh, passed = [], []
     for cand in unseen:
-        rec = seen.get(located(cand.path))
-        rewritten = rec is not None and cand.mtime > rec["mtime"]  # the same path saved again
+        rec = seen.get(cand)
+        rewritten = rec is not None and cand.mtime > rec.mtime  # the same path saved again
         if newest is not None and order_key(cand, s.order) <= newest and not rewritten:
             passed.append((cand, "older than the newest snapshot in the window"))
             continue
@@ -156,7 +146,7 @@ def _checked(s: Session, fresh: list[Candidate], history: int
         chosen[cand] = digest
         distinct.add(digest)
     chosen = dict(reversed(list(chosen.items())))
-    expected = [(e["name"], e["shape"]) for e in s.store.tensors] if s.store else None
+    expected = [(e.name, e.shape) for e in s.store.tensors] if s.store else None
     for cand, infos in sorted(opened.items(), key=lambda item: list(chosen).index(item[0])):
         if expected is None:  # a new store: the oldest checkpoint sets the layout
             expected = _layout_of(infos, s.settings.selection or Selection(), cand.path)
@@ -164,61 +154,40 @@ def _checked(s: Session, fresh: list[Candidate], history: int
     return chosen, dropped
 
 
-def _provenance(cand: Candidate, digest: str | None, status: str, step: int | None) -> dict:
-    return {
-        "path": located(cand.path),
-        "size": cand.size,
-        "mtime": cand.mtime,
-        "name_step": cand.name_step,
-        "recorded_step": step,
-        "sha256": digest,
-        "status": status,
-        "at": now(),
-    }
+def _provenance(cand: Candidate, digest: str | None, status: str, step: int | None) -> Seen:
+    return Seen(path=located(cand.path), size=cand.size, mtime=cand.mtime, name_step=cand.name_step,
+                recorded_step=step, sha256=digest, status=status, at=now())
 
 
 def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress: Progress) -> dict:
     settings = s.settings
     path = cand.path
     if s.store is not None:
-        duplicate = next((r for r in s.store.state["ingested"]
-                          if r["sha256"] == digest and r.get("status") == "ingested"), None)
+        duplicate = s.store.duplicate_of(digest)
         if duplicate is not None:
-            s.store.state["ingested"].append(_provenance(cand, digest, "duplicate", None))
-            return {"path": str(path), "reason": f"same content as {duplicate['path']}"}
+            s.store.note_seen(_provenance(cand, digest, "duplicate", None))
+            return {"path": str(path), "reason": f"same content as {duplicate.path}"}
     with open_checkpoint(path) as reader:
         if s.store is None:
             selection = settings.selection or Selection()
             plan = plan_layout(reader.tensors(), selection)
-            s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype, s.order)
+            s.store = Store.create(s.root, s.folder, plan, selection, history,
+                                   settings.store_dtype or DEFAULT_STORE_DTYPE, s.order, list(settings.files or ()))
         store = s.store
-        _check_layout([(e["name"], e["shape"]) for e in store.tensors], reader.tensors(), path)
-        slot = store.free_slot(keep=set(store.state["window"]))
+        _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path)
+        slot = store.ingest_slot()
         store_dtype = torch.float64 if store.dtype == np.float64 else torch.float32
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:
-                values = reader.read(entry["name"]).detach().reshape(-1).to(store_dtype)
+                values = reader.read(entry.name).detach().reshape(-1).to(store_dtype)
                 if not bool(torch.isfinite(values).all()):
-                    raise CheckpointError(f"tensor {entry['name']!r} holds NaN or Inf", path)
-                store.write_segment(slot, entry["offset"], values.numpy())
-                advance(entry["numel"])
+                    raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", path)
+                store.matrix.write(slot, entry.offset, values.numpy())
+                advance(entry.numel)
         step = reader.recorded_step()
-    record = _provenance(cand, digest, "ingested", step)
-    store.sync()
-    snapshot_id = store.place(slot, dict(record, kind="checkpoint"))
-    record["id"] = snapshot_id
-    store.state["ingested"].append(record)
-    store.state["window"] = (store.state["window"] + [snapshot_id])[-history:]
+    store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
     store.commit()
     return {}
-
-
-def _forget_new_store(s: Session) -> None:
-    """Undo a store this run created: the run failed, so it leaves nothing behind."""
-    s.store.close()
-    for name in (META_NAME, DATA_NAME):
-        remove_path(s.root / name)
-    s.store = None
 
 
 def ingest(s: Session) -> tuple[list[str], list[dict]]:
@@ -226,6 +195,7 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
     if s.folder is None or not s.folder.is_dir():
         raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
     _check_selection(s)
+    _check_store_dtype(s)
     history = history_len(s)
     files = file_patterns(s)
     fresh, passed, dropped = _new_candidates(s, files)
@@ -248,16 +218,18 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
             else:
                 ingested.append(str(cand.path))
     except BaseException:
-        if created and s.store is not None:
-            _forget_new_store(s)
+        if created and s.store is not None:  # a first run that fails leaves no store behind
+            s.store.forget()
+            s.store = None
         raise
     store = s.store
-    files_changed = s.settings.files is not None and list(s.settings.files) != store.state.get("files", [])
+    files_changed = s.settings.files is not None and list(s.settings.files) != store.files
     if files_changed:
-        store.state["files"] = list(s.settings.files)
-    if passed or dropped:  # remember what was passed over, so it is not reported again
-        store.state["ingested"] += [_provenance(cand, None, "skipped", None) for cand, _ in passed]
-        store.state["ingested"] += [_provenance(cand, None, "not-a-checkpoint", None) for cand, _ in dropped]
+        store.files = list(s.settings.files)
+    for cand, _ in passed:  # remember what was passed over, so it is not reported again
+        store.note_seen(_provenance(cand, None, "skipped", None))
+    for cand, _ in dropped:
+        store.note_seen(_provenance(cand, None, "not-a-checkpoint", None))
     if skipped or files_changed:
         store.commit()
     return ingested, skipped

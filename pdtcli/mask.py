@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .selection import LAYER_TYPES
+
 CRITERIA = ("lower", "upper", "sign")
 COUNT_COLUMNS = ("elements", "accepted", "fail_lower", "fail_upper", "fail_sign", "nonfinite")
 
@@ -40,6 +42,10 @@ class MaskOptions:
 
     def as_dict(self) -> dict:
         return {"criteria": list(self.criteria), "random": self.random, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MaskOptions:
+        return cls(tuple(data["criteria"]), bool(data["random"]), int(data["seed"]))
 
 
 @dataclass
@@ -108,3 +114,27 @@ def random_accept(start: int, stop: int, ratio: float, seed: int) -> np.ndarray:
         keyed = _splitmix64(index ^ _splitmix64(np.array([seed], dtype=np.uint64)))
     uniform = (keyed >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
     return uniform < ratio
+
+
+def counts_row(counts: np.ndarray) -> dict:
+    """One row of counts by column name, with the accepted ratio."""
+    row = {name: int(value) for name, value in zip(COUNT_COLUMNS, counts, strict=False)}
+    row["ratio"] = row["accepted"] / row["elements"] if row["elements"] else 0.0
+    return row
+
+
+def summarize_counts(layer_types: list[str], counts: np.ndarray) -> dict:
+    """Roll per-tensor counts up by layer type (in the order of `LAYER_TYPES`) and for the model."""
+    counts = np.asarray(counts, dtype=np.int64).reshape(len(layer_types), len(COUNT_COLUMNS))
+    by_type = {}
+    for kind in LAYER_TYPES:
+        rows = [i for i, t in enumerate(layer_types) if t == kind]
+        if rows:
+            by_type[kind] = counts_row(counts[rows].sum(axis=0))
+    return {"model": counts_row(counts.sum(axis=0)), "by_layer_type": by_type}
+
+
+def tensor_rows(entries: list[dict], counts: np.ndarray) -> list[dict]:
+    """Per-tensor rows (name, layer type, shape and counts) of a layout's tensors."""
+    return [{"name": e["name"], "layer_type": e["layer_type"], "shape": e["shape"], **counts_row(np.asarray(c))}
+            for e, c in zip(entries, counts, strict=False)]

@@ -1,23 +1,111 @@
-"""What a run may change, with the paper's defaults, in one place the library and the CLI share."""
+"""Every option of a run, declared once: its default, its help, and what values it accepts.
+
+The library takes a `Settings`; the CLI's flags are made from `OPTIONS` (so a default or a
+help text is written once), and `Settings.build` turns the flat values a user gives, on the
+command line or from Python, into checked settings: every invalid value is a `UsageError`
+(exit 2) before any file is read.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from .dmd import FitOptions
+from .discover import ORDERS
+from .dmd import MODES, FitOptions
+from .errors import UsageError
 from .fuse import DEFAULT_BLOCK
-from .mask import MaskOptions
+from .mask import CRITERIA, MaskOptions
 from .progress import NoProgress, Progress
 from .selection import Selection
 
 DEFAULT_HISTORY = 5
 DEFAULT_WAIT = 60.0  # seconds a second pdt waits for the store's lock
 DEFAULT_STORE_DTYPE = "float32"
+STORE_DTYPES = ("float32", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+FIT = FitOptions()
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flag: its name(s), default, help and the values it takes (for the CLI and for checks)."""
+
+    flags: tuple[str, ...]
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    min: float | None = None
+    metavar: str | None = None
+    shown_default: str | None = None  # what help shows when the default is None ("the store's")
+
+
+OPTIONS: dict[str, Option] = {
+    "store": Option(("--store",), None, "Store folder.", metavar="PATH", shown_default="DIR/.pdt"),
+    "output": Option(("--output", "-o"), None, "Write an audit copy here instead; training is taken to resume from "
+                     "the default output, NAME.pdt.EXT beside the newest checkpoint, which alone enters the window.",
+                     metavar="PATH"),
+    "dry_run": Option(("--dry-run",), False, "Fit and mask; write no checkpoint."),
+    "force": Option(("--force",), False, "Replace an existing output."),
+    "in_place": Option(("--in-place",), False, "Write over the newest checkpoint (for scripts that resume from one "
+                       "path); a backup is kept, and `pdt restore` puts it back. Refused when that checkpoint is a "
+                       "symbolic link."),
+    "history": Option(("--history",), None, "Snapshots in the window, h; fixed when the store is made.", min=2,
+                      shown_default=str(DEFAULT_HISTORY)),
+    "tau": Option(("--tau",), FIT.tau, "Checkpoints to predict ahead.", min=1),
+    "modes": Option(("--modes",), FIT.modes, "exact | projected (the paper's eq. 11).", choices=MODES),
+    "rank": Option(("--rank",), None, "Fixed DMD rank instead of --rtol.", min=1),
+    "rtol": Option(("--rtol",), FIT.rtol, "Keep singular values above rtol x the largest."),
+    "criteria": Option(("--criteria",), "all", "all | none | comma list of lower,upper,sign."),
+    "random": Option(("--random",), False, "Audit: random mask at the criteria's per-tensor ratio."),
+    "seed": Option(("--seed",), 0, "Seed of --random."),
+    "include": Option(("--include",), None, "Also predict tensors matching this glob (repeatable).", metavar="GLOB"),
+    "exclude": Option(("--exclude",), None, "Never predict tensors matching this glob (repeatable).",
+                      metavar="GLOB"),
+    "files": Option(("--files",), None, "Only names matching this glob are checkpoints (repeatable; kept in the "
+                    "store for later runs).", metavar="GLOB"),
+    "order": Option(("--order",), None, "Training order: auto | name (step number in the name) | step (recorded "
+                    "inside) | mtime; fixed when the store is made.", choices=ORDERS, shown_default="auto"),
+    "store_dtype": Option(("--store-dtype",), None, "float32 | float64; fixed when the store is made.",
+                          choices=STORE_DTYPES, shown_default=DEFAULT_STORE_DTYPE),
+    "device": Option(("--device",), "auto", "auto | cpu | cuda.", choices=DEVICES),
+    "block": Option(("--block",), DEFAULT_BLOCK, "Elements per row block (bounds memory).", min=8),
+    "wait": Option(("--wait",), DEFAULT_WAIT, "Seconds to wait for another pdt's lock.", min=0),
+    "rebuild": Option(("--rebuild",), False, "Set the store aside unread (it may be damaged) and ingest the folder's "
+                      "newest checkpoints into a new one; backups are kept."),
+    "json_out": Option(("--json",), False, "Print the result as JSON on stdout (errors too)."),
+    "strict": Option(("--strict",), False, "Exit 10 when waiting for checkpoints, 11 when nothing is new."),
+    "verbose": Option(("--verbose", "-v"), False, "Say why checkpoints were skipped and fits reused (on stderr)."),
+}
+
+
+def parse_criteria(text: str) -> tuple[str, ...]:
+    """`all`, `none`, or a comma list of criteria, as the mask takes them."""
+    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    if words == ["all"]:
+        return CRITERIA
+    if words == ["none"]:
+        return ()
+    unknown = [w for w in words if w not in CRITERIA]
+    if unknown or not words:
+        raise UsageError(f"--criteria {text!r}: use all, none, or a comma list of {', '.join(CRITERIA)}")
+    return tuple(words)
+
+
+def _check(name: str, value: Any) -> None:
+    option = OPTIONS[name]
+    if value is None:
+        return
+    if option.choices and value not in option.choices:
+        raise UsageError(f"{option.flags[0]} {value!r}: use one of {', '.join(option.choices)}")
+    if option.min is not None and value < option.min:
+        raise UsageError(f"{option.flags[0]} {value}: the least is {option.min:g}")
 
 
 @dataclass
 class Settings:
-    """What a run may change; everything has the paper's default."""
+    """What a run may change; everything has the paper's default. `None`: the store's value
+    (or the default, for a new store)."""
 
     history: int | None = None
     fit: FitOptions = field(default_factory=FitOptions)
@@ -25,8 +113,30 @@ class Settings:
     selection: Selection | None = None
     device: str = "auto"
     block: int = DEFAULT_BLOCK
-    store_dtype: str = DEFAULT_STORE_DTYPE
-    order: str | None = None  # auto | name | step | mtime; None: the store's, or auto for a new store
-    files: tuple[str, ...] | None = None  # globs naming the checkpoints; None: the store's, or every checkpoint
+    store_dtype: str | None = None
+    order: str | None = None
+    files: tuple[str, ...] | None = None  # globs naming the checkpoints
     lock_timeout: float = DEFAULT_WAIT
     progress: Progress = field(default_factory=NoProgress)
+
+    def __post_init__(self) -> None:
+        for name, value in (("history", self.history), ("device", self.device), ("block", self.block),
+                            ("store_dtype", self.store_dtype), ("order", self.order), ("wait", self.lock_timeout)):
+            _check(name, value)
+
+    @classmethod
+    def build(cls, *, tau: int = FIT.tau, modes: str = FIT.modes, rank: int | None = None, rtol: float = FIT.rtol,
+              criteria: str = "all", random: bool = False, seed: int = 0, include: list[str] | None = None,
+              exclude: list[str] | None = None, files: list[str] | None = None, wait: float = DEFAULT_WAIT,
+              progress: Progress | None = None, **rest: Any) -> Settings:
+        """Settings from the flat values of the options (as the CLI takes them), each checked."""
+        for name, value in (("tau", tau), ("modes", modes), ("rank", rank)):
+            _check(name, value)
+        try:
+            fit = FitOptions(tau=tau, modes=modes, rank=rank, rtol=rtol)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        selection = Selection(tuple(include or ()), tuple(exclude or ())) if (include or exclude) else None
+        return cls(fit=fit, mask=MaskOptions(parse_criteria(criteria), random, seed), selection=selection,
+                   files=tuple(files) if files else None, lock_timeout=wait, progress=progress or NoProgress(),
+                   **rest)

@@ -23,9 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .mask import COUNT_COLUMNS, CRITERIA
+from .mask import CRITERIA, summarize_counts, tensor_rows
 from .selection import LAYER_TYPES
-from .store import snapshot_step
 
 OVERLAP_NOTE = ("failure columns overlap: an element that fails several criteria is counted under each; "
                 "non-finite predictions only under nonfinite")
@@ -33,69 +32,30 @@ LEGEND = "acc %: accepted; lower, upper, sign, non-fin: failures per test, overl
 _NAME_PARTS = re.compile(r"(?<=[./])")  # split after each separator: "a.b/c" -> "a.", "b/", "c"
 
 
-def _row(counts: np.ndarray) -> dict:
-    row = {name: int(value) for name, value in zip(COUNT_COLUMNS, counts, strict=False)}
-    row["ratio"] = row["accepted"] / row["elements"] if row["elements"] else 0.0
-    return row
-
-
-def summarize_counts(entries: list[dict], counts: np.ndarray) -> dict:
-    """Roll per-tensor counts up by layer type and for the whole model."""
-    counts = np.asarray(counts, dtype=np.int64).reshape(len(entries), len(COUNT_COLUMNS))
-    by_type = {}
-    for kind in LAYER_TYPES:
-        rows = [i for i, e in enumerate(entries) if e["layer_type"] == kind]
-        if rows:
-            by_type[kind] = _row(counts[rows].sum(axis=0))
-    return {"model": _row(counts.sum(axis=0)), "by_layer_type": by_type}
-
-
-def tensor_rows(entries: list[dict], counts: np.ndarray) -> list[dict]:
-    return [
-        {"name": e["name"], "layer_type": e["layer_type"], "shape": e["shape"], **_row(np.asarray(c))}
-        for e, c in zip(entries, counts, strict=False)
-    ]
-
-
 def build_report(data: dict[str, Any]) -> dict:
-    """The report as plain data: what `pdt report --json` prints and the tables show."""
-    state = data["state"]
-    entries = state["layout"]["tensors"]
-    window = [_snapshot_view(state, i) for i in state["window"]]
-    fit = state["fit"]
+    """The report as plain data (what `pdt report --json` prints and the tables show), from what
+    the store describes of itself (`Store.describe`)."""
+    layout = data["layout"]
     report: dict[str, Any] = {
         "store": data["store"],
         "folder": data["folder"],
-        "window": window,
-        "fit_window": [_snapshot_view(state, i) for i in fit["window"]] if fit else [],
-        "resumed_from": window[-1]["path"] if window else None,
-        "history_len": state["history_len"],
-        "predicted_elements": state["n"],
-        "selection": state["layout"]["selection"],
-        "skipped_tensors": state["layout"]["skipped"],
-        "fit": fit,
-        "mask": state["mask"],
-        "history": state["history"],
+        "window": data["window"],
+        "fit_window": data["fit_window"],
+        "resumed_from": data["resumed_from"],
+        "history_len": data["history_len"],
+        "predicted_elements": data["n"],
+        "selection": layout["selection"],
+        "skipped_tensors": layout["skipped"],
+        "fit": data["fit"],
+        "mask": data["mask"],
+        "history": data["history"],
         "note": OVERLAP_NOTE,
     }
-    if data["counts"] is not None and state["mask"]:
+    if data["counts"] is not None and data["mask"]:
         counts = np.asarray(data["counts"])
-        report["tensors"] = tensor_rows(entries, counts)
-        report.update(summarize_counts(entries, counts))
+        report["tensors"] = tensor_rows(layout["tensors"], counts)
+        report.update(summarize_counts([t["layer_type"] for t in layout["tensors"]], counts))
     return report
-
-
-def _snapshot_view(state: dict, snapshot_id: int) -> dict:
-    """A snapshot with the step that orders the window (the store's rule), so every view agrees.
-
-    A fit may outlive the snapshots it used (a newer checkpoint took their slot): those show
-    only their id, with None for what the store no longer knows.
-    """
-    rec = state["snapshots"].get(str(snapshot_id))
-    if rec is None:
-        return {"id": snapshot_id, "kind": None, "path": None, "step": None, "name": None}
-    return {"id": snapshot_id, "kind": rec["kind"], "path": rec["path"],
-            "step": snapshot_step(rec, state.get("order", "name")), "name": Path(rec["path"]).name}
 
 
 def _label(view: dict) -> str:

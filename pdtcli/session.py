@@ -3,22 +3,27 @@
 A second pdt on the same store waits for the lock, then fails clearly. A command that would
 ingest from a folder in which nothing is a checkpoint fails before `.pdt` is made there, and
 a store folder made by a run that ended without a store is removed again, so a wrong path in
-a cron line creates nothing.
+a cron line creates nothing. The store's folder, lock and records are checked before they
+are trusted: a linked store folder or lock file is refused, and a store opened by its own
+path must be the `.pdt` folder of the checkpoint folder it names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import remove_path
+import filelock
+
+from .atomic import remove_path, sweep_temporaries
 from .backups import finish_in_place
 from .discover import no_checkpoints_here
 from .errors import StageMissing, StoreError, UsageError
 from .options import Settings
-from .store import STORE_DIRNAME, Store, clean_leftovers, lock_for, resolve_store_root
+from .store import BACKUP_DIRNAME, LOCK_NAME, META_NAME, STORE_DIRNAME, Store
 
 
 @dataclass
@@ -34,6 +39,54 @@ class Session:
             raise StageMissing("no store yet; run `pdt snapshot` or `pdt predict` on the checkpoint folder first",
                                self.root)
         return self.store
+
+
+def resolve_store_root(target: Path, store: Path | None) -> tuple[Path, Path | None]:
+    """(store folder, checkpoint folder or None) for a command's target argument.
+
+    The target may be a checkpoint folder (its store is `<folder>/.pdt` unless `--store`
+    names another), a store folder, or a store's `store.h5`.
+    """
+    target = Path(target)
+    if not target.exists():
+        raise UsageError("does not exist", target)
+    if target.is_file() and target.name == META_NAME:
+        return target.parent, None
+    if (target / META_NAME).is_file() and not store:
+        return target, None
+    if not target.is_dir():
+        raise UsageError("not a checkpoint folder or a pdt store", target)
+    if store:
+        return Path(store), target
+    root = target / STORE_DIRNAME
+    if root.is_symlink():
+        raise StoreError(f"is a symbolic link to {os.readlink(root)}; pdt keeps its default store inside the "
+                         "checkpoint folder (pass --store with the real folder if you meant it)", root)
+    return root, target
+
+
+def lock_for(root: Path, timeout: float) -> filelock.BaseFileLock:
+    """The store's lock: a second pdt waits up to `timeout` seconds, then fails clearly.
+
+    filelock opens the lock file for writing, so a lock file that is a link (planted to make
+    pdt write another file) is refused rather than opened.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise StoreError("is not a folder; pdt keeps its store in a folder of this name (remove the file)", root)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / LOCK_NAME
+    if lock.is_symlink():
+        raise StoreError("the lock file is a symbolic link; pdt never writes through one (remove it)", lock)
+    return filelock.FileLock(str(lock), timeout=timeout)
+
+
+def clean_leftovers(root: Path, folder: Path | None) -> list[Path]:
+    """Remove temporaries a killed pdt left behind (call while holding the lock)."""
+    removed = sweep_temporaries(root) + sweep_temporaries(root / BACKUP_DIRNAME)
+    if folder is not None:
+        removed += sweep_temporaries(folder)
+    return removed
 
 
 def _default_store_of(root: Path, folder: Path) -> bool:
@@ -62,7 +115,7 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
     lock = lock_for(root, settings.lock_timeout)
     try:
         lock.acquire()
-    except Exception as exc:  # filelock.Timeout
+    except filelock.Timeout as exc:
         raise StoreError(f"locked by another pdt process (waited {settings.lock_timeout:g}s; --wait to wait longer)",
                          root) from exc
     try:

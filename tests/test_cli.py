@@ -105,7 +105,7 @@ def test_resume_from_fused_then_next_step_measures_from_it(sgd_run):
 
     store = Store.open(sgd_run / ".pdt")
     fused_id = report["window"][3]["id"]
-    values = store.read_block([store.slot_of(fused_id)], 0, store.n)[0]
+    values = store.matrix.read([store.slot_of(fused_id)], 0, store.n)[0]
     fused = torch.load(fused_path, weights_only=True)["model"]
     assert np.array_equal(values, torch.cat([fused[n].reshape(-1) for n in NAMES]).numpy())
     assert not any("pdt" in p for p in payload["ingested"])  # its own output is never a training checkpoint

@@ -27,7 +27,7 @@ from conftest import digest_tree
 from typer.testing import CliRunner
 
 from pdtcli.cli import app
-from pdtcli.store import _checksum
+from pdtcli.store.h5file import checksum as _checksum
 
 
 def pdt(*args) -> tuple[int, str]:

@@ -59,8 +59,8 @@ def test_in_place_loop_keeps_backups_and_restores(tmp_path):
     code, output = pdt("restore", run, "--json")
     assert code == 0, output
     assert last.read_bytes() == saved[-1]
-    state = api.load_state(run)["state"]
-    assert state["snapshots"][str(state["window"][-1])]["kind"] == "checkpoint"
+    state = api.load_state(run)
+    assert state["window"][-1]["kind"] == "checkpoint" and state["resumed_from"] == str(last)
     # writing again from the restored checkpoint gives the same fused file, and keeps the one backup
     assert json.loads(pdt("predict", run, "--in-place", "--json")[1])["status"] == "written"
     assert last.read_bytes() == fused

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -18,6 +19,8 @@ from typer.testing import CliRunner
 from pdtcli.cli import app
 from pdtcli.report import LEGEND, build_report, common_prefix, render_report, render_summary
 from pdtcli.selection import layer_type
+from pdtcli.store import Store
+from pdtcli.store.records import HistoryEntry, Layout
 
 FOLDER = "/runs/gpt/ckpts"
 GPT2_BLOCK = [("ln_1.weight", [768]), ("ln_1.bias", [768]), ("attn.c_attn.weight", [768, 2304]),
@@ -42,7 +45,8 @@ def numel(shape: list[int]) -> int:
 
 
 def checkpoint(path: str, name_step: int | None, recorded_step: int | None, kind: str = "checkpoint") -> dict:
-    return {"kind": kind, "path": path, "name_step": name_step, "recorded_step": recorded_step}
+    return {"kind": kind, "path": path, "name_step": name_step, "recorded_step": recorded_step, "size": 1,
+            "mtime": 0.0, "at": "2026-11-25T17:03:54+00:00"}
 
 
 def make_data(tensors: list[tuple[str, list[int]]], snapshots: dict[int, dict], window: list[int], *,
@@ -60,13 +64,21 @@ def make_data(tensors: list[tuple[str, list[int]]], snapshots: dict[int, dict], 
         "at": "2026-11-25T17:03:54+00:00", "rank": 4, "singular_values": [22.7, 1.77, 0.51, 0.32],
         "eigenvalues": [[1.0089, 0.0], [0.586, 0.0], [-0.2, 0.13], [-0.2, -0.13]], "growing_modes": 1,
         "start_offset": 3.3e-16}
-    mask = {"id": 1, "fit_id": 1, "label": "lower+upper+sign"} if masked and fit else None
-    state = {"order": order, "history_len": len(window), "n": offset, "snapshots": {str(i): dict(r, id=i)
-                                                                                    for i, r in snapshots.items()},
-             "window": window, "fit": fit, "mask": mask, "history": history or [],
-             "layout": {"tensors": entries, "skipped": [], "selection": {"include": [], "exclude": []}}}
-    return {"store": f"{FOLDER}/.pdt", "folder": FOLDER, "state": state, "counts": counts if mask else None,
-            "base_window": window}
+    if fit is not None:
+        fit["eigenvalue_magnitudes"] = [abs(complex(*z)) for z in fit["eigenvalues"]]
+    mask = {"id": 1, "fit_id": 1, "label": "lower+upper+sign", "options": {}, "at": "2026-11-25T17:03:54+00:00",
+            "totals": {}, "by_layer_type": {}} if masked and fit else None
+    slots = sorted(snapshots)
+    records = {str(i): dict(r, id=i, slot=slots.index(i)) for i, r in snapshots.items()}
+    state = {"folder": FOLDER, "order": order, "history_len": len(window), "capacity": len(slots), "n": offset,
+             "dtype": "float32", "snapshots": records,
+             "slots": slots, "window": window, "next_id": max(slots, default=0) + 1, "ingested": [], "fit": fit,
+             "mask": mask, "outputs": []}
+    layout = Layout.from_dict({"tensors": entries, "skipped": [], "selection": {"include": [], "exclude": []},
+                               "n": offset})
+    arrays = {"mask/counts": np.array(counts, dtype=np.int64)} if mask else {}
+    store = Store(Path(f"{FOLDER}/.pdt"), state, layout, [HistoryEntry.from_dict(h) for h in history or []], arrays)
+    return store.describe()
 
 
 def render(report: dict, width: int = 80, **kwargs) -> str:

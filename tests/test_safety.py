@@ -176,14 +176,14 @@ def _big_run(folder: Path) -> None:
 # after the output is published but before the store records it, before the final commit,
 # and before backups are pruned. Each is one SIGKILL at that call (tests/kill_at.py).
 KILL_POINTS = [
-    ("pdtcli.store:Store.write_segment", 1, "before"),
+    ("pdtcli.store.matrix:SnapshotMatrix.write", 1, "before"),
     ("pdtcli.store:Store.commit", 3, "after"),
-    ("pdtcli.store:Store.write_segment", 3, "before"),
+    ("pdtcli.store.matrix:SnapshotMatrix.write", 3, "before"),
     ("pdtcli.fuse:Window.qr_factor", 1, "before"),
     ("torch:save", 1, "half"),
     ("pdtcli.atomic:keep_copy", 1, "after"),
-    ("pdtcli.api:_commit_output", 1, "before"),
-    ("pdtcli.api:_record_history", 1, "after"),
+    ("pdtcli.store:Store.record_output", 1, "before"),
+    ("pdtcli.store:Store.append_history", 1, "after"),
     ("pdtcli.api:prune_backups", 1, "before"),
 ]
 IN_PLACE_ONLY = {"pdtcli.atomic:keep_copy", "pdtcli.api:prune_backups"}

@@ -1,0 +1,425 @@
+"""The snapshot store: one folder per checkpoint folder, behind typed records and the rules.
+
+Layout of a store folder (default `<checkpoints>/.pdt/`):
+
+- `store.h5`: everything but the snapshot values (`store.h5file`): layout, provenance, ring
+  slots, the window, the latest fit and mask, the outputs written and the history of runs.
+- `snapshots.bin`: the snapshot matrix (`store.matrix`), h + 1 slots: a new snapshot is
+  always written into a slot the window does not use, and becomes part of the window only
+  when `store.h5` is replaced. So a kill at any moment leaves the previous, valid store.
+- `lock`: held by the one pdt process allowed to change the store (`session`).
+- `backups/`: what `--in-place` replaced (`backups`).
+
+The `Store` owns the rules of its records, so that every command answers the same way:
+which slot is free, what the window is and which part of it the next fit uses, where a
+fused state goes and what it replaced, what step a snapshot is at, which outputs are pdt's.
+Callers change the store only through these methods, and publish with `commit()`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import remove_path
+from ..errors import StoreError
+from ..identity import unchanged
+from ..selection import LayoutPlan, Selection, layer_type
+from . import h5file
+from .matrix import SnapshotMatrix
+from .records import Fit, HistoryEntry, Layout, Mask, Output, Pending, Seen, Snapshot, TensorEntry
+
+STORE_DIRNAME = ".pdt"
+META_NAME = "store.h5"
+BACKUP_DIRNAME = "backups"  # what --in-place replaced (pdtcli.backups)
+DATA_NAME = "snapshots.bin"
+LOCK_NAME = "lock"
+STORE_DTYPES = {"float32": np.float32, "float64": np.float64}
+ORDER_OF_OLD_STORES = "name"  # stores made before --order existed ordered by name
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def snapshot_step(snapshot: Snapshot | Seen, order: str) -> int | None:
+    """The step that places a snapshot in training order, as every command shows it.
+
+    Under `step` order it is the step recorded inside the checkpoint, under `name` the number
+    in its name; under `mtime` time orders the window, and the step shown is whichever of the
+    two the checkpoint has (None when it has neither: show its name instead).
+    """
+    if order == "step":
+        return snapshot.recorded_step
+    if order == "name":
+        return snapshot.name_step
+    return snapshot.recorded_step if snapshot.recorded_step is not None else snapshot.name_step
+
+
+def layout_from_plan(plan: LayoutPlan, selection: Selection) -> Layout:
+    entries, offset = [], 0
+    for info in plan.predicted:
+        entries.append(TensorEntry(info.name, list(info.shape), str(info.dtype).removeprefix("torch."), offset,
+                                   info.numel, layer_type(info.name, info.shape)))
+        offset += info.numel
+    skipped = [
+        {"name": info.name, "shape": list(info.shape), "dtype": str(info.dtype).removeprefix("torch."), "reason": why}
+        for info, why in plan.skipped
+    ]
+    signature = json.dumps([(e.name, e.shape) for e in entries]).encode()
+    return Layout(entries, skipped, selection.as_dict(), offset, hashlib.sha256(signature).hexdigest()[:16])
+
+
+class Store:
+    """An open store; change it only while holding the session's lock, publish with `commit()`."""
+
+    def __init__(self, root: Path, state: dict[str, Any], layout: Layout, history: list[HistoryEntry],
+                 arrays: dict[str, np.ndarray]) -> None:
+        self.root = Path(root)
+        self.folder = Path(state["folder"])
+        self.history_len = int(state["history_len"])
+        self.capacity = int(state["capacity"])
+        self.n = int(state["n"])
+        self.dtype_name = str(state["dtype"])
+        if self.dtype_name not in STORE_DTYPES or self.capacity != len(state["slots"]):
+            raise ValueError("its dtype or its ring of slots is not one pdt makes")
+        self.order = str(state.get("order", ORDER_OF_OLD_STORES))
+        self.files: list[str] = list(state.get("files") or [])
+        self.created = state.get("created")
+        self.layout = layout
+        self.snapshots = {int(k): Snapshot.from_dict(v) for k, v in state["snapshots"].items()}
+        self.slots: list[int | None] = list(state["slots"])
+        self.window: list[int] = [int(i) for i in state["window"]]
+        self.next_id = int(state["next_id"])
+        self.next_fit = int(state.get("next_fit", 1))
+        self.next_mask = int(state.get("next_mask", 1))
+        self.seen = [Seen.from_dict(r) for r in state["ingested"]]
+        self.fit = Fit.from_dict(state["fit"]) if state.get("fit") else None
+        self.mask = Mask.from_dict(state["mask"]) if state.get("mask") else None
+        self.outputs = [Output.from_dict(o) for o in state["outputs"]]
+        self.history = history
+        self.pending = Pending.from_dict(state["pending_in_place"]) if state.get("pending_in_place") else None
+        self._arrays = arrays
+        self.matrix = SnapshotMatrix(self.root / DATA_NAME, self.capacity, self.n, self.dtype)
+
+    # ---- opening, creating, publishing -------------------------------------------------
+    @staticmethod
+    def exists(root: Path) -> bool:
+        return (Path(root) / META_NAME).is_file()
+
+    @classmethod
+    def open(cls, root: Path) -> Store:
+        path = Path(root) / META_NAME
+        texts, arrays = h5file.read(path)
+        try:
+            store = cls(Path(root), texts["state"], Layout.from_dict(texts["layout"]),
+                        [HistoryEntry.from_dict(h) for h in texts["history"]], arrays)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise StoreError(f"unreadable store ({type(exc).__name__}: {exc})" + h5file.hint(Path(root)),
+                             path) from exc
+        store.matrix.check()
+        return store
+
+    @classmethod
+    def create(cls, root: Path, folder: Path, plan: LayoutPlan, selection: Selection, history: int,
+               dtype: str, order: str, files: list[str]) -> Store:
+        if dtype not in STORE_DTYPES:
+            raise StoreError(f"unknown store dtype {dtype!r} (use one of {', '.join(STORE_DTYPES)})")
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        layout = layout_from_plan(plan, selection)
+        state = {"folder": str(Path(folder).resolve()), "history_len": history, "capacity": history + 1,
+                 "n": layout.n, "dtype": dtype, "order": order, "files": files, "created": now(),
+                 "snapshots": {}, "slots": [None] * (history + 1), "window": [], "next_id": 1,
+                 "ingested": [], "fit": None, "mask": None, "outputs": []}
+        store = cls(root, state, layout, [], {})
+        store.matrix.create()
+        store.commit()
+        return store
+
+    @staticmethod
+    def set_aside(root: Path) -> list[Path]:
+        """Drop a store's records and matrix unread, for `--rebuild`; backups are kept, renamed.
+
+        The backups of `--in-place` writes are the user's original checkpoints, so they move to
+        `backups-before-rebuild-<time>` rather than being pruned by the new store.
+        """
+        root = Path(root)
+        for name in (META_NAME, DATA_NAME):
+            remove_path(root / name)
+        backups = root / BACKUP_DIRNAME
+        if not backups.is_dir() or backups.is_symlink() or not any(backups.iterdir()):
+            remove_path(backups)
+            return []
+        kept = root / f"{BACKUP_DIRNAME}-before-rebuild-{now().replace(':', '')}"
+        os.replace(backups, kept)
+        return [kept]
+
+    def forget(self) -> None:
+        """Remove this store's files: a run that made it failed, and leaves nothing behind."""
+        self.close()
+        for name in (META_NAME, DATA_NAME):
+            remove_path(self.root / name)
+
+    def commit(self) -> None:
+        """Replace store.h5 atomically with the current records; the matrix is synced first."""
+        self.matrix.sync()
+        state = {
+            "format_version": h5file.FORMAT_VERSION, "pdt_version": __version__, "created": self.created,
+            "folder": str(self.folder), "history_len": self.history_len, "order": self.order, "files": self.files,
+            "capacity": self.capacity, "n": self.n, "dtype": self.dtype_name,
+            "snapshots": {str(k): v.as_dict() for k, v in self.snapshots.items()}, "slots": self.slots,
+            "window": self.window, "next_id": self.next_id, "next_fit": self.next_fit, "next_mask": self.next_mask,
+            "ingested": [r.as_dict() for r in self.seen], "fit": self.fit.as_dict() if self.fit else None,
+            "mask": self.mask.as_dict() if self.mask else None, "outputs": [o.as_dict() for o in self.outputs],
+            "pending_in_place": self.pending.as_dict() if self.pending else None,
+        }
+        texts = {"state": state, "layout": self.layout.as_dict(), "history": [h.as_dict() for h in self.history]}
+        h5file.write(self.meta_path, texts, self._arrays, (DATA_NAME, (self.capacity, self.n), self.dtype))
+
+    def close(self) -> None:
+        self.matrix.close()
+
+    # ---- what the store is ------------------------------------------------------------------
+    @property
+    def meta_path(self) -> Path:
+        return self.root / META_NAME
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(STORE_DTYPES[self.dtype_name])
+
+    @property
+    def tensors(self) -> list[TensorEntry]:
+        return self.layout.tensors
+
+    def snapshot(self, snapshot_id: int) -> Snapshot:
+        return self.snapshots[snapshot_id]
+
+    def slot_of(self, snapshot_id: int) -> int:
+        return self.slots.index(snapshot_id)
+
+    def readable(self, snapshot_id: int | None) -> bool:
+        return snapshot_id is not None and snapshot_id in self.slots
+
+    def step_of(self, snapshot: Snapshot | Seen) -> int | None:
+        return snapshot_step(snapshot, self.order)
+
+    def in_folder(self, path: str | Path) -> Path:
+        """A path the store recorded, checked to be an entry of its checkpoint folder (where every
+        checkpoint and resume output lives) before pdt writes there."""
+        path = Path(path)
+        if path.name in ("", ".", "..") or path.parent.resolve() != self.folder.resolve():
+            raise StoreError(f"names {path}, outside its checkpoint folder {self.folder}; refused", self.meta_path)
+        return path
+
+    # ---- ingest ---------------------------------------------------------------------------------
+    def last_seen(self, path: str) -> Seen | None:
+        return next((r for r in reversed(self.seen) if r.path == path), None)
+
+    def duplicate_of(self, digest: str) -> Seen | None:
+        """An ingested checkpoint with this content: a copy of it adds no new state to the window."""
+        return next((r for r in self.seen if r.sha256 == digest and r.status == "ingested"), None)
+
+    def note_seen(self, record: Seen) -> None:
+        """Remember a file that was passed over, so it is neither read nor reported again."""
+        self.seen.append(record)
+
+    def newest_checkpoint(self) -> Snapshot | None:
+        """The newest checkpoint (not fused state) in the window: new ones must come after it."""
+        checkpoints = [self.snapshots[i] for i in self.window if self.snapshots[i].kind == "checkpoint"]
+        return checkpoints[-1] if checkpoints else None
+
+    def free_slot(self, keep: set[int]) -> int | None:
+        """A slot that holds none of the snapshots in `keep`; empty slots first."""
+        for index, held in enumerate(self.slots):
+            if held is None:
+                return index
+        return next((index for index, held in enumerate(self.slots) if held not in keep), None)
+
+    def ingest_slot(self) -> int:
+        """Where the next checkpoint's values go: a slot the committed window does not use."""
+        return self.free_slot(set(self.window))
+
+    def _place(self, slot: int, **fields: Any) -> Snapshot:
+        snapshot_id = self.next_id
+        self.next_id += 1
+        evicted = self.slots[slot]
+        if evicted is not None:
+            self.snapshots.pop(evicted, None)
+        self.slots[slot] = snapshot_id
+        snapshot = Snapshot(id=snapshot_id, slot=slot, **fields)
+        self.snapshots[snapshot_id] = snapshot
+        return snapshot
+
+    def add_checkpoint(self, slot: int, record: Seen) -> int:
+        """A checkpoint whose values were just written to `slot` joins the window (line 17 for the
+        optimizer's own states); the oldest leaves it when it holds h."""
+        snapshot = self._place(slot, kind="checkpoint", path=record.path, size=record.size, mtime=record.mtime,
+                               name_step=record.name_step, recorded_step=record.recorded_step, at=record.at,
+                               sha256=record.sha256, status=record.status)
+        record.id = snapshot.id
+        self.seen.append(record)
+        self.window = (self.window + [snapshot.id])[-self.history_len:]
+        return snapshot.id
+
+    def owned_outputs(self) -> set[str]:
+        """Output paths that still hold what pdt wrote. An in-place output that training has since
+        saved over is a checkpoint again (the same path, the next epoch)."""
+        latest = {o.path: o for o in self.outputs}
+        return {path for path, o in latest.items() if not o.in_place or unchanged(Path(path), o.as_dict())}
+
+    # ---- fit and mask -----------------------------------------------------------------------------
+    def base_window(self) -> list[int]:
+        """The window the next fit uses: a trailing fused state is replaced by the checkpoint it came from.
+
+        After a write, the newest snapshot is the fused state (training resumes from it), but
+        a refit before the next checkpoint arrives must see the optimizer's own trajectory.
+        """
+        window = list(self.window)
+        if window:
+            last = self.snapshots[window[-1]]
+            if last.kind == "fused" and self.readable(last.parent):
+                window[-1] = last.parent
+        return window
+
+    def fit_of(self, ids: list[int], options: dict) -> Fit | None:
+        """The stored fit, if it was made on this window with these options."""
+        fit = self.fit
+        return fit if fit is not None and fit.window == ids and fit.options == options else None
+
+    def r_of(self, ids: list[int]) -> np.ndarray | None:
+        """The stored QR factor of this window (a new tau or rank needs no new pass over the data)."""
+        return self._arrays["fit/R"] if self.fit is not None and self.fit.window == ids else None
+
+    def set_fit(self, ids: list[int], options: dict, summary: dict, arrays: dict[str, np.ndarray]) -> Fit:
+        self.fit = Fit(id=self.next_fit, window=list(ids), options=options, at=now(), **summary)
+        self.next_fit += 1
+        self._arrays = {f"fit/{k}": v for k, v in arrays.items()}
+        self.mask = None
+        return self.fit
+
+    @property
+    def coefficients(self) -> np.ndarray:
+        return self._arrays["fit/C"]
+
+    def fit_readable(self) -> bool:
+        return self.fit is not None and all(self.readable(i) for i in self.fit.window)
+
+    def mask_of(self, options: dict) -> Mask | None:
+        """The stored mask, if it is of the stored fit and made with these options."""
+        mask, fit = self.mask, self.fit
+        return mask if mask and fit and mask.fit_id == fit.id and mask.options == options else None
+
+    def set_mask(self, options: dict, label: str, summary: dict, arrays: dict[str, np.ndarray]) -> Mask:
+        self.mask = Mask(id=self.next_mask, fit_id=self.fit.id, options=options, label=label, at=now(),
+                         totals=summary["model"], by_layer_type=summary["by_layer_type"])
+        self.next_mask += 1
+        self._arrays.update({f"mask/{k}": v for k, v in arrays.items()})
+        return self.mask
+
+    def stored_mask(self) -> dict[str, np.ndarray] | None:
+        """Packed accepted bits, their byte offsets per tensor, and per-tensor counts of the stored mask."""
+        if self.mask is None or "mask/bits" not in self._arrays:
+            return None
+        return {name: self._arrays[f"mask/{name}"] for name in ("bits", "byte_offsets", "counts")}
+
+    # ---- lineage: the outputs, and the fused state training resumes from --------------------------
+    def lineage_slot(self, ids: list[int]) -> int:
+        """A slot for the fused state that the committed store does not depend on.
+
+        If every slot is taken (window + the fit's base), the previous fused state is given
+        up first, in a commit of its own, so that no committed snapshot is ever overwritten.
+        """
+        slot = self.free_slot(set(self.window) | set(ids))
+        if slot is None:
+            self.window = list(ids)
+            self.commit()
+            slot = self.free_slot(set(ids))
+        return slot
+
+    def record_output(self, ids: list[int], path: str, size: int, mtime: float, lineage_slot: int | None,
+                      backup: str | None) -> Output:
+        """Record a written output; when training resumes from it (`lineage_slot`: its values are
+        there), line 17 of Algorithm 1: the fused state becomes the newest snapshot."""
+        output = Output(path=path, fit_id=self.fit.id, mask_id=self.mask.id, snapshot=None, at=now(), size=size,
+                        mtime=mtime, in_place=backup is not None, backup=backup, lineage=lineage_slot is not None)
+        if lineage_slot is not None:
+            base = self.snapshots[ids[-1]]
+            if backup is not None:
+                base.backup = backup
+            fused = self._place(lineage_slot, kind="fused", path=path, size=size, mtime=mtime,
+                                name_step=base.name_step, recorded_step=base.recorded_step, at=output.at,
+                                parent=base.id, fit_id=output.fit_id, mask_id=output.mask_id)
+            output.snapshot = fused.id
+            self.window = ids[:-1] + [fused.id]
+        self.outputs.append(output)
+        return output
+
+    def append_history(self, command: str, output: str | None) -> None:
+        fit, mask = self.fit, self.mask
+        counts = self._arrays["mask/counts"]
+        self.history.append(HistoryEntry(
+            at=now(), command=command, window_steps=[self.step_of(self.snapshots[i]) for i in fit.window],
+            newest=self.snapshots[fit.window[-1]].path, fit_id=fit.id, rank=fit.rank,
+            growing_modes=fit.growing_modes, mask=mask.label, totals=mask.totals, by_layer_type=mask.by_layer_type,
+            per_tensor_accepted=[int(c) for c in counts[:, 1]], output=output))
+
+    def written_already(self) -> str | None:
+        """The output written from the current fit and mask, if the store's lineage is that output."""
+        if not self.window or not self.mask:
+            return None
+        last = self.snapshots[self.window[-1]]
+        if last.kind == "fused" and last.mask_id == self.mask.id and Path(last.path).exists():
+            return last.path
+        return None
+
+    def resumed_from(self) -> Snapshot | None:
+        """The state training is taken to have resumed from: the newest snapshot of the window."""
+        return self.snapshots[self.window[-1]] if self.window else None
+
+    def recorded_backups(self) -> set[str]:
+        return {s.backup for s in self.snapshots.values() if s.backup}
+
+    def latest_in_place(self, path: str | None) -> Output | None:
+        """The latest in-place write not yet undone (to `path`, if given)."""
+        return next((o for o in reversed(self.outputs) if o.in_place and not o.restored
+                     and (path is None or o.path == path)), None)
+
+    def undo(self, output: Output) -> None:
+        """Forget an in-place write that was undone: the checkpoint it replaced is the newest again."""
+        if self.window and self.window[-1] == output.snapshot:
+            self.window[-1] = self.snapshots[output.snapshot].parent
+        output.restored = now()
+
+    # ---- reports ------------------------------------------------------------------------------------
+    def view(self, snapshot_id: int) -> dict:
+        """A snapshot as reports show it, with the step that orders the window; a fit may outlive
+        the snapshots it used (a newer checkpoint took their slot): those show only their id."""
+        snapshot = self.snapshots.get(snapshot_id)
+        if snapshot is None:
+            return {"id": snapshot_id, "kind": None, "path": None, "step": None, "name": None}
+        return {"id": snapshot_id, "kind": snapshot.kind, "path": snapshot.path, "step": self.step_of(snapshot),
+                "name": Path(snapshot.path).name}
+
+    def describe(self) -> dict[str, Any]:
+        """Everything a report shows, as plain data."""
+        resumed = self.resumed_from()
+        counts = self._arrays.get("mask/counts")
+        return {
+            "store": str(self.root), "folder": str(self.folder), "order": self.order, "history_len": self.history_len,
+            "n": self.n, "layout": self.layout.as_dict(),
+            "window": [self.view(i) for i in self.window],
+            "fit_window": [self.view(i) for i in self.fit.window] if self.fit else [],
+            "resumed_from": resumed.path if resumed else None,
+            "fit": self.fit.as_dict() if self.fit else None, "mask": self.mask.as_dict() if self.mask else None,
+            "history": [h.as_dict() for h in self.history],
+            "counts": None if counts is None or self.mask is None else counts.tolist(),
+        }
