@@ -12,6 +12,7 @@ lock (`session`), reading checkpoints in (`ingest`), the fit (`dmd`), the second
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from .session import Session, session
 from .store import Store
 from .store.records import Mask, Snapshot
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class StepResult:
@@ -88,6 +90,8 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         ids = st.base_window()
         fitted = _fit(st, ids, settings)                                       # line 6
         mask = st.mask_of(settings.mask.as_dict())
+        if mask:
+            log.info("mask %d (%s) reused: made on this fit with these criteria", mask.id, mask.label)
         done = st.written_already() if mask else None
         if done and not ingested and (output is None or located(Path(output)) == done):
             return _result(st, "up-to-date", f"nothing new since {Path(done).name}; no checkpoint to add", s,
@@ -192,10 +196,16 @@ def _fit(store: Store, ids: list[int], settings: Settings) -> bool:
     """The fit for this window and these options, solved unless stored (from the stored R when only
     the options changed); True when a new one was made."""
     options = settings.fit.as_dict()
+    steps = [store.step_of(store.snapshot(i)) for i in ids]
     if store.fit_of(ids, options):
+        log.info("fit %d reused: the window (steps %s) and the options are those it was made with",
+                 store.fit.id, steps)
         return False
     r = store.r_of(ids)
-    if r is None:
+    if r is not None:
+        log.info("fit on the stored QR factor: same window (steps %s), other options %s", steps, options)
+    else:
+        log.info("fit: QR pass over the window, steps %s", steps)
         with settings.progress.task("fit: QR of the window", 1) as advance:
             r = _window(store, ids, settings).qr_factor()
             advance(1)

@@ -109,13 +109,17 @@ class RichProgress:
             yield lambda n: bar.advance(task, n)
 
 
+class _Stderr(logging.Handler):
+    """The library's log lines, `pdt: ...` on whatever stderr is now."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"pdt: {record.getMessage()}", err=True)
+
+
 def settings(json_out: bool, verbose: bool, **values: Any) -> Settings:
     """Checked settings from the command's flags; with --verbose, the library's reasons on stderr."""
-    if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("pdt: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    log.handlers = [_Stderr()] if verbose else []
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
     return Settings.build(progress=RichProgress(enabled=not json_out), **values)
 
 

@@ -18,11 +18,10 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .errors import CheckpointError, NotACheckpoint
-from .formats import CHECKPOINT_SUFFIXES, folder_format, open_checkpoint
+from .formats import CHECKPOINT_SUFFIXES, OUTPUT_SUFFIXES, folder_format, open_checkpoint
 from .identity import stat_of
 
 OUTPUT_TAG = ".pdt"
-COMPOUND_SUFFIXES = (".weights.h5",)
 _NUMBER = re.compile(r"(\d+)")
 
 
@@ -111,12 +110,12 @@ def is_pdt_output(path: Path) -> bool:
 def output_name(newest: Path) -> Path:
     """Where the fused checkpoint goes by default: next to the newest, tagged as pdt's.
 
-    The tag goes before a compound suffix that the framework insists on (Keras loads only
+    The tag goes before a compound suffix that the format insists on (Keras loads only
     names ending in `.weights.h5`), else before the last suffix; a folder gets it at the end.
     """
     if newest.is_dir():
         return newest.with_name(newest.name + OUTPUT_TAG)
-    for compound in COMPOUND_SUFFIXES:
+    for compound in OUTPUT_SUFFIXES:
         if newest.name.endswith(compound):
             return newest.with_name(f"{newest.name[: -len(compound)]}{OUTPUT_TAG}{compound}")
     return newest.with_name(f"{newest.stem}{OUTPUT_TAG}{newest.suffix}")

@@ -153,6 +153,20 @@ class PassResult:
         return {"bits": self.bits, "byte_offsets": self.byte_offsets, "counts": self.counts}
 
 
+@dataclass
+class _Fuser:
+    """The writer's side of pass 2: which tensors are predicted, and their fused values."""
+
+    index_of: dict[str, int]
+    one: Callable[[int, torch.Tensor | None], torch.Tensor | None]
+
+    def wants(self, name: str) -> bool:
+        return name in self.index_of
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return self.one(self.index_of[name], tensor)
+
+
 def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: dict[str, np.ndarray] | None = None,
                 write: Written | None = None, progress: Progress | None = None) -> PassResult:
     """Pass 2 over every predicted tensor: the mask (or the `stored` one), and with `write`, the
@@ -182,8 +196,7 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
         else:
             with atomic_path(write.path, backup_to=write.backup_to, before_publish=write.before_publish) as tmp, \
                     open_checkpoint(write.source) as reader:
-                reader.write_fused(tmp, lambda name, tensor: one(index_of[name], tensor)
-                                   if name in index_of else None)
+                reader.write_fused(tmp, _Fuser(index_of, one))
             store.matrix.sync()
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in bits])]).astype(np.int64)
     return PassResult(counts, np.concatenate(bits) if bits else np.zeros(0, np.uint8), offsets)

@@ -10,6 +10,7 @@ checkpoint in training order, never the bad one nor any after it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from .session import Session
 from .store import Store, now
 from .store.records import Seen
 
+log = logging.getLogger(__name__)
 Layout = list[tuple[str, list[int]]]  # (tensor name, shape) of every predicted tensor
 
 
@@ -85,6 +87,8 @@ def _new_candidates(s: Session, files: tuple[str, ...] | None
             for cand in list_checkpoints(s.folder, known, files)}
     unseen = [cand for cand, rec in seen.items() if not (rec and rec.size == cand.size and rec.mtime == cand.mtime)]
     s.order, unseen, dropped = resolve_order(rule, unseen)
+    if rule != s.order:
+        log.info("training order: %s (asked: %s)", s.order, rule)
     unseen.sort(key=lambda c: (*order_key(c, s.order), c.path.name))
     last = store.newest_checkpoint() if store else None
     newest = order_key(last, s.order) if last else None
@@ -208,6 +212,11 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
         raise UsageError(f"no checkpoints here: {names} {'hold' if len(dropped) > 1 else 'holds'} no state dict"
                          if dropped else "no new checkpoints here", s.folder)
     skipped = [{"path": str(cand.path), "reason": reason} for cand, reason in passed + dropped]
+    for cand, reason in passed + dropped:
+        log.info("skipped %s: %s", cand.path.name, reason)
+    for cand in chosen:
+        log.info("to ingest: %s (%s step %s)", cand.path.name, s.order,
+                 cand.recorded_step if s.order == "step" else cand.name_step)
     ingested = []
     created = s.store is None
     try:

@@ -14,19 +14,12 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from .formats import TensorInfo
+from .formats import RUNNING_STATS, TensorInfo
 
-RUNNING_STAT_PATTERNS = (
-    "*running_mean",
-    "*running_var",
-    "*num_batches_tracked",
-    "*moving_mean",
-    "*moving_variance",
-    # Keras 3 weight files number a layer's variables; BatchNormalization keeps
-    # gamma, beta, moving_mean, moving_variance in that order.
-    "*batch_normalization*/vars/2",
-    "*batch_normalization*/vars/3",
-)
+# Running statistics by the names frameworks give them; formats that name them otherwise
+# declare their own (`CheckpointFormat.running_stats`).
+RUNNING_STAT_PATTERNS = ("*running_mean", "*running_var", "*num_batches_tracked", "*moving_mean",
+                         "*moving_variance") + RUNNING_STATS
 LAYER_TYPES = ("linear", "conv", "norm", "embedding", "bias", "other")
 _KERAS_VAR = re.compile(r"/vars/\d+$")  # Keras 3: kernel is vars/0, bias vars/1
 _NORM_WORDS = ("norm", "bn", "ln_", "ln.", "ln1", "ln2", "layernorm", "batchnorm", "rmsnorm")

@@ -11,6 +11,7 @@ path must be the `.pdt` folder of the checkpoint folder it names.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from .discover import no_checkpoints_here
 from .errors import StageMissing, StoreError, UsageError
 from .options import Settings
 from .store import BACKUP_DIRNAME, LOCK_NAME, META_NAME, STORE_DIRNAME, Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,15 +126,17 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
         if rebuild:
             if folder is None:
                 raise UsageError("--rebuild needs the checkpoint folder, not the store", root)
-            Store.set_aside(root)
+            log.info("store set aside for --rebuild; backups kept in %s", Store.set_aside(root) or "none")
         opened = Store.open(root) if Store.exists(root) else None
         if opened is not None and folder is not None and opened.folder.resolve() != folder.resolve():
             raise StoreError(f"this store belongs to another folder ({opened.folder})", root)
         if opened is not None and folder is None and not _default_store_of(root, opened.folder):
             raise StoreError(f"is not the .pdt folder of the checkpoint folder it names ({opened.folder}); "
                              f"run pdt on that folder with --store {root}", root)
-        if opened is not None:
-            finish_in_place(opened)
+        pending = opened.pending.path if opened is not None and opened.pending else None
+        if opened is not None and finish_in_place(opened):
+            log.info("an in-place write killed before the store recorded it was undone: %s is the original again",
+                     pending)
         state = Session(root, folder if folder is not None else (opened.folder if opened else None), opened, settings)
         try:
             yield state

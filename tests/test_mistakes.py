@@ -189,3 +189,16 @@ def test_an_unexpected_failure_still_ends_in_one_line_and_a_json_object(sgd_run,
     error = json.loads(result.stdout.strip().splitlines()[-1])
     assert error["status"] == "error" and error["exit_code"] == 1 and "did not foresee" in error["error"]
     assert "pdt: error: unexpected RuntimeError" in result.stderr
+
+
+def test_verbose_says_why_checkpoints_were_skipped_and_fits_reused(sgd_run):
+    torch.save({"lr": 0.05}, sgd_run / "hparams.pt")
+    result = CliRunner().invoke(app, ["predict", str(sgd_run), "--dry-run", "-v"])
+    assert result.exit_code == 0
+    assert "pdt: skipped hparams.pt: holds no state dict" in result.stderr
+    assert "pdt: skipped epoch_1.pt: older than the newest 5 new checkpoints" in result.stderr
+    assert "fit: QR pass over the window, steps [4, 5, 6, 7, 8]" in result.stderr
+    again = CliRunner().invoke(app, ["predict", str(sgd_run), "--dry-run", "--tau", "3", "-v"])
+    assert "fit on the stored QR factor" in again.stderr
+    quiet = CliRunner().invoke(app, ["predict", str(sgd_run), "--dry-run", "--tau", "3"])
+    assert quiet.exit_code == 0 and "pdt: fit" not in quiet.stderr

@@ -6,7 +6,7 @@ import struct
 from pathlib import Path
 
 from ..errors import CheckpointError, NotACheckpoint
-from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 from .flax_msgpack import FlaxFormat
 from .hf_folder import HfFolderFormat
 from .keras_h5 import KerasFormat
@@ -15,12 +15,14 @@ from .safetensors_file import SafetensorsFormat
 from .torch_dcp import DcpFormat
 from .torch_pickle import TorchFormat
 
-# Tried in this order after the formats that claim the file's suffix; torch last, since a
-# pickle's first byte and a zip's magic are shared with msgpack maps and .npz archives.
-FORMATS: tuple[CheckpointFormat, ...] = (SafetensorsFormat(), NpzFormat(), KerasFormat(), FlaxFormat(),
-                                         TorchFormat())
+# Files are sniffed by the formats that claim their suffix first, then by all others; a format
+# whose magic bytes others share says so (`sniff_last`) and is tried after them.
+FORMATS: tuple[CheckpointFormat, ...] = tuple(sorted(
+    (SafetensorsFormat(), NpzFormat(), KerasFormat(), FlaxFormat(), TorchFormat()), key=lambda f: f.sniff_last))
 FOLDER_FORMATS: tuple[CheckpointFormat, ...] = (DcpFormat(), HfFolderFormat())
 CHECKPOINT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.suffixes)
+OUTPUT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.output_suffixes)
+RUNNING_STATS = tuple(p for fmt in FORMATS + FOLDER_FORMATS for p in fmt.running_stats)
 
 
 def folder_format(path: Path) -> CheckpointFormat | None:
@@ -72,11 +74,13 @@ def open_checkpoint(path: Path) -> CheckpointReader:
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
+    "OUTPUT_SUFFIXES",
+    "RUNNING_STATS",
     "FOLDER_FORMATS",
     "FORMATS",
     "CheckpointFormat",
     "CheckpointReader",
-    "Replace",
+    "Fuse",
     "TensorInfo",
     "detect",
     "folder_format",

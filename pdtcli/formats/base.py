@@ -9,20 +9,34 @@ key structure, dtypes) is carried over untouched.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError
 
-# Keys under which single-file formats record the step or epoch they were saved at, first match wins.
-STEP_KEYS = ("step", "global_step", "epoch", "iteration")
+# Keys under which checkpoints record the step or epoch they were saved at, first match wins:
+# the optimizer-step counter training resumes from before coarser counters.
+STEP_KEYS = ("global_step", "step", "epoch", "iteration")
 
-# Called for each model tensor while writing; returns the replacement, or None to keep it.
-Replace = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+# Element types by their NumPy-style name, the one table every format maps its own names onto.
+DTYPES = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+class Fuse(Protocol):
+    """What a writer asks while it copies a checkpoint: whether a tensor is replaced (asked first,
+    so a tensor that is not is copied as stored, never decoded), and its fused values."""
+
+    def wants(self, name: str) -> bool: ...
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,6 @@ def torch_dtype(dtype: np.dtype, name: str, path: Path) -> torch.dtype:
 class CheckpointReader(abc.ABC):
     """An open checkpoint. Use as a context manager so mapped files are released."""
 
-    format_name: str = ""
-
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
@@ -66,8 +78,9 @@ class CheckpointReader(abc.ABC):
         """One tensor on the CPU in its stored dtype."""
 
     @abc.abstractmethod
-    def write_fused(self, out: Path, replace: Replace) -> None:
-        """Write a copy of this checkpoint to `out` (a temporary path the caller renames)."""
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
+        """Write a copy of this checkpoint to `out` (a temporary path the caller renames), with the
+        tensors `fuse` wants replaced by its values and everything else as stored."""
 
     def recorded_step(self) -> int | None:
         """The step or epoch the file says it was saved at, when it says one."""
@@ -84,8 +97,13 @@ class CheckpointReader(abc.ABC):
 
 
 class CheckpointFormat(abc.ABC):
+    """A checkpoint family, declared in one file: how to recognise it and what it knows of itself."""
+
     name: str = ""
-    suffixes: tuple[str, ...] = ()
+    suffixes: tuple[str, ...] = ()  # file suffixes it claims (folder formats claim none)
+    output_suffixes: tuple[str, ...] = ()  # compound suffixes an output name must keep at its end
+    running_stats: tuple[str, ...] = ()  # globs of tensor names that are running statistics, not weights
+    sniff_last: bool = False  # its magic bytes are shared with other formats: try it after them
 
     @abc.abstractmethod
     def sniff(self, path: Path, head: bytes) -> bool:

@@ -19,17 +19,12 @@ import msgpack
 import torch
 
 from ..errors import CheckpointError
-from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .base import DTYPES, CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 
 EXT_NDARRAY = 1
 EXT_NPSCALAR = 3
 CHUNKED_MARK = "__msgpack_chunked_array__"
 PARAMS_KEY = "params"
-_DTYPES = {
-    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
-}
 
 
 @dataclass
@@ -58,8 +53,6 @@ def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 class FlaxReader(CheckpointReader):
-    format_name = "flax"
-
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         try:
@@ -85,9 +78,9 @@ class FlaxReader(CheckpointReader):
 
     def _describe(self, name: str, leaf: Leaf) -> TensorInfo:
         shape, dtype, raw = leaf.array_header()
-        if dtype not in _DTYPES:
+        if dtype not in DTYPES:
             raise CheckpointError(f"array {name!r} has unsupported dtype {dtype}", self.path)
-        info = TensorInfo(name, tuple(shape), _DTYPES[dtype])
+        info = TensorInfo(name, tuple(shape), DTYPES[dtype])
         if not all(isinstance(d, int) and d >= 0 for d in shape) or len(raw) != info.numel * info.dtype.itemsize:
             raise CheckpointError(f"array {name!r}: its bytes do not match its shape {shape} and dtype {dtype}",
                                   self.path)
@@ -98,7 +91,7 @@ class FlaxReader(CheckpointReader):
 
     def read(self, name: str) -> torch.Tensor:
         shape, dtype, raw = self._leaves[name].array_header()
-        flat = torch.frombuffer(bytearray(raw), dtype=_DTYPES[dtype]) if raw else torch.empty(0, dtype=_DTYPES[dtype])
+        flat = torch.frombuffer(bytearray(raw), dtype=DTYPES[dtype]) if raw else torch.empty(0, dtype=DTYPES[dtype])
         return flat.reshape(shape)
 
     def recorded_step(self) -> int | None:
@@ -111,19 +104,18 @@ class FlaxReader(CheckpointReader):
             shape, dtype, raw = step.array_header()  # a NumPy scalar is packed as a 0-d array
         except (ValueError, TypeError, msgpack.UnpackException):
             return None
-        if len(raw) < 1 or dtype in _DTYPES and len(raw) != _DTYPES[dtype].itemsize:
+        if len(raw) < 1 or dtype in DTYPES and len(raw) != DTYPES[dtype].itemsize:
             return None
-        if shape or dtype not in _DTYPES or _DTYPES[dtype].is_floating_point:
+        if shape or dtype not in DTYPES or DTYPES[dtype].is_floating_point:
             return None
-        return int(torch.frombuffer(bytearray(raw), dtype=_DTYPES[dtype])[0])
+        return int(torch.frombuffer(bytearray(raw), dtype=DTYPES[dtype])[0])
 
-    def write_fused(self, out: Path, replace: Replace) -> None:
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
         fused: dict[int, bytes] = {}
         for name, leaf in self._leaves.items():
-            new = replace(name, self.read(name))
-            if new is not None:
+            if fuse.wants(name):
                 shape, dtype, _ = leaf.array_header()
-                raw = new.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                raw = fuse(name, self.read(name)).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                 fused[id(leaf)] = msgpack.packb((shape, dtype, raw))
 
         def pack(obj: Any) -> msgpack.ExtType:

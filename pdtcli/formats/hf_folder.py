@@ -19,7 +19,7 @@ import torch
 
 from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
-from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 from .safetensors_file import SafetensorsReader
 from .torch_pickle import TorchReader
 
@@ -49,8 +49,6 @@ def weight_files(folder: Path) -> tuple[list[str], type[CheckpointReader]] | Non
 
 
 class HfFolderReader(CheckpointReader):
-    format_name = "hf-folder"
-
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         refuse_links_out(self.path)
@@ -88,12 +86,12 @@ class HfFolderReader(CheckpointReader):
             return None
         return step if isinstance(step, int) and not isinstance(step, bool) else None
 
-    def write_fused(self, out: Path, replace: Replace) -> None:
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
         shards = set(self._shards)
         shutil.copytree(self.path, out, ignore=lambda folder, names: [
             n for n in names if Path(folder) == self.path and n in shards])
         for name, shard in self._shards.items():
-            shard.write_fused(member(out, name, "the shard index"), replace)
+            shard.write_fused(member(out, name, "the shard index"), fuse)
 
     def close(self) -> None:
         for shard in self._shards.values():

@@ -18,15 +18,13 @@ import torch
 
 from ..confine import stored_outside
 from ..errors import CheckpointError
-from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo, torch_dtype
+from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo, torch_dtype
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 CARRIED_GROUPS = ("optimizer/",)
 
 
 class KerasReader(CheckpointReader):
-    format_name = "keras"
-
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         try:
@@ -60,13 +58,12 @@ class KerasReader(CheckpointReader):
             return int(iterations[()])
         return None
 
-    def write_fused(self, out: Path, replace: Replace) -> None:
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
         shutil.copyfile(self.path, out)
         with h5py.File(out, "r+") as dst:
             for info in self._infos:
-                fused = replace(info.name, self.read(info.name))
-                if fused is not None:
-                    dst[info.name][...] = fused.numpy()
+                if fuse.wants(info.name):
+                    dst[info.name][...] = fuse(info.name, self.read(info.name)).numpy()
 
     def close(self) -> None:
         self._file.close()
@@ -75,6 +72,10 @@ class KerasReader(CheckpointReader):
 class KerasFormat(CheckpointFormat):
     name = "keras"
     suffixes = (".h5",)
+    output_suffixes = (".weights.h5",)  # Keras loads weights only from names ending so
+    # Keras 3 numbers a layer's variables; BatchNormalization keeps gamma, beta, moving_mean,
+    # moving_variance in that order.
+    running_stats = ("*batch_normalization*/vars/2", "*batch_normalization*/vars/3")
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return head[:8] == HDF5_SIGNATURE

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Replace, TensorInfo, torch_dtype
+from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, torch_dtype
 
 
 def _as_torch(array: np.ndarray) -> torch.Tensor:
@@ -23,8 +23,6 @@ def _as_torch(array: np.ndarray) -> torch.Tensor:
 
 
 class NpzReader(CheckpointReader):
-    format_name = "npz"
-
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         try:
@@ -71,18 +69,17 @@ class NpzReader(CheckpointReader):
                 return int(self._load(key).reshape(-1)[0])
         return None
 
-    def write_fused(self, out: Path, replace: Replace) -> None:
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
         with zipfile.ZipFile(out, "w", allowZip64=True) as dst:
             for info in self._zip.infolist():
                 name = self._key(info.filename)
-                fused = replace(name, self.read(name))
-                if fused is None:  # carried over: copy the stored member as it is
+                if not fuse.wants(name):  # carried over: copy the stored member as it is, undecoded
                     with self._zip.open(info) as src, dst.open(_clone(info), "w", force_zip64=True) as sink:
                         while chunk := src.read(1 << 20):
                             sink.write(chunk)
                     continue
                 with dst.open(_clone(info), "w", force_zip64=True) as sink:
-                    np.lib.format.write_array(sink, fused.numpy(), allow_pickle=False)
+                    np.lib.format.write_array(sink, fuse(name, self.read(name)).numpy(), allow_pickle=False)
 
     def close(self) -> None:
         self._zip.close()

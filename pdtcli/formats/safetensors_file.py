@@ -16,20 +16,12 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .base import DTYPES, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# safetensors' dtype codes, by the names of the shared table
+_DTYPES = {code: DTYPES[name] for code, name in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"))}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -86,8 +78,6 @@ def _count(value: object) -> bool:
 
 
 class SafetensorsReader(CheckpointReader):
-    format_name = "safetensors"
-
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self._header_len, self._header = read_header(self.path)
@@ -120,7 +110,7 @@ class SafetensorsReader(CheckpointReader):
                 return int(value)
         return None
 
-    def write_fused(self, out: Path, replace: Replace) -> None:
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
         with open(self.path, "rb") as src, open(out, "wb") as dst:
             shutil.copyfileobj(_Limited(src, 8 + self._header_len), dst)
             base = 8 + self._header_len
@@ -130,12 +120,11 @@ class SafetensorsReader(CheckpointReader):
                 if start > position:  # padding the writer of the input put there
                     src.seek(base + position)
                     shutil.copyfileobj(_Limited(src, start - position), dst)
-                fused = replace(name, self.read(name))
-                if fused is None:
+                if not fuse.wants(name):
                     src.seek(base + start)
                     shutil.copyfileobj(_Limited(src, stop - start), dst)
                 else:
-                    data = fused.contiguous().view(torch.uint8).numpy()
+                    data = fuse(name, self.read(name)).contiguous().view(torch.uint8).numpy()
                     if data.nbytes != stop - start:
                         raise CheckpointError(f"fused tensor {name!r} changed size", self.path)
                     dst.write(memoryview(data))

@@ -27,7 +27,7 @@ import torch
 
 from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
-from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 from .torch_pickle import STATE_DICT_KEYS
 
 METADATA = ".metadata"
@@ -78,8 +78,6 @@ def read_metadata(folder: Path):
 
 
 class DcpReader(CheckpointReader):
-    format_name = "torch-dcp"
-
     def __init__(self, path: Path) -> None:
         from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
@@ -168,13 +166,13 @@ class DcpReader(CheckpointReader):
                 return value if isinstance(value, int) and not isinstance(value, bool) else None
         return None
 
-    def write_fused(self, out: Path, replace: Replace) -> None:
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
         shutil.copytree(self.path, out)
         for info in self._infos:
-            loaded = self._load_chunks(info.name)
-            fused = replace(info.name, self._assemble(info.name, loaded))
-            if fused is None:
+            if not fuse.wants(info.name):
                 continue
+            loaded = self._load_chunks(info.name)
+            fused = fuse(info.name, self._assemble(info.name, loaded))
             for chunk, storage, stored in loaded:
                 stored.copy_(fused[_region(chunk)])  # keeps the record's strides, so its length
                 buffer = io.BytesIO()

@@ -17,11 +17,10 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, NotACheckpoint
-from .base import CheckpointFormat, CheckpointReader, Replace, TensorInfo
+from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 
 # Where training code usually keeps the model's weights inside a checkpoint dict.
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "model_state", "net", "network")
-_STEP_KEYS = ("global_step", "step", "epoch", "iteration")
 
 
 def load_pickle(path: Path) -> Any:
@@ -84,8 +83,6 @@ def _rebuild(mapping: Mapping, fused: dict[str, torch.Tensor], prefix: str = "")
 
 
 class TorchReader(CheckpointReader):
-    format_name = "torch"
-
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self._obj = load_pickle(self.path)
@@ -101,10 +98,6 @@ class TorchReader(CheckpointReader):
             node = node[key]
         return node
 
-    @property
-    def container(self) -> str:
-        return "/".join(self._key_path) or "(top level)"
-
     def tensors(self) -> list[TensorInfo]:
         return [TensorInfo(name, tuple(t.shape), t.dtype) for name, t in self._tensors.items()]
 
@@ -113,18 +106,14 @@ class TorchReader(CheckpointReader):
 
     def recorded_step(self) -> int | None:
         if isinstance(self._obj, Mapping):
-            for key in _STEP_KEYS:
+            for key in STEP_KEYS:
                 value = self._obj.get(key)
                 if isinstance(value, int) and not isinstance(value, bool):
                     return value
         return None
 
-    def write_fused(self, out: Path, replace: Replace) -> None:
-        fused = {}
-        for name, tensor in self._tensors.items():
-            new = replace(name, tensor)
-            if new is not None:
-                fused[name] = new
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
+        fused = {name: fuse(name, tensor) for name, tensor in self._tensors.items() if fuse.wants(name)}
         state = _rebuild(self._state_dict(), fused)
         obj = state
         if self._key_path:
@@ -140,6 +129,7 @@ class TorchReader(CheckpointReader):
 class TorchFormat(CheckpointFormat):
     name = "torch"
     suffixes = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+    sniff_last = True  # a pickle's first byte and a zip's magic are shared with msgpack maps and .npz
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return head[:2] == b"PK" or head[:1] == b"\x80"
