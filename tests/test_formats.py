@@ -198,3 +198,30 @@ def test_flax_recorded_step_from_scalar_array_or_int(tmp_path, step):
     path.write_bytes(serialization.to_bytes({"step": step, "params": {"w": np.ones(3, np.float32)}}))
     with open_checkpoint(path) as reader:
         assert reader.recorded_step() == 7
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "pt"])
+def test_writers_decode_only_the_tensors_they_replace(tmp_path, fmt, monkeypatch):
+    from pdtcli.formats import open_checkpoint
+
+    path = training.train(tmp_path, 1, fmt=fmt)[0]
+    with open_checkpoint(path) as reader:
+        names = [info.name for info in reader.tensors()]
+        wanted = names[0]
+        decoded: list[str] = []
+        real_read = reader.read
+        monkeypatch.setattr(reader, "read", lambda name: decoded.append(name) or real_read(name))
+
+        class OnlyOne:
+            def wants(self, name: str) -> bool:
+                return name == wanted
+
+            def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+                return torch.zeros_like(tensor)
+
+        reader.write_fused(tmp_path / f"out.{fmt}", OnlyOne())
+    assert decoded in ([], [wanted])  # a pickle's tensors are all in memory already: none is decoded again
+    written = load_any(tmp_path / f"out.{fmt}")
+    original = load_any(path)
+    assert torch.equal(written[wanted], torch.zeros_like(original[wanted]))
+    assert all(torch.equal(written[n], original[n]) for n in names[1:])

@@ -124,7 +124,7 @@ class SafetensorsReader(CheckpointReader):
                     src.seek(base + start)
                     shutil.copyfileobj(_Limited(src, stop - start), dst)
                 else:
-                    data = fuse(name, self.read(name)).contiguous().view(torch.uint8).numpy()
+                    data = fuse(name, self.read(name)).contiguous().reshape(-1).view(torch.uint8).numpy()
                     if data.nbytes != stop - start:
                         raise CheckpointError(f"fused tensor {name!r} changed size", self.path)
                     dst.write(memoryview(data))
