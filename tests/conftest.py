@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,16 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # Keras 3 on the torch that is already installed
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# SIGTERM (from `timeout`, a CI runner, a scheduler) stops the run as Ctrl-C does. Without a
+# handler of our own, Lightning's Trainer takes SIGTERM over during `fit` and the run goes on as
+# a test failure; with one, Lightning calls it after its own.
+signal.signal(signal.SIGTERM, _stop)
 
 import training  # noqa: E402
 

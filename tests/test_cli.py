@@ -241,6 +241,7 @@ def test_bad_checkpoints_fail_with_one_line_naming_the_file(sgd_run):
     assert not (sgd_run / ".pdt").exists()  # a first run that fails leaves no store behind
 
 
+@pytest.mark.slow
 def test_installed_entry_point_runs(sgd_run):
     result = subprocess.run([sys.executable, "-m", "pdtcli", "predict", str(sgd_run), "--json"],
                             capture_output=True, text=True, check=False)

@@ -7,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+
+pytestmark = pytest.mark.slow  # a training loop with real processes
 
 def run(*argv: str) -> str:
     result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, check=False)

@@ -81,6 +81,7 @@ def _trainer(folder: Path, epochs: int):
     return Trainer(model=Model(Config()), args=args, train_dataset=dataset)
 
 
+@pytest.mark.slow
 def test_trainer_checkpoint_folders_round_trip_and_resume(tmp_path):
     run = tmp_path / "run"
     _trainer(run, 6).train()
@@ -258,6 +259,7 @@ os._exit(0)  # gloo's threads can abort a normal interpreter exit ("terminate ca
 """
 
 
+@pytest.mark.slow
 def test_dcp_saved_by_two_ranks_is_read_and_rewritten_chunk_by_chunk(tmp_path):
     states = _dcp_epochs(tmp_path / "unsharded", 6)
     run = tmp_path / "run"

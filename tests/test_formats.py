@@ -72,6 +72,7 @@ def test_low_and_high_precision_are_written_back_in_their_dtype(tmp_path, fmt, d
     assert 0 < changed <= accepted
 
 
+@pytest.mark.slow
 def test_keras_weights_round_trip_and_keep_training(tmp_path):
     import keras
 
@@ -108,6 +109,7 @@ def test_keras_weights_round_trip_and_keep_training(tmp_path):
     assert np.isfinite(history.history["loss"][0])
 
 
+@pytest.mark.slow
 def test_flax_state_bytes_round_trip(tmp_path):
     import jax
     import jax.numpy as jnp
@@ -147,6 +149,7 @@ def test_flax_state_bytes_round_trip(tmp_path):
     assert bool(jnp.isfinite(step(fused, x[:64], y[:64]).params["params"]["layers_0"]["kernel"]).all())
 
 
+@pytest.mark.slow
 def test_lightning_checkpoints_resume_from_the_fused_file(tmp_path):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint

@@ -70,6 +70,7 @@ def _keras_run(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["external", "external-link", "virtual"])
 def test_keras_weights_stored_in_another_file_are_refused(_keras_run, tmp_path, how):
     run = shutil.copytree(_keras_run, tmp_path / "run")
@@ -476,6 +477,7 @@ def _dcp_run(folder: Path, epochs: int = 5) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_pipe_in_a_checkpoint_folder_is_refused_without_blocking(tmp_path):
     run = _dcp_run(tmp_path / "run")
     os.mkfifo(run / "step_5" / "pipe.distcp")

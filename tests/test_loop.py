@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +16,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from pdt_loop import LoopConfig, run_loop  # noqa: E402
 from train_digits import train  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a training loop with real processes
 
 def test_loop_resumes_from_each_fused_checkpoint_in_process(tmp_path):
     rounds = run_loop(LoopConfig(epochs=7, hidden=32, pdt=True, mode="api"), tmp_path)

@@ -33,6 +33,7 @@ def test_a_path_that_does_not_exist_is_a_usage_error(tmp_path):
     assert not (tmp_path / "nosuchdir").exists()
 
 
+@pytest.mark.slow
 def test_errors_reach_a_json_log_as_one_object_on_stdout(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pdtcli", "predict", str(tmp_path / "nosuchdir"), "--json"],
                           cwd=ROOT, capture_output=True, text=True)

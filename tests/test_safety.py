@@ -134,6 +134,7 @@ with FileLock(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_a_second_pdt_waits_for_the_lock_or_fails_clearly(sgd_run):
     assert pdt("snapshot", sgd_run)[0] == 0
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(sgd_run / ".pdt" / "lock")],
@@ -149,6 +150,7 @@ def test_a_second_pdt_waits_for_the_lock_or_fails_clearly(sgd_run):
     assert json.loads(out)["status"] == "written"
 
 
+@pytest.mark.slow
 def test_two_pdt_processes_at_once_never_corrupt_the_store(sgd_run):
     runs = [pdt_process("predict", sgd_run, "--json") for _ in range(2)]
     results = [(run.wait(timeout=120), run.stdout.read()) for run in runs]
@@ -195,6 +197,7 @@ def killed_at(point: tuple[str, int, str], *args) -> subprocess.CompletedProcess
                            *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_place", [False, True], ids=["beside", "in-place"])
 def test_sigkill_at_any_point_leaves_inputs_store_and_outputs_valid(tmp_path, in_place):
     reference = tmp_path / "reference"
