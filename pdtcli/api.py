@@ -21,7 +21,7 @@ from .backups import backup_path, copy_back, in_backups, note_in_place, prune_ba
 from .discover import is_pdt_output, located, output_name
 from .dmd import solve
 from .errors import CheckpointError, OutputError, StageMissing, UsageError
-from .fuse import PassResult, Written, second_pass, window_of
+from .fuse import Destination, PassResult, second_pass, window_of
 from .identity import sha256_path, stat_of, unchanged
 from .ingest import ingest
 from .mask import MaskOptions, summarize_counts, tensor_rows
@@ -92,8 +92,10 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         mask = st.mask_of(settings.mask.as_dict())
         if mask:
             log.info("mask %d (%s) reused: made on this fit with these criteria", mask.id, mask.label)
-        done = st.written_already() if mask else None
-        if done and not ingested and (output is None or located(Path(output)) == done):
+        done = None
+        if mask is not None:
+            done = st.written_already() if output is None else st.written_to(located(Path(output)))
+        if done and not ingested:
             return _result(st, "up-to-date", f"nothing new since {Path(done).name}; no checkpoint to add", s,
                            ingested, skipped, output=done)
         if dry_run:
@@ -170,7 +172,7 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
                                "checkpoints still in the window)", final)
         if final.is_symlink():
             raise OutputError("is now a symbolic link; pdt never writes through one", final)
-        if final.exists() and not unchanged(final, entry.as_dict()) and not force:
+        if final.exists() and not unchanged(final, entry.size, entry.mtime) and not force:
             raise OutputError("changed since pdt wrote it (training saved over it?); pass --force to restore anyway",
                               final)
         copy_back(backup, final)
@@ -231,7 +233,7 @@ def _source_of(store: Store, newest: Snapshot) -> Path:
     if not source.exists():
         raise CheckpointError("the newest checkpoint of the window is gone; its non-predicted content "
                               "cannot be carried over", source)
-    if not unchanged(source, newest.as_dict()) and sha256_path(source) != newest.sha256:
+    if not unchanged(source, newest.size, newest.mtime) and sha256_path(source) != newest.sha256:
         raise CheckpointError("the newest checkpoint changed since it was ingested; run `pdt snapshot` again", source)
     return source
 
@@ -262,20 +264,21 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
     renewable = command == "predict" and output is None and is_pdt_output(out)
     if (out.exists() or out.is_symlink()) and not (force or in_place or renewable):
         raise OutputError("exists; pass --force to replace it", out)
-    lineage = in_place or output is None
-    written = Written(out, _source_of(store, newest), store.lineage_slot(ids) if lineage else None)
+    destination = Destination(out, _source_of(store, newest))
+    if in_place or output is None:  # training resumes from it: its values go into the window too
+        destination.lineage_slot = store.claim_lineage_slot(ids)  # may commit, to free a slot safely
     if backup is not None:
-        written.backup_to = None if recorded_backup(newest, backup) else backup
-        written.before_publish = lambda tmp: note_in_place(store, out, backup, tmp)
-    result = second_pass(store, _window(store, ids, s.settings), options, write=written,
+        destination.backup_to = None if recorded_backup(newest, backup) else backup
+        destination.before_publish = lambda tmp: note_in_place(store, out, backup, tmp)
+    result = second_pass(store, _window(store, ids, s.settings), options, write=destination,
                          stored=store.stored_mask() if use_stored else None, progress=s.settings.progress)
     if not use_stored:
         _store_mask(store, options, result)
     size, mtime = stat_of(out)
-    store.record_output(ids, located(out), size, mtime, written.lineage_slot,
+    store.record_output(ids, located(out), size, mtime, destination.lineage_slot,
                         located(backup) if backup is not None else None)
     store.append_history(command, located(out))
-    store.pending = None
+    store.set_pending(None)
     store.commit()
     if backup is not None:
         prune_backups(store)

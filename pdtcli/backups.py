@@ -42,7 +42,7 @@ def recorded_backup(snapshot: Snapshot, backup: Path) -> bool:
 def in_backups(store: Store, path: str) -> Path:
     """A backup path the store recorded, checked to lie in its backups folder and not to be a link."""
     backup = Path(path)
-    if backup.is_symlink() or not is_inside(backup.parent, _folder(store)):
+    if backup.is_symlink() or backup.name in ("", ".", "..") or not is_inside(backup.parent, _folder(store)):
         raise StoreError(f"names a backup outside {store.root / BACKUP_DIRNAME} ({path}); refused", store.meta_path)
     return backup
 
@@ -76,7 +76,7 @@ def note_in_place(store: Store, final: Path, backup: Path, tmp: Path) -> None:
     a checkpoint training saved. The note lets the next run recognise it (`finish_in_place`).
     """
     size, mtime = stat_of(tmp)
-    store.pending = Pending(located(final), located(backup), size, mtime)
+    store.set_pending(Pending(located(final), located(backup), size, mtime))
     store.commit()
 
 
@@ -92,6 +92,6 @@ def finish_in_place(store: Store) -> bool:
               and stat_of(final) == (pending.size, pending.mtime))
     if undone:
         copy_back(backup, final)
-    store.pending = None
+    store.set_pending(None)
     store.commit()
     return undone

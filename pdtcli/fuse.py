@@ -17,7 +17,7 @@ import torch
 
 from .atomic import atomic_path
 from .dmd import accumulate_r
-from .errors import UsageError
+from .errors import CheckpointError, UsageError
 from .formats import open_checkpoint
 from .mask import COUNT_COLUMNS, MaskOptions, evaluate, random_accept, step_matrix
 from .progress import NoProgress, Progress
@@ -124,7 +124,7 @@ class Predictor:
                     predicted = predicted.round()
                 target.copy_(torch.where(accepted, predicted.to(flat.dtype), target))
                 if lineage_slot is not None:
-                    self.window.store.matrix.write(lineage_slot, entry.offset + a, target.to(torch.float64).numpy())
+                    self.window.store.write_values(lineage_slot, entry.offset + a, target.to(torch.float64).numpy())
         if unpacked is None and ratio is not None:
             counts[1] = int(np.unpackbits(np.concatenate(bits), count=entry.numel).sum())
         packed = stored_bits if stored_bits is not None else (np.concatenate(bits) if bits else np.zeros(0, np.uint8))
@@ -133,7 +133,7 @@ class Predictor:
 
 
 @dataclass
-class Written:
+class Destination:
     """Where pass 2 writes the fused checkpoint, and from what."""
 
     path: Path
@@ -159,16 +159,18 @@ class _Fuser:
 
     index_of: dict[str, int]
     one: Callable[[int, torch.Tensor | None], torch.Tensor | None]
+    done: set[str] = field(default_factory=set)
 
     def wants(self, name: str) -> bool:
-        return name in self.index_of
+        return name in self.index_of and name not in self.done
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        self.done.add(name)
         return self.one(self.index_of[name], tensor)
 
 
 def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: dict[str, np.ndarray] | None = None,
-                write: Written | None = None, progress: Progress | None = None) -> PassResult:
+                write: Destination | None = None, progress: Progress | None = None) -> PassResult:
     """Pass 2 over every predicted tensor: the mask (or the `stored` one), and with `write`, the
     fused checkpoint, each tensor handed to the writer as it reaches it."""
     progress = progress or NoProgress()
@@ -194,9 +196,13 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
             for index in range(len(store.tensors)):
                 one(index, None)
         else:
+            fuser = _Fuser(index_of, one)
             with atomic_path(write.path, backup_to=write.backup_to, before_publish=write.before_publish) as tmp, \
                     open_checkpoint(write.source) as reader:
-                reader.write_fused(tmp, _Fuser(index_of, one))
+                reader.write_fused(tmp, fuser)
+                missed = [name for name in index_of if name not in fuser.done]
+                if missed:  # never publish (or store a mask for) an output that lacks a predicted tensor
+                    raise CheckpointError(f"the writer never reached tensor {missed[0]!r} of the window", write.source)
             store.matrix.sync()
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in bits])]).astype(np.int64)
     return PassResult(counts, np.concatenate(bits) if bits else np.zeros(0, np.uint8), offsets)

@@ -36,10 +36,10 @@ def stat_of(path: Path) -> tuple[int, float]:
     return size, mtime
 
 
-def unchanged(path: Path, record: dict) -> bool:
+def unchanged(path: Path, size: int, mtime: float) -> bool:
     """Whether `path` still has the size and modification time a store record noted for it."""
     path = Path(path)
-    return path.exists() and stat_of(path) == (record["size"], record["mtime"])
+    return path.exists() and stat_of(path) == (size, mtime)
 
 
 def sha256_path(path: Path) -> str:

@@ -28,7 +28,7 @@ from .store import Store, now
 from .store.records import Seen
 
 log = logging.getLogger(__name__)
-Layout = list[tuple[str, list[int]]]  # (tensor name, shape) of every predicted tensor
+Shapes = list[tuple[str, list[int]]]  # (tensor name, shape) of every predicted tensor
 
 
 def order_rule(s: Session) -> str:
@@ -51,10 +51,7 @@ def _check_store_dtype(s: Session) -> None:
 def history_len(s: Session) -> int:
     wanted = s.settings.history
     if s.store is None:
-        history = wanted or DEFAULT_HISTORY
-        if history < 2:
-            raise UsageError("--history must be at least 2 (DMD needs a step to learn from)")
-        return history
+        return wanted or DEFAULT_HISTORY
     if wanted is not None and wanted != s.store.history_len:
         raise UsageError(f"this store keeps h={s.store.history_len} snapshots; remove {s.root} to change --history")
     return s.store.history_len
@@ -106,14 +103,14 @@ def _new_candidates(s: Session, files: tuple[str, ...] | None
 NOT_A_CHECKPOINT = "holds no state dict, so it is not a checkpoint; `--files GLOB` names the checkpoints"
 
 
-def _layout_of(infos: list[TensorInfo], selection: Selection, path: Path) -> Layout:
+def _layout_of(infos: list[TensorInfo], selection: Selection, path: Path) -> Shapes:
     plan = plan_layout(infos, selection)
     if not plan.predicted:
         raise CheckpointError("no tensor to predict (all were excluded or not floating point)", path)
     return [(info.name, list(info.shape)) for info in plan.predicted]
 
 
-def _check_layout(expected: Layout, tensors: list[TensorInfo], path: Path) -> None:
+def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path) -> None:
     infos = {info.name: info for info in tensors}
     for name, shape in expected:
         info = infos.get(name)
@@ -186,7 +183,7 @@ def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress
                 values = reader.read(entry.name).detach().reshape(-1).to(store_dtype)
                 if not bool(torch.isfinite(values).all()):
                     raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", path)
-                store.matrix.write(slot, entry.offset, values.numpy())
+                store.write_values(slot, entry.offset, values.numpy())
                 advance(entry.numel)
         step = reader.recorded_step()
     store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
@@ -234,7 +231,7 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
     store = s.store
     files_changed = s.settings.files is not None and list(s.settings.files) != store.files
     if files_changed:
-        store.files = list(s.settings.files)
+        store.set_files(list(s.settings.files))
     for cand, _ in passed:  # remember what was passed over, so it is not reported again
         store.note_seen(_provenance(cand, None, "skipped", None))
     for cand, _ in dropped:

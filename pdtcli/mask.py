@@ -33,6 +33,8 @@ class MaskOptions:
         unknown = set(self.criteria) - set(CRITERIA)
         if unknown:
             raise ValueError(f"unknown criteria {sorted(unknown)}; use {', '.join(CRITERIA)} or none")
+        if not 0 <= self.seed < 2 ** 64:
+            raise ValueError(f"--seed {self.seed}: use a whole number from 0 to 2**64 - 1")
         object.__setattr__(self, "criteria", tuple(c for c in CRITERIA if c in self.criteria))
 
     @property

@@ -18,11 +18,11 @@ from .fuse import DEFAULT_BLOCK
 from .mask import CRITERIA, MaskOptions
 from .progress import NoProgress, Progress
 from .selection import Selection
+from .store import STORE_DTYPES
 
 DEFAULT_HISTORY = 5
 DEFAULT_WAIT = 60.0  # seconds a second pdt waits for the store's lock
 DEFAULT_STORE_DTYPE = "float32"
-STORE_DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 FIT = FitOptions()
 
@@ -58,7 +58,7 @@ OPTIONS: dict[str, Option] = {
     "rtol": Option(("--rtol",), FIT.rtol, "Keep singular values above rtol x the largest."),
     "criteria": Option(("--criteria",), "all", "all | none | comma list of lower,upper,sign."),
     "random": Option(("--random",), False, "Audit: random mask at the criteria's per-tensor ratio."),
-    "seed": Option(("--seed",), 0, "Seed of --random."),
+    "seed": Option(("--seed",), 0, "Seed of --random.", min=0),
     "include": Option(("--include",), None, "Also predict tensors matching this glob (repeatable).", metavar="GLOB"),
     "exclude": Option(("--exclude",), None, "Never predict tensors matching this glob (repeatable).",
                       metavar="GLOB"),
@@ -67,7 +67,7 @@ OPTIONS: dict[str, Option] = {
     "order": Option(("--order",), None, "Training order: auto | name (step number in the name) | step (recorded "
                     "inside) | mtime; fixed when the store is made.", choices=ORDERS, shown_default="auto"),
     "store_dtype": Option(("--store-dtype",), None, "float32 | float64; fixed when the store is made.",
-                          choices=STORE_DTYPES, shown_default=DEFAULT_STORE_DTYPE),
+                          choices=tuple(STORE_DTYPES), shown_default=DEFAULT_STORE_DTYPE),
     "device": Option(("--device",), "auto", "auto | cpu | cuda.", choices=DEVICES),
     "block": Option(("--block",), DEFAULT_BLOCK, "Elements per row block (bounds memory).", min=8),
     "wait": Option(("--wait",), DEFAULT_WAIT, "Seconds to wait for another pdt's lock.", min=0),
@@ -130,13 +130,14 @@ class Settings:
               exclude: list[str] | None = None, files: list[str] | None = None, wait: float = DEFAULT_WAIT,
               progress: Progress | None = None, **rest: Any) -> Settings:
         """Settings from the flat values of the options (as the CLI takes them), each checked."""
-        for name, value in (("tau", tau), ("modes", modes), ("rank", rank)):
+        for name, value in (("tau", tau), ("modes", modes), ("rank", rank), ("seed", seed)):
             _check(name, value)
         try:
             fit = FitOptions(tau=tau, modes=modes, rank=rank, rtol=rtol)
+            mask = MaskOptions(parse_criteria(criteria), random, seed)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         selection = Selection(tuple(include or ()), tuple(exclude or ())) if (include or exclude) else None
-        return cls(fit=fit, mask=MaskOptions(parse_criteria(criteria), random, seed), selection=selection,
+        return cls(fit=fit, mask=mask, selection=selection,
                    files=tuple(files) if files else None, lock_timeout=wait, progress=progress or NoProgress(),
                    **rest)

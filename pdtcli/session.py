@@ -115,6 +115,7 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
         if problem:
             raise UsageError(problem, folder)
     made_root = not root.exists()
+    aside = None
     lock = lock_for(root, settings.lock_timeout)
     try:
         lock.acquire()
@@ -126,7 +127,8 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
         if rebuild:
             if folder is None:
                 raise UsageError("--rebuild needs the checkpoint folder, not the store", root)
-            log.info("store set aside for --rebuild; backups kept in %s", Store.set_aside(root) or "none")
+            aside = Store.set_aside(root)
+            log.info("store set aside in %s for --rebuild", aside)
         opened = Store.open(root) if Store.exists(root) else None
         if opened is not None and folder is not None and opened.folder.resolve() != folder.resolve():
             raise StoreError(f"this store belongs to another folder ({opened.folder})", root)
@@ -144,6 +146,10 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
             if state.store is not None:
                 state.store.close()
     finally:
+        if aside is not None and Store.exists(root):  # a rebuild keeps the old store until a new one is made
+            Store.keep_aside(aside)
+        elif aside is not None:
+            Store.put_back(root, aside)
         lock.release()
         if made_root and not Store.exists(root):
             remove_path(root)

@@ -530,3 +530,78 @@ def test_a_store_folder_that_is_a_file_is_a_store_error(sgd_run):
     (sgd_run / ".pdt").write_bytes(b"not a folder")
     code, output = pdt("predict", sgd_run)
     assert code == 4 and "is not a folder" in one_error_line(output)
+
+
+# ---- found by a review of the restructured store -------------------------------------------------
+
+
+def test_a_rebuild_that_fails_puts_the_old_store_back(sgd_run):
+    assert pdt("predict", sgd_run)[0] == 0
+    before = _store_records(sgd_run / ".pdt" / "store.h5")
+    data = (sgd_run / "epoch_8.pt").read_bytes()
+    (sgd_run / "epoch_8.pt").write_bytes(data[: len(data) // 2])  # the rebuild will meet a bad checkpoint
+    code, output = pdt("snapshot", sgd_run, "--rebuild")
+    assert code == 3 and "epoch_8.pt" in one_error_line(output)
+    after = _store_records(sgd_run / ".pdt" / "store.h5")
+    assert json.loads(after["state"])["window"] == json.loads(before["state"])["window"]
+    assert not [p for p in (sgd_run / ".pdt").iterdir() if p.name.startswith("before-rebuild")]
+    (sgd_run / "epoch_8.pt").write_bytes(data)
+    assert pdt("snapshot", sgd_run, "--rebuild")[0] == 0
+    assert not [p for p in (sgd_run / ".pdt").iterdir() if p.name.startswith("before-rebuild")]
+
+
+@pytest.mark.parametrize("damage", ["window-id", "path-type", "short-offsets", "length"])
+def test_a_store_whose_records_disagree_is_a_store_error(sgd_run, damage):
+    assert pdt("predict", sgd_run, "--dry-run")[0] == 0
+    path = sgd_run / ".pdt" / "store.h5"
+    records = _store_records(path)
+    state = json.loads(records["state"])
+    if damage == "window-id":
+        state["window"][-1] = 99
+    elif damage == "path-type":
+        next(iter(state["snapshots"].values()))["path"] = 7
+    elif damage == "length":
+        state["n"] -= 1
+    else:
+        records["mask/byte_offsets"] = records["mask/byte_offsets"][:-1]
+    records["state"] = json.dumps(state)
+    with h5py.File(path, "r+") as f:
+        for key in ("state", "mask/byte_offsets"):
+            del f[key]
+            f.create_dataset(key, data=records[key])
+        f.attrs["checksum"] = _checksum(records)
+    for command in ("report", "predict", "apply"):
+        code, output = pdt(command, sgd_run)
+        assert code == 4 and "unreadable store" in one_error_line(output), (command, output)
+
+
+def test_a_recorded_backup_named_dot_dot_is_refused(sgd_run):
+    assert pdt("predict", sgd_run, "--in-place")[0] == 0
+
+    def point_up(state: dict) -> None:
+        state["outputs"][-1]["backup"] = str(sgd_run / ".pdt" / "backups" / "..")
+
+    _edit_store(sgd_run, point_up)
+    code, output = pdt("restore", sgd_run)
+    assert code == 4 and "outside" in one_error_line(output)
+
+
+def test_a_writer_that_skips_a_predicted_tensor_publishes_nothing(sgd_run, monkeypatch):
+    from pdtcli.formats.torch_pickle import TorchReader
+
+    real = TorchReader.write_fused
+
+    def skipping(self, out, fuse):
+        class Blind:
+            def wants(self, name):
+                return fuse.wants(name) and name != "0.weight"
+
+            def __call__(self, name, tensor):
+                return fuse(name, tensor)
+
+        real(self, out, Blind())
+
+    monkeypatch.setattr(TorchReader, "write_fused", skipping)
+    code, output = pdt("predict", sgd_run)
+    assert code == 3 and "never reached tensor '0.weight'" in one_error_line(output)
+    assert not (sgd_run / "epoch_8.pdt.pt").exists() and no_temporaries(sgd_run)

@@ -203,3 +203,31 @@ def test_verbose_says_why_checkpoints_were_skipped_and_fits_reused(sgd_run):
     assert "fit on the stored QR factor" in again.stderr
     quiet = CliRunner().invoke(app, ["predict", str(sgd_run), "--dry-run", "--tau", "3"])
     assert quiet.exit_code == 0 and "pdt: fit" not in quiet.stderr
+
+
+def test_a_negative_seed_is_a_usage_error(sgd_run):
+    code, output = pdt("predict", sgd_run, "--random", "--seed", "-1")
+    assert code == 2 and not (sgd_run / ".pdt").exists()
+
+
+def test_an_audit_output_run_again_with_nothing_new_is_up_to_date(sgd_run, tmp_path):
+    audit = tmp_path / "audit.pt"
+    assert json.loads(pdt("predict", sgd_run, "-o", audit, "--json")[1])["status"] == "written"
+    payload = json.loads(pdt("predict", sgd_run, "-o", audit, "--json")[1])
+    assert payload["status"] == "up-to-date" and payload["output"] == str(audit)
+    report = json.loads(pdt("report", sgd_run, "--json")[1])
+    assert len(report["history"]) == 1
+
+
+def test_a_store_from_before_outputs_were_identified_still_opens(sgd_run):
+    from test_hostile import _edit_store
+
+    assert pdt("predict", sgd_run)[0] == 0
+
+    def old_outputs(state: dict) -> None:  # outputs as the first pdt releases recorded them
+        state["outputs"] = [{k: o[k] for k in ("path", "fit_id", "mask_id", "snapshot", "at")}
+                            for o in state["outputs"]]
+
+    _edit_store(sgd_run, old_outputs)
+    assert pdt("report", sgd_run)[0] == 0
+    assert json.loads(pdt("predict", sgd_run, "--json")[1])["status"] == "up-to-date"

@@ -108,6 +108,34 @@ class Store:
         self.pending = Pending.from_dict(state["pending_in_place"]) if state.get("pending_in_place") else None
         self._arrays = arrays
         self.matrix = SnapshotMatrix(self.root / DATA_NAME, self.capacity, self.n, self.dtype)
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse records that disagree with each other (a store made by hand, or a bug): every
+        later step would otherwise read the wrong slots or index past an array."""
+        offset = 0
+        for entry in self.layout.tensors:
+            if entry.offset != offset or entry.numel < 0 or not isinstance(entry.name, str):
+                raise ValueError(f"its layout does not tile the snapshot vector at {entry.name!r}")
+            offset += entry.numel
+        if offset != self.n or self.layout.n != self.n:
+            raise ValueError("its layout and its snapshot length disagree")
+        for snapshot_id, snapshot in self.snapshots.items():
+            if snapshot.id != snapshot_id or not 0 <= snapshot.slot < self.capacity \
+                    or self.slots[snapshot.slot] != snapshot_id or not isinstance(snapshot.path, str):
+                raise ValueError(f"its snapshot {snapshot_id} and its ring of slots disagree")
+        held = [i for i in self.slots if i is not None]
+        if set(held) != set(self.snapshots) or len(held) != len(set(held)):
+            raise ValueError("its ring of slots names snapshots it does not hold")
+        if any(i not in self.snapshots for i in self.window) or len(self.window) > self.history_len:
+            raise ValueError("its window names snapshots it does not hold")
+        if not all(isinstance(r.path, str) for r in [*self.seen, *self.outputs]):
+            raise ValueError("a path it recorded is not text")
+        tensors = len(self.layout.tensors)
+        counts, offsets = self._arrays.get("mask/counts"), self._arrays.get("mask/byte_offsets")
+        if counts is not None and counts.shape[0] != tensors or offsets is not None and (
+                offsets.shape != (tensors + 1,) or offsets[-1] > len(self._arrays.get("mask/bits", ()))):
+            raise ValueError("its stored mask does not match its layout")
 
     # ---- opening, creating, publishing -------------------------------------------------
     @staticmethod
@@ -130,8 +158,6 @@ class Store:
     @classmethod
     def create(cls, root: Path, folder: Path, plan: LayoutPlan, selection: Selection, history: int,
                dtype: str, order: str, files: list[str]) -> Store:
-        if dtype not in STORE_DTYPES:
-            raise StoreError(f"unknown store dtype {dtype!r} (use one of {', '.join(STORE_DTYPES)})")
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         layout = layout_from_plan(plan, selection)
@@ -145,22 +171,35 @@ class Store:
         return store
 
     @staticmethod
-    def set_aside(root: Path) -> list[Path]:
-        """Drop a store's records and matrix unread, for `--rebuild`; backups are kept, renamed.
+    def set_aside(root: Path) -> Path:
+        """Move a store's files, unread, into `before-rebuild-<time>/` for `--rebuild`.
 
-        The backups of `--in-place` writes are the user's original checkpoints, so they move to
-        `backups-before-rebuild-<time>` rather than being pruned by the new store.
+        `keep_aside` then drops the old records once a new store is committed (backups of
+        `--in-place` writes, the user's original checkpoints, stay there), and `put_back` undoes
+        the move when the rebuild itself fails, so a rebuild never leaves less than it found.
         """
         root = Path(root)
+        aside = root / f"before-rebuild-{now().replace(':', '')}"
+        aside.mkdir()
+        for name in (META_NAME, DATA_NAME, BACKUP_DIRNAME):
+            if (root / name).exists() or (root / name).is_symlink():
+                os.replace(root / name, aside / name)
+        return aside
+
+    @staticmethod
+    def keep_aside(aside: Path) -> None:
         for name in (META_NAME, DATA_NAME):
-            remove_path(root / name)
-        backups = root / BACKUP_DIRNAME
-        if not backups.is_dir() or backups.is_symlink() or not any(backups.iterdir()):
-            remove_path(backups)
-            return []
-        kept = root / f"{BACKUP_DIRNAME}-before-rebuild-{now().replace(':', '')}"
-        os.replace(backups, kept)
-        return [kept]
+            remove_path(aside / name)
+        if not any(aside.iterdir()):
+            aside.rmdir()
+
+    @staticmethod
+    def put_back(root: Path, aside: Path) -> None:
+        for name in (META_NAME, DATA_NAME, BACKUP_DIRNAME):
+            remove_path(Path(root) / name)
+            if (aside / name).exists() or (aside / name).is_symlink():
+                os.replace(aside / name, Path(root) / name)
+        aside.rmdir()
 
     def forget(self) -> None:
         """Remove this store's files: a run that made it failed, and leaves nothing behind."""
@@ -245,8 +284,21 @@ class Store:
         return next((index for index, held in enumerate(self.slots) if held not in keep), None)
 
     def ingest_slot(self) -> int:
-        """Where the next checkpoint's values go: a slot the committed window does not use."""
+        """Where the next checkpoint's values go: a slot the committed window does not use (there
+        is always one: the ring has h + 1 slots and the window at most h)."""
         return self.free_slot(set(self.window))
+
+    def write_values(self, slot: int, offset: int, values: np.ndarray) -> None:
+        """Values of a snapshot being written to `slot` (not yet in the window until committed)."""
+        self.matrix.write(slot, offset, values)
+
+    def set_files(self, patterns: list[str]) -> None:
+        """The `--files` globs later runs keep using."""
+        self.files = list(patterns)
+
+    def set_pending(self, pending: Pending | None) -> None:
+        """Note (or clear) an in-place write about to be published (`backups.note_in_place`)."""
+        self.pending = pending
 
     def _place(self, slot: int, **fields: Any) -> Snapshot:
         snapshot_id = self.next_id
@@ -274,7 +326,7 @@ class Store:
         """Output paths that still hold what pdt wrote. An in-place output that training has since
         saved over is a checkpoint again (the same path, the next epoch)."""
         latest = {o.path: o for o in self.outputs}
-        return {path for path, o in latest.items() if not o.in_place or unchanged(Path(path), o.as_dict())}
+        return {path for path, o in latest.items() if not o.in_place or unchanged(Path(path), o.size, o.mtime)}
 
     # ---- fit and mask -----------------------------------------------------------------------------
     def base_window(self) -> list[int]:
@@ -332,7 +384,7 @@ class Store:
         return {name: self._arrays[f"mask/{name}"] for name in ("bits", "byte_offsets", "counts")}
 
     # ---- lineage: the outputs, and the fused state training resumes from --------------------------
-    def lineage_slot(self, ids: list[int]) -> int:
+    def claim_lineage_slot(self, ids: list[int]) -> int:
         """A slot for the fused state that the committed store does not depend on.
 
         If every slot is taken (window + the fit's base), the previous fused state is given
@@ -379,6 +431,14 @@ class Store:
         last = self.snapshots[self.window[-1]]
         if last.kind == "fused" and last.mask_id == self.mask.id and Path(last.path).exists():
             return last.path
+        return None
+
+    def written_to(self, path: str) -> str | None:
+        """`path`, if pdt wrote it from the current fit and mask and it is unchanged since."""
+        latest = next((o for o in reversed(self.outputs) if o.path == path), None)
+        if latest and self.fit and self.mask and (latest.fit_id, latest.mask_id) == (self.fit.id, self.mask.id) \
+                and unchanged(Path(path), latest.size, latest.mtime):
+            return path
         return None
 
     def resumed_from(self) -> Snapshot | None:

@@ -136,8 +136,8 @@ class Output(Record):
     mask_id: int
     snapshot: int | None
     at: str
-    size: int
-    mtime: float
+    size: int = -1  # -1: stores made before outputs were identified (only in-place ones are compared)
+    mtime: float = -1.0
     in_place: bool = False
     backup: str | None = None
     lineage: bool | None = None  # None in stores made before audits (-o) were kept out of the window
