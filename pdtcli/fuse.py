@@ -19,7 +19,7 @@ from .atomic import atomic_path
 from .dmd import accumulate_r
 from .errors import CheckpointError, UsageError
 from .formats import open_checkpoint
-from .mask import COUNT_COLUMNS, MaskOptions, evaluate, random_accept, step_matrix
+from .mask import COUNT_COLUMNS, MaskOptions, evaluate, finite_guaranteed, random_accept, step_matrix
 from .progress import NoProgress, Progress
 from .store import Store
 from .store.records import TensorEntry
@@ -76,10 +76,13 @@ class TensorResult:
 class Predictor:
     """Pass 2, one tensor at a time: P = W_b C, the mask, and the fused values."""
 
-    def __init__(self, window: Window, coefficients: np.ndarray, options: MaskOptions) -> None:
+    def __init__(self, window: Window, coefficients: np.ndarray, options: MaskOptions,
+                 column_norms: np.ndarray | None = None) -> None:
         self.window = window
-        self.steps_t = torch.from_numpy(np.ascontiguousarray(step_matrix(coefficients).T)).to(window.device)
+        steps = step_matrix(coefficients)
+        self.steps_t = torch.from_numpy(np.ascontiguousarray(steps.T)).to(window.device)
         self.options = options
+        self.all_finite = column_norms is not None and finite_guaranteed(steps, column_norms)
 
     def _blocks(self, entry: TensorEntry) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         for a, b, w in self.window.blocks(entry.offset, entry.offset + entry.numel):
@@ -88,7 +91,7 @@ class Predictor:
     def _ratio(self, entry: TensorEntry) -> float:
         counts = np.zeros(len(COUNT_COLUMNS), dtype=np.int64)
         for *_, p in self._blocks(entry):
-            counts += evaluate(p, self.options.criteria).counts()
+            counts += evaluate(p, self.options.criteria, self.all_finite).counts()
         return counts[1] / max(1, counts[0])
 
     def run(self, entry: TensorEntry, original: torch.Tensor | None = None, stored_bits: np.ndarray | None = None,
@@ -109,13 +112,14 @@ class Predictor:
             if unpacked is not None:
                 accepted = torch.from_numpy(unpacked[a:b])
             else:
-                verdict = evaluate(p, self.options.criteria)
+                verdict = evaluate(p, self.options.criteria, self.all_finite)
                 counts += verdict.counts()
                 accepted = verdict.accepted.cpu()
                 if ratio is not None:
                     accepted = torch.from_numpy(random_accept(entry.offset + a, entry.offset + b, ratio,
                                                               self.options.seed))
-                    accepted &= ~verdict.nonfinite.cpu()
+                    if verdict.nonfinite is not None:
+                        accepted &= ~verdict.nonfinite.cpu()
                 bits.append(np.packbits(accepted.numpy()))
             if flat is not None:
                 target = flat[a:b]
@@ -174,7 +178,7 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
     """Pass 2 over every predicted tensor: the mask (or the `stored` one), and with `write`, the
     fused checkpoint, each tensor handed to the writer as it reaches it."""
     progress = progress or NoProgress()
-    predictor = Predictor(window, store.coefficients, options)
+    predictor = Predictor(window, store.coefficients, options, np.linalg.norm(store.qr_factor, axis=0))
     index_of = {entry.name: index for index, entry in enumerate(store.tensors)}
     counts = np.zeros((len(store.tensors), len(COUNT_COLUMNS)), dtype=np.int64)
     bits: list[np.ndarray] = [np.zeros(0, np.uint8)] * len(store.tensors)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from reference import mask as reference_mask
 
-from pdtcli.mask import CRITERIA, MaskOptions, evaluate, random_accept, step_matrix
+from pdtcli.mask import CRITERIA, MaskOptions, evaluate, finite_guaranteed, random_accept, step_matrix
 
 # tau = 3; previous, current, then w_pred(1..3); each element is one case.
 CASES = {
@@ -110,3 +110,34 @@ def test_step_matrix_gives_increments_move_and_delta():
     got = (step_matrix(c).T @ w.T).T
     expected = rows_from(torch.from_numpy(w[:, -2]), torch.from_numpy(w[:, -1]), torch.from_numpy(pred.T.copy()))
     assert np.allclose(got, expected.numpy().T, atol=1e-12)
+
+
+def test_skipping_the_finite_test_changes_no_verdict_on_a_real_trajectory(sgd_run):
+    """Where the bound from R's column norms says no prediction can overflow, the second pass skips
+    the per-element finite test; on real training windows the verdicts are the same bit for bit."""
+    import training
+
+    from pdtcli.dmd import FitOptions, accumulate_r, solve
+    from pdtcli.mask import finite_guaranteed
+
+    names = [k for k, v in torch.load(sgd_run / "epoch_1.pt", weights_only=True)["model"].items()
+             if v.is_floating_point() and "running" not in k]
+    window = training.flat_weights([sgd_run / f"epoch_{e}.pt" for e in range(4, 9)], names).T.contiguous()
+    r = accumulate_r([window], window.shape[0])
+    for tau in (1, 3, 5, 12):
+        steps = step_matrix(solve(r, FitOptions(tau=tau)).coefficients)
+        assert finite_guaranteed(steps, np.linalg.norm(r, axis=0))
+        rows = torch.from_numpy(steps.T) @ window
+        for criteria in (CRITERIA, ("lower",), ()):
+            checked, skipped = evaluate(rows, criteria), evaluate(rows, criteria, all_finite=True)
+            for field in ("accepted", "fail_lower", "fail_upper", "fail_sign"):
+                assert torch.equal(getattr(checked, field), getattr(skipped, field)), (tau, criteria, field)
+            assert np.array_equal(checked.counts(), skipped.counts())
+
+
+def test_the_finite_bound_refuses_coefficients_that_could_overflow():
+    norms = np.array([1.0, 2.0, 3.0])
+    assert finite_guaranteed(np.eye(3), norms)
+    assert not finite_guaranteed(np.full((3, 2), 1e300), norms)  # |E^T W| could reach 6e300
+    assert not finite_guaranteed(np.array([[np.inf], [0.0], [0.0]]), norms)
+    assert not finite_guaranteed(np.eye(3), np.array([1.0, np.nan, 1.0]))

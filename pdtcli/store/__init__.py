@@ -362,6 +362,11 @@ class Store:
     def coefficients(self) -> np.ndarray:
         return self._arrays["fit/C"]
 
+    @property
+    def qr_factor(self) -> np.ndarray:
+        """R of the fit's window (its column norms bound every value of the window)."""
+        return self._arrays["fit/R"]
+
     def fit_readable(self) -> bool:
         return self.fit is not None and all(self.readable(i) for i in self.fit.window)
 
