@@ -54,8 +54,8 @@ class Window:
             self._buffer = np.empty((len(self.slots), self.block), dtype=self.store.dtype)
         for a in range(start, stop, self.block):
             b = min(stop, a + self.block)
-            values = self.store.matrix.read(self.slots, a, b, out=self._buffer)
-            yield a, b, torch.from_numpy(values).to(device=self.device, dtype=torch.float64, copy=True)
+            values = self.store.values(self.store.matrix.read(self.slots, a, b, out=self._buffer))
+            yield a, b, values.to(device=self.device, dtype=torch.float64, copy=True)
 
     def qr_factor(self) -> np.ndarray:
         """Pass 1: R of W = QR over the whole window."""
@@ -128,7 +128,7 @@ class Predictor:
                     predicted = predicted.round()
                 target.copy_(torch.where(accepted, predicted.to(flat.dtype), target))
                 if lineage_slot is not None:
-                    self.window.store.write_values(lineage_slot, entry.offset + a, target.to(torch.float64).numpy())
+                    self.window.store.write_values(lineage_slot, entry.offset + a, target)
         if unpacked is None and ratio is not None:
             counts[1] = int(np.unpackbits(np.concatenate(bits), count=entry.numel).sum())
         packed = stored_bits if stored_bits is not None else (np.concatenate(bits) if bits else np.zeros(0, np.uint8))

@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .discover import Candidate, list_checkpoints, located, order_key, resolve_order
 from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError
 from .formats import TensorInfo, open_checkpoint
 from .identity import sha256_path
-from .options import DEFAULT_HISTORY, DEFAULT_STORE_DTYPE
+from .options import DEFAULT_HISTORY
 from .progress import Progress
 from .selection import Selection, plan_layout
 from .session import Session
@@ -172,18 +171,17 @@ def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress
         if s.store is None:
             selection = settings.selection or Selection()
             plan = plan_layout(reader.tensors(), selection)
-            s.store = Store.create(s.root, s.folder, plan, selection, history,
-                                   settings.store_dtype or DEFAULT_STORE_DTYPE, s.order, list(settings.files or ()))
+            s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype, s.order,
+                                   list(settings.files or ()))
         store = s.store
         _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path)
         slot = store.ingest_slot()
-        store_dtype = torch.float64 if store.dtype == np.float64 else torch.float32
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:
-                values = reader.read(entry.name).detach().reshape(-1).to(store_dtype)
+                values = reader.read(entry.name).detach().reshape(-1).to(store.torch_dtype)
                 if not _finite(values):
                     raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", path)
-                store.write_values(slot, entry.offset, values.numpy())
+                store.write_values(slot, entry.offset, values)
                 advance(entry.numel)
         step = reader.recorded_step()
     store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
@@ -195,7 +193,8 @@ def _finite(values: torch.Tensor) -> bool:
     """Whether every value is finite. A NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum
     settles it with one vectorised reduction (about 50x cheaper than a test per element); only a
     sum that is not finite (a bad value, or finite values that overflow) needs the exact test."""
-    if bool(torch.isfinite(values.sum())):
+    wide = torch.float32 if values.element_size() < 4 else None  # fp16 sums overflow early
+    if bool(torch.isfinite(values.sum(dtype=wide))):
         return True
     return bool(torch.isfinite(values).all())
 

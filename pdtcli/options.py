@@ -22,7 +22,6 @@ from .store import STORE_DTYPES
 
 DEFAULT_HISTORY = 5
 DEFAULT_WAIT = 60.0  # seconds a second pdt waits for the store's lock
-DEFAULT_STORE_DTYPE = "float32"
 DEVICES = ("auto", "cpu", "cuda")
 FIT = FitOptions()
 
@@ -66,8 +65,8 @@ OPTIONS: dict[str, Option] = {
                     "store for later runs).", metavar="GLOB"),
     "order": Option(("--order",), None, "Training order: auto | name (step number in the name) | step (recorded "
                     "inside) | mtime; fixed when the store is made.", choices=ORDERS, shown_default="auto"),
-    "store_dtype": Option(("--store-dtype",), None, "float32 | float64; fixed when the store is made.",
-                          choices=tuple(STORE_DTYPES), shown_default=DEFAULT_STORE_DTYPE),
+    "store_dtype": Option(("--store-dtype",), None, "float32 | float64 | bfloat16 | float16; fixed when the store is "
+                          "made.", choices=tuple(STORE_DTYPES), shown_default="the model's bf16 or fp16, else float32"),
     "device": Option(("--device",), "auto", "auto | cpu | cuda.", choices=DEVICES),
     "block": Option(("--block",), DEFAULT_BLOCK, "Elements per row block (bounds memory).", min=8),
     "wait": Option(("--wait",), DEFAULT_WAIT, "Seconds to wait for another pdt's lock.", min=0),

@@ -72,6 +72,38 @@ def test_low_and_high_precision_are_written_back_in_their_dtype(tmp_path, fmt, d
     assert 0 < changed <= accepted
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_is_stored_in_its_own_dtype_and_fused_exactly_as_from_float32(tmp_path, dtype):
+    import h5py
+
+    for store_dtype in (None, "float32"):
+        folder = tmp_path / str(store_dtype)
+        training.train(folder, 7, dtype=dtype)
+        (folder / "epoch_7.pt").rename(tmp_path / f"later-{store_dtype}.pt")
+        predict(folder, *(["--store-dtype", store_dtype] if store_dtype else []))
+        (tmp_path / f"later-{store_dtype}.pt").rename(folder / "epoch_7.pt")
+        predict(folder)  # a steady step: its window holds the fused state of the first
+    with h5py.File(tmp_path / "None" / ".pdt" / "store.h5") as f:
+        state = json.loads(f["state"][()])
+    assert state["dtype"] == str(dtype).removeprefix("torch.")
+    assert (tmp_path / "None" / ".pdt" / "snapshots.bin").stat().st_size == 6 * state["n"] * 2  # (h + 1) x N x 2
+    for name in ("epoch_6.pdt.pt", "epoch_7.pdt.pt"):  # bf16 and fp16 are exact in float32: same output
+        assert (tmp_path / "None" / name).read_bytes() == (tmp_path / "float32" / name).read_bytes()
+
+
+def test_a_model_of_mixed_precision_is_stored_in_float32(tmp_path):
+    import h5py
+
+    training.train(tmp_path, 5)
+    for epoch in range(1, 6):
+        state = torch.load(tmp_path / f"epoch_{epoch}.pt", weights_only=True)
+        state["model"]["0.weight"] = state["model"]["0.weight"].to(torch.bfloat16)
+        torch.save(state, tmp_path / f"epoch_{epoch}.pt")
+    predict(tmp_path)
+    with h5py.File(tmp_path / ".pdt" / "store.h5") as f:
+        assert json.loads(f["state"][()])["dtype"] == "float32"
+
+
 @pytest.mark.slow
 def test_keras_weights_round_trip_and_keep_training(tmp_path):
     import keras

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .. import __version__
 from ..atomic import remove_path
@@ -41,7 +42,11 @@ META_NAME = "store.h5"
 BACKUP_DIRNAME = "backups"  # what --in-place replaced (pdtcli.backups)
 DATA_NAME = "snapshots.bin"
 LOCK_NAME = "lock"
-STORE_DTYPES = {"float32": np.float32, "float64": np.float64}
+# How snapshot values are kept: the torch dtype, and the NumPy type of its bytes in snapshots.bin
+# (bfloat16 has no NumPy type, so its 16 bits are kept as int16 and viewed back).
+STORE_DTYPES = {"float32": (torch.float32, np.float32), "float64": (torch.float64, np.float64),
+                "float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, np.int16)}
+LOSSLESS_16 = ("bfloat16", "float16")  # kept in their own dtype when every predicted tensor has it
 ORDER_OF_OLD_STORES = "name"  # stores made before --order existed ordered by name
 
 
@@ -157,10 +162,15 @@ class Store:
 
     @classmethod
     def create(cls, root: Path, folder: Path, plan: LayoutPlan, selection: Selection, history: int,
-               dtype: str, order: str, files: list[str]) -> Store:
+               dtype: str | None, order: str, files: list[str]) -> Store:
+        """A new store; `dtype` None keeps a bf16 or fp16 model in its own dtype (2 bytes a value,
+        nothing lost), any other in float32."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         layout = layout_from_plan(plan, selection)
+        if dtype is None:
+            kinds = {entry.dtype for entry in layout.tensors}
+            dtype = kinds.pop() if len(kinds) == 1 and kinds <= set(LOSSLESS_16) else "float32"
         state = {"folder": str(Path(folder).resolve()), "history_len": history, "capacity": history + 1,
                  "n": layout.n, "dtype": dtype, "order": order, "files": files, "created": now(),
                  "snapshots": {}, "slots": [None] * (history + 1), "window": [], "next_id": 1,
@@ -233,7 +243,17 @@ class Store:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(STORE_DTYPES[self.dtype_name])
+        """The NumPy type of the matrix's bytes (int16 for bfloat16: see `values`)."""
+        return np.dtype(STORE_DTYPES[self.dtype_name][1])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return STORE_DTYPES[self.dtype_name][0]
+
+    def values(self, raw: np.ndarray) -> torch.Tensor:
+        """Snapshot values read from the matrix, as a tensor of the store's dtype (no copy)."""
+        tensor = torch.from_numpy(raw)
+        return tensor.view(torch.bfloat16) if self.dtype_name == "bfloat16" else tensor
 
     @property
     def tensors(self) -> list[TensorEntry]:
@@ -288,9 +308,11 @@ class Store:
         is always one: the ring has h + 1 slots and the window at most h)."""
         return self.free_slot(set(self.window))
 
-    def write_values(self, slot: int, offset: int, values: np.ndarray) -> None:
-        """Values of a snapshot being written to `slot` (not yet in the window until committed)."""
-        self.matrix.write(slot, offset, values)
+    def write_values(self, slot: int, offset: int, values: torch.Tensor) -> None:
+        """Values of a snapshot being written to `slot` (not yet in the window until committed),
+        converted to the store's dtype."""
+        kept = values.detach().reshape(-1).to(self.torch_dtype).contiguous()
+        self.matrix.write(slot, offset, (kept.view(torch.int16) if self.dtype_name == "bfloat16" else kept).numpy())
 
     def set_files(self, patterns: list[str]) -> None:
         """The `--files` globs later runs keep using."""
