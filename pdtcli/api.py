@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class StepResult:
     """What a command did, for the CLI's summary and for `--json`."""
 
-    status: str  # written | dry-run | masked | up-to-date | waiting | ingested | restored
+    status: str  # written | dry-run | masked | up-to-date | waiting | not-due | ingested | restored
     message: str
     store: str
     ingested: list[str] = field(default_factory=list)
@@ -87,6 +87,9 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
             return StepResult("waiting", f"need {need} more checkpoint(s) before DMD can fit (window holds "
                               f"{st.history_len - need} of {st.history_len})", str(s.root), ingested, skipped,
                               needed=need)
+        not_due = st.not_due() if not dry_run and (output is None or in_place) else None
+        if not_due:                                                            # line 3
+            return StepResult("not-due", not_due, str(s.root), ingested, skipped)
         ids = st.base_window()
         fitted = _fit(st, ids, settings)                                       # line 6
         mask = st.mask_of(settings.mask.as_dict())

@@ -71,6 +71,8 @@ DryRun = Annotated[bool, flag("dry_run")]
 Force = Annotated[bool, flag("force")]
 InPlace = Annotated[bool, flag("in_place")]
 History = Annotated[Optional[int], flag("history")]
+Start = Annotated[Optional[int], flag("start")]
+Every = Annotated[Optional[int], flag("every")]
 Tau = Annotated[int, flag("tau")]
 Modes = Annotated[str, flag("modes")]
 Rank = Annotated[Optional[int], flag("rank")]
@@ -199,7 +201,8 @@ def snapshot(target: Target, store: Store = None, history: History = None, inclu
 
 @app.command()
 def predict(target: Target, store: Store = None, output: Output = None, dry_run: DryRun = False, force: Force = False,
-            in_place: InPlace = False, history: History = None, tau: Tau = D["tau"], modes: Modes = D["modes"],
+            in_place: InPlace = False, history: History = None, start: Start = None, every: Every = None,
+            tau: Tau = D["tau"], modes: Modes = D["modes"],
             rank: Rank = None, rtol: Rtol = D["rtol"], criteria: Criteria = D["criteria"], random: Random = False,
             seed: Seed = D["seed"], include: Include = None, exclude: Exclude = None, store_dtype: StoreDtype = None,
             order: Order = None, files: Files = None, device: Device = D["device"], block: Block = D["block"],
@@ -212,12 +215,13 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
     - `pdt predict runs/exp1/ckpts --dry-run --json`
     - `pdt predict runs/exp1/ckpts --tau 3 -o /tmp/audit.pt --force` (an audit copy; the window is unchanged)
     - `pdt predict runs/exp1/ckpts --in-place` (training always resumes from last.pt; undo: `pdt restore`)
+    - `pdt predict runs/exp1/ckpts --start 10 --every 2` (Algorithm 1's T_0 and T_i; other runs only ingest)
     - `*/30 * * * * pdt predict /data/run1/ckpts --json >> /data/run1/pdt.log` (cron; errors are logged as JSON too)
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, device=device, block=block, wait=wait, history=history, include=include,
                      exclude=exclude, store_dtype=store_dtype, order=order, files=files, tau=tau, modes=modes,
-                     rank=rank, rtol=rtol, criteria=criteria, random=random, seed=seed)
+                     rank=rank, rtol=rtol, criteria=criteria, random=random, seed=seed, start=start, every=every)
         result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, in_place=in_place,
                              settings=s)
         finish(result, json_out=json_out, strict=strict)

@@ -56,6 +56,17 @@ def history_len(s: Session) -> int:
     return s.store.history_len
 
 
+def schedule(s: Session) -> tuple[int | None, int]:
+    """Algorithm 1's T_0 and T_i for this store: fixed when it is made, like h."""
+    start, every = s.settings.start, s.settings.every
+    if s.store is None:
+        return start, every or 1
+    if start is not None and start != s.store.start or every is not None and every != s.store.every:
+        raise UsageError(f"this store writes from step {s.store.start} every {s.store.every} checkpoint(s); "
+                         f"remove {s.root} to change --start or --every")
+    return s.store.start, s.store.every
+
+
 def file_patterns(s: Session) -> tuple[str, ...] | None:
     """`--files` globs of this run, else those the store keeps from an earlier one."""
     if s.settings.files is not None:
@@ -172,7 +183,7 @@ def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress
             selection = settings.selection or Selection()
             plan = plan_layout(reader.tensors(), selection)
             s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype, s.order,
-                                   list(settings.files or ()))
+                                   list(settings.files or ()), *schedule(s))
         store = s.store
         _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path)
         slot = store.ingest_slot()
@@ -205,6 +216,7 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
         raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
     _check_selection(s)
     _check_store_dtype(s)
+    schedule(s)
     history = history_len(s)
     files = file_patterns(s)
     fresh, passed, dropped = _new_candidates(s, files)

@@ -51,6 +51,10 @@ OPTIONS: dict[str, Option] = {
                        "symbolic link."),
     "history": Option(("--history",), None, "Snapshots in the window, h; fixed when the store is made.", min=2,
                       shown_default=str(DEFAULT_HISTORY)),
+    "start": Option(("--start",), None, "Write a fused checkpoint only from this step on (Algorithm 1's T_0); fixed "
+                    "when the store is made.", min=0, shown_default="as soon as the window holds h"),
+    "every": Option(("--every",), None, "Write one only after this many plain checkpoints since the last fused one "
+                    "(T_i); fixed when the store is made.", min=1, shown_default="1"),
     "tau": Option(("--tau",), FIT.tau, "Checkpoints to predict ahead.", min=1),
     "modes": Option(("--modes",), FIT.modes, "exact | projected (the paper's eq. 11).", choices=MODES),
     "rank": Option(("--rank",), None, "Fixed DMD rank instead of --rtol.", min=1),
@@ -115,12 +119,15 @@ class Settings:
     store_dtype: str | None = None
     order: str | None = None
     files: tuple[str, ...] | None = None  # globs naming the checkpoints
+    start: int | None = None  # Algorithm 1's T_0
+    every: int | None = None  # its T_i
     lock_timeout: float = DEFAULT_WAIT
     progress: Progress = field(default_factory=NoProgress)
 
     def __post_init__(self) -> None:
         for name, value in (("history", self.history), ("device", self.device), ("block", self.block),
-                            ("store_dtype", self.store_dtype), ("order", self.order), ("wait", self.lock_timeout)):
+                            ("store_dtype", self.store_dtype), ("order", self.order), ("wait", self.lock_timeout),
+                            ("start", self.start), ("every", self.every)):
             _check(name, value)
 
     @classmethod

@@ -42,6 +42,7 @@ def build_report(data: dict[str, Any]) -> dict:
         "window": data["window"],
         "fit_window": data["fit_window"],
         "resumed_from": data["resumed_from"],
+        "schedule": data.get("schedule"),
         "history_len": data["history_len"],
         "predicted_elements": data["n"],
         "selection": layout["selection"],
@@ -147,6 +148,11 @@ def render_report(report: dict, console: Console, *, top: int | None = None) -> 
         how = "fused by pdt" if report["window"][-1]["kind"] == "fused" else "the newest checkpoint"
         console.print(f"training assumed to resume from: {_shown_path(report['resumed_from'], report['folder'])} "
                       f"({how})", highlight=False, markup=False)
+    schedule = report.get("schedule")
+    if schedule:
+        start = "as soon as the window is full" if schedule["start"] is None else f"from step {schedule['start']}"
+        console.print(f"schedule: {start}, every {schedule['every']} checkpoint(s); {schedule['next']}",
+                      highlight=False, markup=False)
     fit = report["fit"]
     if fit:
         steps = ", ".join(_label(w) for w in report["fit_window"])

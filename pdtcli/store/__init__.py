@@ -96,6 +96,8 @@ class Store:
         if self.dtype_name not in STORE_DTYPES or self.capacity != len(state["slots"]):
             raise ValueError("its dtype or its ring of slots is not one pdt makes")
         self.order = str(state.get("order", ORDER_OF_OLD_STORES))
+        self.start: int | None = state.get("start")  # Algorithm 1's T_0 (None: as soon as the window is full)
+        self.every = int(state.get("every") or 1)  # its T_i
         self.files: list[str] = list(state.get("files") or [])
         self.created = state.get("created")
         self.layout = layout
@@ -162,7 +164,7 @@ class Store:
 
     @classmethod
     def create(cls, root: Path, folder: Path, plan: LayoutPlan, selection: Selection, history: int,
-               dtype: str | None, order: str, files: list[str]) -> Store:
+               dtype: str | None, order: str, files: list[str], start: int | None = None, every: int = 1) -> Store:
         """A new store; `dtype` None keeps a bf16 or fp16 model in its own dtype (2 bytes a value,
         nothing lost), any other in float32."""
         root = Path(root)
@@ -172,7 +174,8 @@ class Store:
             kinds = {entry.dtype for entry in layout.tensors}
             dtype = kinds.pop() if len(kinds) == 1 and kinds <= set(LOSSLESS_16) else "float32"
         state = {"folder": str(Path(folder).resolve()), "history_len": history, "capacity": history + 1,
-                 "n": layout.n, "dtype": dtype, "order": order, "files": files, "created": now(),
+                 "n": layout.n, "dtype": dtype, "order": order, "files": files, "start": start, "every": every,
+                 "created": now(),
                  "snapshots": {}, "slots": [None] * (history + 1), "window": [], "next_id": 1,
                  "ingested": [], "fit": None, "mask": None, "outputs": []}
         store = cls(root, state, layout, [], {})
@@ -223,6 +226,7 @@ class Store:
         state = {
             "format_version": h5file.FORMAT_VERSION, "pdt_version": __version__, "created": self.created,
             "folder": str(self.folder), "history_len": self.history_len, "order": self.order, "files": self.files,
+            "start": self.start, "every": self.every,
             "capacity": self.capacity, "n": self.n, "dtype": self.dtype_name,
             "snapshots": {str(k): v.as_dict() for k, v in self.snapshots.items()}, "slots": self.slots,
             "window": self.window, "next_id": self.next_id, "next_fit": self.next_fit, "next_mask": self.next_mask,
@@ -468,6 +472,45 @@ class Store:
             return path
         return None
 
+    def not_due(self) -> str | None:
+        """Why no fused checkpoint is due yet under Algorithm 1's schedule, or None when one is.
+
+        A write is due when the newest checkpoint is at step T_0 (`start`) or later, and T_i
+        (`every`) plain checkpoints were ingested since the last fused one training resumed from.
+        Under `mtime` order without steps, a checkpoint's place is its number among those ingested.
+        """
+        place, since, fused_already = self._schedule_position()
+        if self.start is not None and place < self.start:
+            return (f"the next fused checkpoint is due at step {self.start} (--start); the newest is at "
+                    f"step {place}")
+        if fused_already:
+            return None  # the newest checkpoint was fused already: writing it again is the same step
+        if since < self.every:
+            return (f"the next fused checkpoint is due after {self.every - since} more checkpoint(s) (--every "
+                    f"{self.every}: {since} since the last fused one)")
+        return None
+
+    def next_due(self) -> str:
+        """When the schedule next allows a fused checkpoint, for reports."""
+        place, since, fused_already = self._schedule_position()
+        if self.start is not None and place < self.start:
+            return f"the next fused checkpoint is due at step {self.start}"
+        remaining = self.every - (0 if fused_already else since)
+        if remaining <= 0:
+            return "a fused checkpoint is due now"
+        return f"the next fused checkpoint is due after {remaining} more checkpoint(s)"
+
+    def _schedule_position(self) -> tuple[int, int, bool]:
+        """(the newest checkpoint's step, or its number among those ingested when it has none;
+        plain checkpoints ingested since the last fused one; whether the newest was fused already)."""
+        ingested = [r for r in self.seen if r.status == "ingested"]
+        newest = self.newest_checkpoint()
+        step = self.step_of(newest) if newest else None
+        last = next((o for o in reversed(self.outputs) if o.lineage and not o.restored and o.snapshot), None)
+        since = len([r for r in ingested if last is None or (r.id or 0) > last.snapshot])
+        fused_already = last is not None and newest is not None and newest.id < last.snapshot
+        return (step if step is not None else len(ingested)), since, fused_already
+
     def resumed_from(self) -> Snapshot | None:
         """The state training is taken to have resumed from: the newest snapshot of the window."""
         return self.snapshots[self.window[-1]] if self.window else None
@@ -502,6 +545,7 @@ class Store:
         counts = self._arrays.get("mask/counts")
         return {
             "store": str(self.root), "folder": str(self.folder), "order": self.order, "history_len": self.history_len,
+            "schedule": {"start": self.start, "every": self.every, "next": self.next_due()},
             "n": self.n, "layout": self.layout.as_dict(),
             "window": [self.view(i) for i in self.window],
             "fit_window": [self.view(i) for i in self.fit.window] if self.fit else [],
