@@ -605,3 +605,21 @@ def test_a_writer_that_skips_a_predicted_tensor_publishes_nothing(sgd_run, monke
     code, output = pdt("predict", sgd_run)
     assert code == 3 and "never reached tensor '0.weight'" in one_error_line(output)
     assert not (sgd_run / "epoch_8.pdt.pt").exists() and no_temporaries(sgd_run)
+
+
+def test_a_failed_ingest_never_leaves_a_fit_reading_half_overwritten_values(sgd_run):
+    later = sgd_run.parent / "later"
+    later.mkdir()
+    os.replace(sgd_run / "epoch_8.pt", later / "epoch_8.pt")
+    assert pdt("predict", sgd_run)[0] == 0  # fused at 7: the fit reads 7's parent slot, outside the window
+    bad = torch.load(later / "epoch_8.pt", weights_only=True)
+    names = list(bad["model"])
+    bad["model"][names[2]].view(-1)[0] = float("nan")  # fails after the first tensors were written
+    torch.save(bad, sgd_run / "epoch_8.pt")
+    code, output = pdt("predict", sgd_run)
+    assert code == 3 and "NaN" in one_error_line(output)
+    (sgd_run / "epoch_8.pt").unlink()
+    code, output = pdt("apply", sgd_run, "-o", sgd_run.parent / "audit.pt")
+    assert code == 6 and "newer checkpoint replaced the fit's window" in one_error_line(output)
+    os.replace(later / "epoch_8.pt", sgd_run / "epoch_8.pt")
+    assert json.loads(pdt("predict", sgd_run, "--json")[1])["status"] == "written"

@@ -309,8 +309,19 @@ class Store:
 
     def ingest_slot(self) -> int:
         """Where the next checkpoint's values go: a slot the committed window does not use (there
-        is always one: the ring has h + 1 slots and the window at most h)."""
-        return self.free_slot(set(self.window))
+        is always one: the ring has h + 1 slots and the window at most h).
+
+        That slot may still hold a snapshot the stored fit reads (the checkpoint a fused state
+        came from). It is given up first, in a commit of its own, so that a run that fails or is
+        killed while writing there leaves a store that knows the fit is gone, never one whose
+        fit reads half-overwritten values.
+        """
+        slot = self.free_slot(set(self.window))
+        if self.slots[slot] is not None:
+            self.snapshots.pop(self.slots[slot], None)
+            self.slots[slot] = None
+            self.commit()
+        return slot
 
     def write_values(self, slot: int, offset: int, values: torch.Tensor) -> None:
         """Values of a snapshot being written to `slot` (not yet in the window until committed),
