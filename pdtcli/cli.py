@@ -177,7 +177,8 @@ def _fail(message: str, code: int, json_out: bool, path: str | None) -> None:
 
 
 @app.command()
-def snapshot(target: Target, store: Store = None, history: History = None, include: Include = None,
+def snapshot(target: Target, store: Store = None, history: History = None, start: Start = None, every: Every = None,
+             include: Include = None,
              exclude: Exclude = None, store_dtype: StoreDtype = None, order: Order = None, files: Files = None,
              rebuild: Rebuild = False, wait: Wait = D["wait"], json_out: Json = False, strict: Strict = False,
              verbose: Verbose = False) -> None:
@@ -192,7 +193,7 @@ def snapshot(target: Target, store: Store = None, history: History = None, inclu
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, wait=wait, history=history, include=include, exclude=exclude,
-                     store_dtype=store_dtype, order=order, files=files)
+                     store_dtype=store_dtype, order=order, files=files, start=start, every=every)
         result = api.snapshot(target, store=store, rebuild=rebuild, settings=s)
         if strict and result.needed and result.status != "up-to-date":
             result.status = "waiting"

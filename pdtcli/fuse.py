@@ -19,7 +19,15 @@ from .atomic import atomic_path
 from .dmd import accumulate_r
 from .errors import CheckpointError, UsageError
 from .formats import open_checkpoint
-from .mask import COUNT_COLUMNS, MaskOptions, evaluate, finite_guaranteed, random_accept, step_matrix
+from .mask import (
+    COUNT_COLUMNS,
+    BlockVerdict,
+    MaskOptions,
+    evaluate,
+    finite_guaranteed,
+    random_accept,
+    step_matrix,
+)
 from .progress import NoProgress, Progress
 from .store import Store
 from .store.records import TensorEntry
@@ -83,6 +91,34 @@ class Predictor:
         self.steps_t = torch.from_numpy(np.ascontiguousarray(steps.T)).to(window.device)
         self.options = options
         self.all_finite = column_norms is not None and finite_guaranteed(steps, column_norms)
+        # |w_pred(tau)| <= sum_i |C_i,tau| |w_i|: where that is below a dtype's range, no prediction
+        # can overflow it when it is written back
+        self.prediction_bound = (float(np.abs(coefficients[:, -1]) @ column_norms) if column_norms is not None
+                                 else float("inf"))
+
+    def _verdict(self, entry: TensorEntry, w: torch.Tensor, p: torch.Tensor) -> BlockVerdict:
+        """The criteria on a block, with predictions that the tensor's own dtype cannot hold (an fp16
+        weight predicted past 65504, an integer past its range) rejected as non-finite."""
+        verdict = evaluate(p, self.options.criteria, self.all_finite)
+        dtype = getattr(torch, entry.dtype)
+        if dtype == torch.bool:  # never predicted (selection refuses it), never out of range
+            return verdict
+        limit = torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max
+        if self.prediction_bound < limit:
+            return verdict
+        predicted = w[-1] + p[-2]
+        if dtype.is_floating_point:
+            unfit = ~torch.isfinite(predicted.to(dtype))
+        else:
+            rounded = predicted.round()
+            unfit = (rounded < torch.iinfo(dtype).min) | (rounded > torch.iinfo(dtype).max)
+        if verdict.nonfinite is not None:
+            unfit &= ~verdict.nonfinite
+        for failed in (verdict.fail_lower, verdict.fail_upper, verdict.fail_sign):
+            failed &= ~unfit  # counted under non-finite only, as every other non-finite prediction
+        verdict.accepted &= ~unfit
+        verdict.nonfinite = unfit if verdict.nonfinite is None else verdict.nonfinite | unfit
+        return verdict
 
     def _blocks(self, entry: TensorEntry) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         for a, b, w in self.window.blocks(entry.offset, entry.offset + entry.numel):
@@ -90,8 +126,8 @@ class Predictor:
 
     def _ratio(self, entry: TensorEntry) -> float:
         counts = np.zeros(len(COUNT_COLUMNS), dtype=np.int64)
-        for *_, p in self._blocks(entry):
-            counts += evaluate(p, self.options.criteria, self.all_finite).counts()
+        for _, _, w, p in self._blocks(entry):
+            counts += self._verdict(entry, w, p).counts()
         return counts[1] / max(1, counts[0])
 
     def run(self, entry: TensorEntry, original: torch.Tensor | None = None, stored_bits: np.ndarray | None = None,
@@ -112,7 +148,7 @@ class Predictor:
             if unpacked is not None:
                 accepted = torch.from_numpy(unpacked[a:b])
             else:
-                verdict = evaluate(p, self.options.criteria, self.all_finite)
+                verdict = self._verdict(entry, w, p)
                 counts += verdict.counts()
                 accepted = verdict.accepted.cpu()
                 if ratio is not None:
@@ -123,7 +159,9 @@ class Predictor:
                 bits.append(np.packbits(accepted.numpy()))
             if flat is not None:
                 target = flat[a:b]
-                predicted = (w[-1] + p[-2]).cpu()  # w_pred(tau) = w_h + move
+                # w_pred(tau) = w_h + move, from the checkpoint's own w_h (exact even where the store
+                # keeps a narrower dtype than the checkpoint, as float32 for a float64 model)
+                predicted = target.to(torch.float64) + p[-2].cpu()
                 if not flat.dtype.is_floating_point:
                     predicted = predicted.round()
                 target.copy_(torch.where(accepted, predicted.to(flat.dtype), target))

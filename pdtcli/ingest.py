@@ -23,7 +23,7 @@ from .options import DEFAULT_HISTORY
 from .progress import Progress
 from .selection import Selection, plan_layout
 from .session import Session
-from .store import Store, now
+from .store import LOSSLESS_16, Store, now
 from .store.records import Seen
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,18 @@ def history_len(s: Session) -> int:
 
 
 def schedule(s: Session) -> tuple[int | None, int]:
-    """Algorithm 1's T_0 and T_i for this store: fixed when it is made, like h."""
+    """Algorithm 1's T_0 and T_i for this store: set when it is made, or by any run before its first
+    fused checkpoint, then fixed (like h), since the counter c_e runs from that write."""
     start, every = s.settings.start, s.settings.every
     if s.store is None:
-        return start, every or 1
-    if start is not None and start != s.store.start or every is not None and every != s.store.every:
-        raise UsageError(f"this store writes from step {s.store.start} every {s.store.every} checkpoint(s); "
-                         f"remove {s.root} to change --start or --every")
+        return start, every or 0
+    changed = start is not None and start != s.store.start or every is not None and every != s.store.every
+    if changed and s.store.fused_yet():
+        since = "as soon as the window is full" if s.store.start is None else f"from step {s.store.start}"
+        raise UsageError(f"this store writes {since} with T_i = {s.store.every} (--every); it has written a fused "
+                         f"checkpoint under that schedule: remove {s.root} to change --start or --every")
+    if changed:
+        s.store.set_schedule(s.store.start if start is None else start, s.store.every if every is None else every)
     return s.store.start, s.store.every
 
 
@@ -110,6 +115,7 @@ def _new_candidates(s: Session, files: tuple[str, ...] | None
     return fresh, passed, [(cand, NOT_A_CHECKPOINT) for cand in dropped]
 
 
+PASSED_OVER = "older than the newest {history} new checkpoints"
 NOT_A_CHECKPOINT = "holds no state dict, so it is not a checkpoint; `--files GLOB` names the checkpoints"
 
 
@@ -120,7 +126,9 @@ def _layout_of(infos: list[TensorInfo], selection: Selection, path: Path) -> Sha
     return [(info.name, list(info.shape)) for info in plan.predicted]
 
 
-def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path) -> None:
+def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path, kept_as: str | None = None) -> None:
+    """Names and shapes as the window's; with `kept_as` (a 16-bit store), dtypes too: a float32
+    tensor (training switched precision) would be rounded to the store's dtype."""
     infos = {info.name: info for info in tensors}
     for name, shape in expected:
         info = infos.get(name)
@@ -128,6 +136,11 @@ def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path) -> No
             raise CheckpointError(f"tensor {name!r} of the window is missing (another model?)", path)
         if list(info.shape) != shape:
             raise CheckpointError(f"tensor {name!r} has shape {list(info.shape)}, the window has {shape}", path)
+        dtype = str(info.dtype).removeprefix("torch.")
+        if kept_as is not None and dtype != kept_as:
+            raise CheckpointError(f"tensor {name!r} is {dtype}; this store keeps {kept_as} snapshots (the model's "
+                                  "dtype when it was made), which would round it: `pdt snapshot --rebuild` makes "
+                                  "a store for the new precision", path)
 
 
 def _checked(s: Session, fresh: list[Candidate], history: int
@@ -158,10 +171,11 @@ def _checked(s: Session, fresh: list[Candidate], history: int
         distinct.add(digest)
     chosen = dict(reversed(list(chosen.items())))
     expected = [(e.name, e.shape) for e in s.store.tensors] if s.store else None
+    kept_as = s.store.dtype_name if s.store and s.store.dtype_name in LOSSLESS_16 else None
     for cand, infos in sorted(opened.items(), key=lambda item: list(chosen).index(item[0])):
         if expected is None:  # a new store: the oldest checkpoint sets the layout
             expected = _layout_of(infos, s.settings.selection or Selection(), cand.path)
-        _check_layout(expected, infos, cand.path)
+        _check_layout(expected, infos, cand.path, kept_as)
     return chosen, dropped
 
 
@@ -185,13 +199,19 @@ def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress
             s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype, s.order,
                                    list(settings.files or ()), *schedule(s))
         store = s.store
-        _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path)
+        _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path,
+                      store.dtype_name if store.dtype_name in LOSSLESS_16 else None)
         slot = store.ingest_slot()
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:
-                values = reader.read(entry.name).detach().reshape(-1).to(store.torch_dtype)
-                if not _finite(values):
+                stored = reader.read(entry.name).detach().reshape(-1)
+                if not _finite(stored):
                     raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", path)
+                values = stored.to(store.torch_dtype)
+                if values.element_size() < stored.element_size() and not _finite(values):
+                    raise CheckpointError(f"tensor {entry.name!r} does not fit in this store's {store.dtype_name} "
+                                          "(made with --store-dtype); `pdt snapshot --rebuild --store-dtype float64`",
+                                          path)
                 store.write_values(slot, entry.offset, values)
                 advance(entry.numel)
         step = reader.recorded_step()
@@ -216,13 +236,14 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
         raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
     _check_selection(s)
     _check_store_dtype(s)
+    scheduled = (s.store.start, s.store.every) if s.store else None
     schedule(s)
     history = history_len(s)
     files = file_patterns(s)
     fresh, passed, dropped = _new_candidates(s, files)
     chosen, more_dropped = _checked(s, fresh, history)
     dropped += more_dropped
-    passed += [(cand, f"older than the newest {history} new checkpoints") for cand in fresh
+    passed += [(cand, PASSED_OVER.format(history=history)) for cand in fresh
                if cand not in chosen and cand not in {c for c, _ in more_dropped}]
     if s.store is None and not chosen:
         names = ", ".join(c.path.name for c, _ in dropped[:3])
@@ -252,10 +273,12 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
     files_changed = s.settings.files is not None and list(s.settings.files) != store.files
     if files_changed:
         store.set_files(list(s.settings.files))
-    for cand, _ in passed:  # remember what was passed over, so it is not reported again
-        store.note_seen(_provenance(cand, None, "skipped", None))
+    for cand, reason in passed:  # remember what was passed over, so it is not reported again
+        # a new checkpoint passed over still is an epoch of training, and counts for the schedule
+        status = "passed-over" if reason == PASSED_OVER.format(history=history) else "skipped"
+        store.note_seen(_provenance(cand, None, status, None))
     for cand, _ in dropped:
         store.note_seen(_provenance(cand, None, "not-a-checkpoint", None))
-    if skipped or files_changed:
+    if skipped or files_changed or (scheduled is not None and scheduled != (store.start, store.every)):
         store.commit()
     return ingested, skipped

@@ -52,9 +52,10 @@ OPTIONS: dict[str, Option] = {
     "history": Option(("--history",), None, "Snapshots in the window, h; fixed when the store is made.", min=2,
                       shown_default=str(DEFAULT_HISTORY)),
     "start": Option(("--start",), None, "Write a fused checkpoint only from this step on (Algorithm 1's T_0); fixed "
-                    "when the store is made.", min=0, shown_default="as soon as the window holds h"),
+                    "once one is written.", min=0, shown_default="as soon as the window holds h"),
     "every": Option(("--every",), None, "Write one only after this many plain checkpoints since the last fused one "
-                    "(T_i); fixed when the store is made.", min=1, shown_default="1"),
+                    "(Algorithm 1's T_i: 1 writes at every other checkpoint); fixed once one is written.", min=0,
+                    shown_default="0: at every new checkpoint"),
     "tau": Option(("--tau",), FIT.tau, "Checkpoints to predict ahead.", min=1),
     "modes": Option(("--modes",), FIT.modes, "exact | projected (the paper's eq. 11).", choices=MODES),
     "rank": Option(("--rank",), None, "Fixed DMD rank instead of --rtol.", min=1),

@@ -260,3 +260,23 @@ def test_writers_decode_only_the_tensors_they_replace(tmp_path, fmt, monkeypatch
     original = load_any(path)
     assert torch.equal(written[wanted], torch.zeros_like(original[wanted]))
     assert all(torch.equal(written[n], original[n]) for n in names[1:])
+
+
+def test_a_16_bit_store_refuses_to_round_what_it_cannot_hold(tmp_path):
+    from typer.testing import CliRunner as Runner
+
+    training.train(tmp_path / "bf16", 5, dtype=torch.bfloat16)
+    predict(tmp_path / "bf16")
+    state = torch.load(tmp_path / "bf16" / "epoch_5.pt", weights_only=True)
+    state["model"] = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
+    state["epoch"] = 6
+    torch.save(state, tmp_path / "bf16" / "epoch_6.pt")  # training switched to float32
+    store = (tmp_path / "bf16" / ".pdt" / "store.h5").read_bytes()
+    result = Runner().invoke(app, ["predict", str(tmp_path / "bf16")])
+    assert result.exit_code == 3 and "is float32; this store keeps bfloat16" in result.output
+    assert (tmp_path / "bf16" / ".pdt" / "store.h5").read_bytes() == store
+
+    training.train(tmp_path / "fp32", 5)
+    result = Runner().invoke(app, ["predict", str(tmp_path / "fp32"), "--store-dtype", "bfloat16"])
+    assert result.exit_code == 2 and "would round the model's float32 tensors" in result.output
+    assert not (tmp_path / "fp32" / ".pdt").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from reference import mask as reference_mask
@@ -141,3 +143,31 @@ def test_the_finite_bound_refuses_coefficients_that_could_overflow():
     assert not finite_guaranteed(np.full((3, 2), 1e300), norms)  # |E^T W| could reach 6e300
     assert not finite_guaranteed(np.array([[np.inf], [0.0], [0.0]]), norms)
     assert not finite_guaranteed(np.eye(3), np.array([1.0, np.nan, 1.0]))
+
+
+def test_a_prediction_the_tensors_dtype_cannot_hold_is_rejected_as_non_finite(tmp_path):
+    """fp16 weights rising towards 65504: predictions past it would be written as inf. They are
+    rejected and counted as non-finite, the output and the next window stay finite."""
+    from typer.testing import CliRunner
+
+    from pdtcli.cli import app
+
+    gen = torch.Generator().manual_seed(0)
+    limit = torch.rand(64, generator=gen, dtype=torch.float64) * 30000 + 1000
+    limit[:4] = 80000.0  # these four head past fp16's largest value
+    gap = limit * (0.3 + 0.4 * torch.rand(64, generator=gen, dtype=torch.float64))
+    gap[:4] = 48000.0
+    run = tmp_path / "run"
+    run.mkdir()
+    for epoch in range(6):
+        weights = limit - gap * 0.8 ** epoch
+        torch.save({"w": weights.reshape(8, 8).to(torch.float16)}, run / f"epoch_{epoch:02d}.pt")
+    (run / "epoch_05.pt").rename(tmp_path / "later.pt")
+    result = CliRunner().invoke(app, ["predict", str(run), "--json", "--tau", "3"])
+    totals = json.loads(result.output)["mask"]["totals"]
+    assert result.exit_code == 0 and totals["nonfinite"] >= 1 and totals["accepted"] > 0
+    fused = torch.load(run / "epoch_04.pdt.pt", weights_only=True)["w"]
+    assert fused.dtype == torch.float16 and torch.isfinite(fused).all()
+    (tmp_path / "later.pt").rename(run / "epoch_05.pt")
+    result = CliRunner().invoke(app, ["predict", str(run), "--json", "--tau", "3"])
+    assert result.exit_code == 0, result.output  # the fused state in the window is finite too

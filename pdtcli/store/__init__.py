@@ -30,7 +30,7 @@ import torch
 
 from .. import __version__
 from ..atomic import remove_path
-from ..errors import StoreError
+from ..errors import StoreError, UsageError
 from ..identity import unchanged
 from ..selection import LayoutPlan, Selection, layer_type
 from . import h5file
@@ -97,7 +97,7 @@ class Store:
             raise ValueError("its dtype or its ring of slots is not one pdt makes")
         self.order = str(state.get("order", ORDER_OF_OLD_STORES))
         self.start: int | None = state.get("start")  # Algorithm 1's T_0 (None: as soon as the window is full)
-        self.every = int(state.get("every") or 1)  # its T_i
+        self.every = int(state.get("every") or 0)  # its T_i
         self.files: list[str] = list(state.get("files") or [])
         self.created = state.get("created")
         self.layout = layout
@@ -164,15 +164,18 @@ class Store:
 
     @classmethod
     def create(cls, root: Path, folder: Path, plan: LayoutPlan, selection: Selection, history: int,
-               dtype: str | None, order: str, files: list[str], start: int | None = None, every: int = 1) -> Store:
+               dtype: str | None, order: str, files: list[str], start: int | None = None, every: int = 0) -> Store:
         """A new store; `dtype` None keeps a bf16 or fp16 model in its own dtype (2 bytes a value,
         nothing lost), any other in float32."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         layout = layout_from_plan(plan, selection)
+        kinds = {entry.dtype for entry in layout.tensors}
         if dtype is None:
-            kinds = {entry.dtype for entry in layout.tensors}
             dtype = kinds.pop() if len(kinds) == 1 and kinds <= set(LOSSLESS_16) else "float32"
+        elif dtype in LOSSLESS_16 and kinds != {dtype}:
+            raise UsageError(f"--store-dtype {dtype} would round the model's {', '.join(sorted(kinds - {dtype}))} "
+                             "tensors; a 16-bit store is only for a model saved in that dtype")
         state = {"folder": str(Path(folder).resolve()), "history_len": history, "capacity": history + 1,
                  "n": layout.n, "dtype": dtype, "order": order, "files": files, "start": start, "every": every,
                  "created": now(),
@@ -333,6 +336,14 @@ class Store:
         """The `--files` globs later runs keep using."""
         self.files = list(patterns)
 
+    def set_schedule(self, start: int | None, every: int) -> None:
+        """Algorithm 1's T_0 and T_i, while no fused checkpoint was written under other ones."""
+        self.start, self.every = start, every
+
+    def fused_yet(self) -> bool:
+        """Whether a fused checkpoint training resumes from was ever written from this store."""
+        return any(o.lineage for o in self.outputs)
+
     def set_pending(self, pending: Pending | None) -> None:
         """Note (or clear) an in-place write about to be published (`backups.note_in_place`)."""
         self.pending = pending
@@ -444,7 +455,8 @@ class Store:
         """Record a written output; when training resumes from it (`lineage_slot`: its values are
         there), line 17 of Algorithm 1: the fused state becomes the newest snapshot."""
         output = Output(path=path, fit_id=self.fit.id, mask_id=self.mask.id, snapshot=None, at=now(), size=size,
-                        mtime=mtime, in_place=backup is not None, backup=backup, lineage=lineage_slot is not None)
+                        mtime=mtime, in_place=backup is not None, backup=backup, lineage=lineage_slot is not None,
+                        seen_count=len(self.seen))
         if lineage_slot is not None:
             base = self.snapshots[ids[-1]]
             if backup is not None:
@@ -490,37 +502,49 @@ class Store:
         (`every`) plain checkpoints were ingested since the last fused one training resumed from.
         Under `mtime` order without steps, a checkpoint's place is its number among those ingested.
         """
-        place, since, fused_already = self._schedule_position()
+        place, plain, fused_already = self._schedule_position()
         if self.start is not None and place < self.start:
-            return (f"the next fused checkpoint is due at step {self.start} (--start); the newest is at "
-                    f"step {place}")
+            return (f"the next fused checkpoint is due at checkpoint {self.start} (--start); the newest is "
+                    f"checkpoint {place}")
         if fused_already:
             return None  # the newest checkpoint was fused already: writing it again is the same step
-        if since < self.every:
-            return (f"the next fused checkpoint is due after {self.every - since} more checkpoint(s) (--every "
-                    f"{self.every}: {since} since the last fused one)")
+        if plain < self.every:
+            return (f"the next fused checkpoint is due after {self.every - plain} more checkpoint(s) (--every "
+                    f"{self.every}: {plain} plain since the last fused one)")
         return None
 
     def next_due(self) -> str:
         """When the schedule next allows a fused checkpoint, for reports."""
-        place, since, fused_already = self._schedule_position()
+        if len(self.base_window()) < self.history_len:
+            return f"the window needs {self.history_len - len(self.base_window())} more checkpoint(s) first"
+        place, plain, fused_already = self._schedule_position()
         if self.start is not None and place < self.start:
-            return f"the next fused checkpoint is due at step {self.start}"
-        remaining = self.every - (0 if fused_already else since)
+            return f"the next fused checkpoint is due at checkpoint {self.start}"
+        remaining = self.every + 1 if fused_already else self.every - plain
         if remaining <= 0:
             return "a fused checkpoint is due now"
         return f"the next fused checkpoint is due after {remaining} more checkpoint(s)"
 
     def _schedule_position(self) -> tuple[int, int, bool]:
-        """(the newest checkpoint's step, or its number among those ingested when it has none;
-        plain checkpoints ingested since the last fused one; whether the newest was fused already)."""
-        ingested = [r for r in self.seen if r.status == "ingested"]
+        """Where the newest checkpoint stands in Algorithm 1's schedule.
+
+        (its step, or its number among the checkpoints seen when it has none; c_e, the plain
+        checkpoints before it since the last fused one, as the paper counts the epochs without a
+        prediction; whether the newest was fused already). New checkpoints passed over unread
+        count too: each was an epoch of training.
+        """
+        epochs = [i for i, r in enumerate(self.seen) if r.status in ("ingested", "passed-over")]
         newest = self.newest_checkpoint()
         step = self.step_of(newest) if newest else None
         last = next((o for o in reversed(self.outputs) if o.lineage and not o.restored and o.snapshot), None)
-        since = len([r for r in ingested if last is None or (r.id or 0) > last.snapshot])
+        if last is None:
+            since = len(epochs)
+        elif last.seen_count is not None:
+            since = len([i for i in epochs if i >= last.seen_count])
+        else:  # an output recorded before outputs noted how much had been seen
+            since = len([r for r in self.seen if r.status == "ingested" and (r.id or 0) > last.snapshot])
         fused_already = last is not None and newest is not None and newest.id < last.snapshot
-        return (step if step is not None else len(ingested)), since, fused_already
+        return (step if step is not None else len(epochs)), max(0, since - 1), fused_already
 
     def resumed_from(self) -> Snapshot | None:
         """The state training is taken to have resumed from: the newest snapshot of the window."""

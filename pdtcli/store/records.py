@@ -142,6 +142,7 @@ class Output(Record):
     backup: str | None = None
     lineage: bool | None = None  # None in stores made before audits (-o) were kept out of the window
     restored: str | None = None
+    seen_count: int | None = None  # how many files the store had seen when it was written (the schedule's c_e)
 
     def __post_init__(self) -> None:
         if self.lineage is None:
