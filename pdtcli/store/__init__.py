@@ -238,7 +238,8 @@ class Store:
             "pending_in_place": self.pending.as_dict() if self.pending else None,
         }
         texts = {"state": state, "layout": self.layout.as_dict(), "history": [h.as_dict() for h in self.history]}
-        h5file.write(self.meta_path, texts, self._arrays, (DATA_NAME, (self.capacity, self.n), self.dtype))
+        h5file.write(self.meta_path, texts, self._arrays,
+                     (DATA_NAME, (self.capacity, self.n), self.dtype, self.dtype_name))
 
     def close(self) -> None:
         self.matrix.close()

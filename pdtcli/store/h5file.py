@@ -60,19 +60,21 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return texts, records
 
 
-def write(path: Path, texts: dict[str, Any], arrays: dict[str, np.ndarray], matrix: tuple[str, tuple, np.dtype]
-          ) -> None:
-    """Replace the store file atomically with these records (`matrix`: the external data's name, shape, dtype)."""
+def write(path: Path, texts: dict[str, Any], arrays: dict[str, np.ndarray],
+          matrix: tuple[str, tuple, np.dtype, str]) -> None:
+    """Replace the store file atomically with these records (`matrix`: the external data's name,
+    shape, NumPy type of its bytes, and the dtype they hold, which differ for bfloat16)."""
     records: dict[str, Any] = {name: json.dumps(texts[name]) for name in JSON_RECORDS}
     records.update(arrays)
-    data_name, shape, dtype = matrix
+    data_name, shape, dtype, holds = matrix
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["pdt_version"] = __version__
         f.attrs["checksum"] = checksum(records)
         for key, value in records.items():
             f.create_dataset(key, data=value)
-        f.create_dataset(MATRIX, shape=shape, dtype=dtype, external=[(data_name, 0, h5py.h5f.UNLIMITED)])
+        external = f.create_dataset(MATRIX, shape=shape, dtype=dtype, external=[(data_name, 0, h5py.h5f.UNLIMITED)])
+        external.attrs["holds"] = holds  # "bfloat16": view the int16 values as torch.bfloat16
 
 
 def _record(file: h5py.File, name: str) -> Any:
