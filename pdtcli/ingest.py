@@ -3,9 +3,9 @@
 A run checks every checkpoint it will take in (format, layout, that it holds a state dict)
 before it writes a single value, so a bad file in the folder stops the run with the store
 as it was. A store made by this run is removed again if any checkpoint then fails while its
-values are copied (NaN, a short read). An existing store with several new checkpoints takes
-them oldest first and commits after each, so a failure there keeps the ones before the bad
-checkpoint in training order, never the bad one nor any after it.
+values are copied (NaN, a short read). An existing store that takes several new checkpoints
+(one commit each) has their values checked finite first, so a NaN anywhere leaves it as it
+was too.
 """
 
 from __future__ import annotations
@@ -220,6 +220,18 @@ def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress
     return {}
 
 
+def _check_values(store: Store, candidates: list[Candidate]) -> None:
+    """Every value of every new checkpoint finite, before any is written: an existing store takes
+    several new checkpoints one commit at a time, so a NaN in a later one would otherwise leave
+    the earlier ones in. One sum per tensor (see `_finite`); a first run needs no such pass, as a
+    store it made is removed whole on failure, and one new checkpoint has a free slot of its own."""
+    for cand in candidates:
+        with open_checkpoint(cand.path) as reader:
+            for entry in store.tensors:
+                if not _finite(reader.read(entry.name).detach().reshape(-1)):
+                    raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", cand.path)
+
+
 def _finite(values: torch.Tensor) -> bool:
     """Whether every value is finite. A NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum
     settles it with one vectorised reduction (about 50x cheaper than a test per element); only a
@@ -257,6 +269,8 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
                  cand.recorded_step if s.order == "step" else cand.name_step)
     ingested = []
     created = s.store is None
+    if not created and len(chosen) > 1:
+        _check_values(s.store, list(chosen))
     try:
         for cand, digest in chosen.items():
             note = _ingest_one(s, cand, digest, history, s.settings.progress)

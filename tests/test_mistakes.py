@@ -231,3 +231,20 @@ def test_a_store_from_before_outputs_were_identified_still_opens(sgd_run):
     _edit_store(sgd_run, old_outputs)
     assert pdt("report", sgd_run)[0] == 0
     assert json.loads(pdt("predict", sgd_run, "--json")[1])["status"] == "up-to-date"
+
+
+def test_a_nan_in_one_of_several_new_checkpoints_leaves_an_existing_store_as_it_was(sgd_run, tmp_path):
+    later = tmp_path / "later"
+    later.mkdir()
+    for epoch in (6, 7, 8):
+        os.replace(sgd_run / f"epoch_{epoch}.pt", later / f"epoch_{epoch}.pt")
+    assert pdt("snapshot", sgd_run)[0] == 0
+    store = (sgd_run / ".pdt" / "store.h5").read_bytes()
+    for epoch in (6, 7):
+        os.replace(later / f"epoch_{epoch}.pt", sgd_run / f"epoch_{epoch}.pt")
+    bad = torch.load(later / "epoch_8.pt", weights_only=True)
+    bad["model"]["3.weight"][0, 0] = float("nan")
+    torch.save(bad, sgd_run / "epoch_8.pt")
+    code, output = pdt("predict", sgd_run)
+    assert code == 3 and "epoch_8.pt" in one_error_line(output) and "NaN" in output
+    assert (sgd_run / ".pdt" / "store.h5").read_bytes() == store
