@@ -80,15 +80,22 @@ def test_a_stray_file_with_a_checkpoint_suffix_is_skipped_with_one_warning(sgd_r
     assert not [s for s in payload["skipped"] if s["path"].endswith("hparams.pt")]  # said once
 
 
-def test_a_bad_checkpoint_leaves_the_store_as_it_was_and_files_names_the_checkpoints(sgd_run, tmp_path):
+def _two_new_checkpoints_after_a_store(run: Path, tmp_path: Path) -> tuple[Path, bytes]:
+    """A store of epochs 1-5, then epochs 6 and 7 arrive; epoch 8 waits in the returned folder.
+    Returns that folder and the store's bytes before the new ones are seen."""
     later = tmp_path / "later"
     later.mkdir()
     for epoch in (6, 7, 8):
-        os.replace(sgd_run / f"epoch_{epoch}.pt", later / f"epoch_{epoch}.pt")
-    assert pdt("snapshot", sgd_run)[0] == 0
-    store = (sgd_run / ".pdt" / "store.h5").read_bytes()
+        os.replace(run / f"epoch_{epoch}.pt", later / f"epoch_{epoch}.pt")
+    assert pdt("snapshot", run)[0] == 0
+    store = (run / ".pdt" / "store.h5").read_bytes()
     for epoch in (6, 7):
-        os.replace(later / f"epoch_{epoch}.pt", sgd_run / f"epoch_{epoch}.pt")
+        os.replace(later / f"epoch_{epoch}.pt", run / f"epoch_{epoch}.pt")
+    return later, store
+
+
+def test_a_bad_checkpoint_leaves_the_store_as_it_was_and_files_names_the_checkpoints(sgd_run, tmp_path):
+    later, store = _two_new_checkpoints_after_a_store(sgd_run, tmp_path)
     data = (later / "epoch_8.pt").read_bytes()
     (sgd_run / "epoch_8.pt").write_bytes(data[: len(data) // 2])
     code, output = pdt("predict", sgd_run)
@@ -234,14 +241,7 @@ def test_a_store_from_before_outputs_were_identified_still_opens(sgd_run):
 
 
 def test_a_nan_in_one_of_several_new_checkpoints_leaves_an_existing_store_as_it_was(sgd_run, tmp_path):
-    later = tmp_path / "later"
-    later.mkdir()
-    for epoch in (6, 7, 8):
-        os.replace(sgd_run / f"epoch_{epoch}.pt", later / f"epoch_{epoch}.pt")
-    assert pdt("snapshot", sgd_run)[0] == 0
-    store = (sgd_run / ".pdt" / "store.h5").read_bytes()
-    for epoch in (6, 7):
-        os.replace(later / f"epoch_{epoch}.pt", sgd_run / f"epoch_{epoch}.pt")
+    later, store = _two_new_checkpoints_after_a_store(sgd_run, tmp_path)
     bad = torch.load(later / "epoch_8.pt", weights_only=True)
     bad["model"]["3.weight"][0, 0] = float("nan")
     torch.save(bad, sgd_run / "epoch_8.pt")
