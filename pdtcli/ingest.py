@@ -184,7 +184,8 @@ def _provenance(cand: Candidate, digest: str | None, status: str, step: int | No
                 recorded_step=step, sha256=digest, status=status, at=now())
 
 
-def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress: Progress) -> dict:
+def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress: Progress,
+                created: bool) -> dict:
     settings = s.settings
     path = cand.path
     if s.store is not None:
@@ -216,7 +217,8 @@ def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress
                 advance(entry.numel)
         step = reader.recorded_step()
     store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
-    store.commit()
+    if not created:  # a store made by this run is committed once, when all its checkpoints are in
+        store.commit()
     return {}
 
 
@@ -273,7 +275,7 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
         _check_values(s.store, list(chosen))
     try:
         for cand, digest in chosen.items():
-            note = _ingest_one(s, cand, digest, history, s.settings.progress)
+            note = _ingest_one(s, cand, digest, history, s.settings.progress, created)
             if note:
                 skipped.append(note)
             else:
@@ -293,6 +295,6 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
         store.note_seen(_provenance(cand, None, status, None))
     for cand, _ in dropped:
         store.note_seen(_provenance(cand, None, "not-a-checkpoint", None))
-    if skipped or files_changed or (scheduled is not None and scheduled != (store.start, store.every)):
+    if created or skipped or files_changed or (scheduled is not None and scheduled != (store.start, store.every)):
         store.commit()
     return ingested, skipped
