@@ -14,14 +14,13 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from .formats import RUNNING_STATS, TensorInfo
+from .formats import BIAS_NAMES, RUNNING_STATS, TensorInfo
 
 # Running statistics by the names frameworks give them; formats that name them otherwise
 # declare their own (`CheckpointFormat.running_stats`).
 RUNNING_STAT_PATTERNS = ("*running_mean", "*running_var", "*num_batches_tracked", "*moving_mean",
                          "*moving_variance") + RUNNING_STATS
 LAYER_TYPES = ("linear", "conv", "norm", "embedding", "bias", "other")
-_KERAS_VAR = re.compile(r"/vars/\d+$")  # Keras 3: kernel is vars/0, bias vars/1
 _NORM_WORDS = ("norm", "bn", "ln_", "ln.", "ln1", "ln2", "layernorm", "batchnorm", "rmsnorm")
 
 
@@ -52,8 +51,8 @@ def layer_type(name: str, shape: tuple[int, ...]) -> str:
     """Best-effort layer family from the name and shape, for the rolled-up report."""
     lowered = name.lower()
     leaf = re.split(r"[./]", lowered)[-1]
-    keras_bias = bool(_KERAS_VAR.search(lowered)) and leaf == "1" and len(shape) == 1
-    if leaf == "bias" or leaf.endswith("_bias") or (keras_bias and "norm" not in lowered):
+    numbered_bias = len(shape) == 1 and any(fnmatchcase(lowered, pattern) for pattern in BIAS_NAMES)
+    if leaf == "bias" or leaf.endswith("_bias") or (numbered_bias and "norm" not in lowered):
         return "bias"
     if any(word in lowered for word in _NORM_WORDS) or (len(shape) == 1 and leaf in ("weight", "scale", "gamma")):
         return "norm"

@@ -280,3 +280,14 @@ def test_a_16_bit_store_refuses_to_round_what_it_cannot_hold(tmp_path):
     result = Runner().invoke(app, ["predict", str(tmp_path / "fp32"), "--store-dtype", "bfloat16"])
     assert result.exit_code == 2 and "would round the model's float32 tensors" in result.output
     assert not (tmp_path / "fp32" / ".pdt").exists()
+
+
+def test_layer_types_come_from_names_and_what_each_format_declares():
+    from pdtcli.selection import layer_type
+
+    assert layer_type("encoder.0.bias", (16,)) == "bias"
+    assert layer_type("layers/dense/vars/1", (16,)) == "bias"  # Keras numbers its variables
+    assert layer_type("layers/dense/vars/0", (16, 4)) == "linear"
+    assert layer_type("layers/batch_normalization/vars/1", (16,)) == "norm"
+    assert layer_type("transformer.wte.weight", (50257, 768)) == "embedding"
+    assert layer_type("conv1.weight", (8, 3, 3, 3)) == "conv"

@@ -23,6 +23,7 @@ FOLDER_FORMATS: tuple[CheckpointFormat, ...] = (DcpFormat(), HfFolderFormat())
 CHECKPOINT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.suffixes)
 OUTPUT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.output_suffixes)
 RUNNING_STATS = tuple(p for fmt in FORMATS + FOLDER_FORMATS for p in fmt.running_stats)
+BIAS_NAMES = tuple(p for fmt in FORMATS + FOLDER_FORMATS for p in fmt.bias_names)
 
 
 def folder_format(path: Path) -> CheckpointFormat | None:
@@ -76,6 +77,7 @@ __all__ = [
     "CHECKPOINT_SUFFIXES",
     "OUTPUT_SUFFIXES",
     "RUNNING_STATS",
+    "BIAS_NAMES",
     "FOLDER_FORMATS",
     "FORMATS",
     "CheckpointFormat",

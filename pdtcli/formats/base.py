@@ -103,6 +103,7 @@ class CheckpointFormat(abc.ABC):
     suffixes: tuple[str, ...] = ()  # file suffixes it claims (folder formats claim none)
     output_suffixes: tuple[str, ...] = ()  # compound suffixes an output name must keep at its end
     running_stats: tuple[str, ...] = ()  # globs of tensor names that are running statistics, not weights
+    bias_names: tuple[str, ...] = ()  # globs of 1-d tensor names that are biases, where names do not say so
     sniff_last: bool = False  # its magic bytes are shared with other formats: try it after them
 
     @abc.abstractmethod

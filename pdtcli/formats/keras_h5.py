@@ -76,6 +76,7 @@ class KerasFormat(CheckpointFormat):
     # Keras 3 numbers a layer's variables; BatchNormalization keeps gamma, beta, moving_mean,
     # moving_variance in that order.
     running_stats = ("*batch_normalization*/vars/2", "*batch_normalization*/vars/3")
+    bias_names = ("*/vars/1",)  # a Dense or Conv layer keeps its kernel as vars/0 and its bias as vars/1
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return head[:8] == HDF5_SIGNATURE
