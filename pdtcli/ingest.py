@@ -257,14 +257,15 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
     fresh, passed, dropped = _new_candidates(s, files)
     chosen, more_dropped = _checked(s, fresh, history)
     dropped += more_dropped
-    passed += [(cand, PASSED_OVER.format(history=history)) for cand in fresh
-               if cand not in chosen and cand not in {c for c, _ in more_dropped}]
+    # new checkpoints too many to fit the window: passed over unread, yet each was an epoch of training
+    passed_over = [(cand, PASSED_OVER.format(history=history)) for cand in fresh
+                   if cand not in chosen and cand not in {c for c, _ in more_dropped}]
     if s.store is None and not chosen:
         names = ", ".join(c.path.name for c, _ in dropped[:3])
         raise UsageError(f"no checkpoints here: {names} {'hold' if len(dropped) > 1 else 'holds'} no state dict"
                          if dropped else "no new checkpoints here", s.folder)
-    skipped = [{"path": str(cand.path), "reason": reason} for cand, reason in passed + dropped]
-    for cand, reason in passed + dropped:
+    skipped = [{"path": str(cand.path), "reason": reason} for cand, reason in passed + passed_over + dropped]
+    for cand, reason in passed + passed_over + dropped:
         log.info("skipped %s: %s", cand.path.name, reason)
     for cand in chosen:
         log.info("to ingest: %s (%s step %s)", cand.path.name, s.order,
@@ -289,12 +290,10 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
     files_changed = s.settings.files is not None and list(s.settings.files) != store.files
     if files_changed:
         store.set_files(list(s.settings.files))
-    for cand, reason in passed:  # remember what was passed over, so it is not reported again
-        # a new checkpoint passed over still is an epoch of training, and counts for the schedule
-        status = "passed-over" if reason == PASSED_OVER.format(history=history) else "skipped"
-        store.note_seen(_provenance(cand, None, status, None))
-    for cand, _ in dropped:
-        store.note_seen(_provenance(cand, None, "not-a-checkpoint", None))
+    # remember what was passed over, so it is not reported again; passed-over ones count for the schedule
+    for status, entries in (("skipped", passed), ("passed-over", passed_over), ("not-a-checkpoint", dropped)):
+        for cand, _ in entries:
+            store.note_seen(_provenance(cand, None, status, None))
     if created or skipped or files_changed or (scheduled is not None and scheduled != (store.start, store.every)):
         store.commit()
     return ingested, skipped
