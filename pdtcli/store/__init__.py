@@ -321,9 +321,7 @@ class Store:
         fit reads half-overwritten values.
         """
         slot = self.free_slot(set(self.window))
-        if self.slots[slot] is not None:
-            self.snapshots.pop(self.slots[slot], None)
-            self.slots[slot] = None
+        if self._evict(slot):
             self.commit()
         return slot
 
@@ -349,12 +347,19 @@ class Store:
         """Note (or clear) an in-place write about to be published (`backups.note_in_place`)."""
         self.pending = pending
 
+    def _evict(self, slot: int) -> bool:
+        """Forget the snapshot `slot` holds, if any; True when there was one."""
+        evicted = self.slots[slot]
+        if evicted is None:
+            return False
+        self.snapshots.pop(evicted, None)
+        self.slots[slot] = None
+        return True
+
     def _place(self, slot: int, **fields: Any) -> Snapshot:
         snapshot_id = self.next_id
         self.next_id += 1
-        evicted = self.slots[slot]
-        if evicted is not None:
-            self.snapshots.pop(evicted, None)
+        self._evict(slot)
         self.slots[slot] = snapshot_id
         snapshot = Snapshot(id=snapshot_id, slot=slot, **fields)
         self.snapshots[snapshot_id] = snapshot
