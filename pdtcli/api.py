@@ -299,12 +299,10 @@ def _mask_warnings(mask: Mask | None, wrote: bool) -> list[str]:
 def _result(store: Store, status: str, message: str, s: Session, ingested: list[str] | None = None,
             skipped: list[dict] | None = None, output: str | None = None) -> StepResult:
     """A result that carries the store's fit and mask as they now are."""
-    described = store.describe()
-    tensors = None
-    if described["counts"] is not None:
-        tensors = tensor_rows(described["layout"]["tensors"], described["counts"])
+    stored = store.stored_mask()
+    tensors = tensor_rows([t.as_dict() for t in store.tensors], stored["counts"]) if stored else None
     return StepResult(status, message, str(s.root), ingested or [], skipped or [], output=output,
-                      fit=described["fit"], mask=described["mask"],
+                      fit=store.fit.as_dict() if store.fit else None, mask=store.mask.as_dict() if store.mask else None,
                       warnings=_mask_warnings(store.mask, wrote=status == "written") if status != "up-to-date"
                       else [], tensors=tensors)
 
