@@ -24,6 +24,7 @@ from .errors import CheckpointError, OutputError, StageMissing, UsageError
 from .fuse import Destination, PassResult, second_pass, window_of
 from .identity import sha256_path, stat_of, unchanged
 from .ingest import ingest
+from .live import Live
 from .mask import MaskOptions, summarize_counts, tensor_rows
 from .options import DEFAULT_WAIT, Settings
 from .session import Session, session
@@ -31,12 +32,14 @@ from .store import Store
 from .store.records import Mask, Snapshot
 
 log = logging.getLogger(__name__)
+WROTE = ("written", "loaded")  # statuses after which training resumes from a fused state
+LIVE_OUTPUT = "(in memory)"  # what the history shows as the output of a step inside the training loop
 
 @dataclass
 class StepResult:
     """What a command did, for the CLI's summary and for `--json`."""
 
-    status: str  # written | dry-run | masked | up-to-date | waiting | not-due | ingested | restored
+    status: str  # written | loaded | dry-run | masked | up-to-date | waiting | not-due | ingested | restored
     message: str
     store: str
     ingested: list[str] = field(default_factory=list)
@@ -70,17 +73,23 @@ def snapshot(target: Path, *, store: Path | None = None, rebuild: bool = False,
 
 
 def predict(target: Path, *, store: Path | None = None, output: Path | None = None, dry_run: bool = False,
-            force: bool = False, in_place: bool = False, settings: Settings | None = None) -> StepResult:
+            force: bool = False, in_place: bool = False, settings: Settings | None = None,
+            live: Live | None = None) -> StepResult:
     """The whole step: ingest, fit, mask, and (unless `dry_run`) write the fused checkpoint.
 
     Training is taken to resume from the default output (or, `in_place`, the newest checkpoint's
     own path); an `output` elsewhere is an audit copy and leaves the store's lineage alone.
+    With `live` (a training loop's model, just saved as the newest checkpoint), the newest
+    checkpoint's values come from memory and the fused values go back into the model, after
+    the store has committed them: training resumes from them with no file in between.
     """
     settings = settings or Settings()
     if in_place and output is not None:
         raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
+    if live is not None and (in_place or output is not None or dry_run):
+        raise UsageError("a live model takes the fused values itself; it takes no output, --in-place or --dry-run")
     with session(target, store, settings, ingests=True) as s:
-        ingested, skipped = ingest(s)                                          # line 17: the optimizer's states
+        ingested, skipped = ingest(s, live)                                    # line 17: the optimizer's states
         st = s.store
         if len(st.base_window()) < st.history_len:
             need = st.history_len - len(st.base_window())
@@ -109,6 +118,10 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
             if fitted or mask is None:
                 st.commit()
             return _result(st, "dry-run", "fit and mask computed; nothing written (--dry-run)", s, ingested, skipped)
+        if live is not None:
+            loaded = _load_live(s, ids, settings.mask, live, use_stored=mask is not None)
+            return _result(st, "loaded", f"loaded the fused values of {loaded} tensor(s) into the model", s,
+                           ingested, skipped)
         out = _write(s, ids, settings.mask, output=output, force=force, in_place=in_place,   # lines 7-11, 17
                      use_stored=mask is not None, command="predict")
         return _result(st, "written", f"wrote {out}", s, ingested, skipped, output=str(out))
@@ -288,6 +301,25 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
     return out
 
 
+def _load_live(s: Session, ids: list[int], options: MaskOptions, live: Live, use_stored: bool) -> int:
+    """Pass 2 into memory; once the store has the fused state as the newest snapshot (committed),
+    the live model takes it. A failure before that leaves the model as it was."""
+    store = s.store
+    newest = store.snapshot(ids[-1])
+    if not live.saved_as(newest):
+        raise UsageError(f"the newest checkpoint of the window is {Path(newest.path).name}, not the one the live "
+                         "model was saved to; nothing loaded", s.folder)
+    live.lineage_slot = store.claim_lineage_slot(ids)
+    result = second_pass(store, _window(store, ids, s.settings), options, write=live,
+                         stored=store.stored_mask() if use_stored else None, progress=s.settings.progress)
+    if not use_stored:
+        _store_mask(store, options, result)
+    store.record_output(ids, newest.path, newest.size, newest.mtime, live.lineage_slot, None, live=True)
+    store.append_history("in-loop", LIVE_OUTPUT)
+    store.commit()
+    return live.load_fused()
+
+
 def _mask_warnings(mask: Mask | None, wrote: bool) -> list[str]:
     """What a user must not miss in a result: a mask that accepted nothing."""
     if mask is None or mask.totals["accepted"]:
@@ -303,8 +335,8 @@ def _result(store: Store, status: str, message: str, s: Session, ingested: list[
     tensors = tensor_rows([t.as_dict() for t in store.tensors], stored["counts"]) if stored else None
     return StepResult(status, message, str(s.root), ingested or [], skipped or [], output=output,
                       fit=store.fit.as_dict() if store.fit else None, mask=store.mask.as_dict() if store.mask else None,
-                      warnings=_mask_warnings(store.mask, wrote=status == "written") if status != "up-to-date"
-                      else [], tensors=tensors)
+                      warnings=[] if status == "up-to-date" else _mask_warnings(store.mask, status in WROTE),
+                      tensors=tensors)
 
 
-__all__ = ["Settings", "StepResult", "apply", "load_state", "predict", "remask", "restore", "snapshot"]
+__all__ = ["Live", "Settings", "StepResult", "apply", "load_state", "predict", "remask", "restore", "snapshot"]

@@ -19,6 +19,7 @@ from .atomic import atomic_path
 from .dmd import accumulate_r
 from .errors import CheckpointError, UsageError
 from .formats import open_checkpoint
+from .live import Live
 from .mask import (
     COUNT_COLUMNS,
     BlockVerdict,
@@ -212,9 +213,10 @@ class _Fuser:
 
 
 def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: dict[str, np.ndarray] | None = None,
-                write: Destination | None = None, progress: Progress | None = None) -> PassResult:
+                write: Destination | Live | None = None, progress: Progress | None = None) -> PassResult:
     """Pass 2 over every predicted tensor: the mask (or the `stored` one), and with `write`, the
-    fused checkpoint, each tensor handed to the writer as it reaches it."""
+    fused checkpoint, each tensor handed to the writer as it reaches it; or, `write` a live model,
+    the fused values kept for it (`Live.fused`), loaded only once the store has them."""
     progress = progress or NoProgress()
     predictor = Predictor(window, store.coefficients, options, np.linalg.norm(store.qr_factor, axis=0))
     index_of = {entry.name: index for index, entry in enumerate(store.tensors)}
@@ -237,6 +239,10 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
         if write is None:
             for index in range(len(store.tensors)):
                 one(index, None)
+        elif isinstance(write, Live):
+            for index, entry in enumerate(store.tensors):
+                write.fused[entry.name] = one(index, write.values(entry.name, Path(entry.name)))
+            store.matrix.sync()
         else:
             fuser = _Fuser(index_of, one)
             with atomic_path(write.path, backup_to=write.backup_to, before_publish=write.before_publish) as tmp, \

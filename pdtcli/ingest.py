@@ -17,8 +17,9 @@ import torch
 
 from .discover import Candidate, list_checkpoints, located, order_key, resolve_order
 from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError
-from .formats import TensorInfo, open_checkpoint
+from .formats import CheckpointReader, TensorInfo, open_checkpoint
 from .identity import sha256_path
+from .live import Live
 from .options import DEFAULT_HISTORY
 from .progress import Progress
 from .selection import Selection, plan_layout
@@ -143,24 +144,26 @@ def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path, kept_
                                   "a store for the new precision", path)
 
 
-def _checked(s: Session, fresh: list[Candidate], history: int
-             ) -> tuple[dict[Candidate, str], list[tuple[Candidate, str]]]:
+def _checked(s: Session, fresh: list[Candidate], history: int, from_memory: Candidate | None = None
+             ) -> tuple[dict[Candidate, str | None], list[tuple[Candidate, str]]]:
     """The new checkpoints worth reading, oldest first, with their content hashes, each opened
     and checked against the window's layout before anything is written; and the files that
     turned out to hold no state dict.
 
     Only the newest h can end up in the window, so older ones are passed over unread; a copy
     of another checkpoint does not count towards the h (it is skipped as a duplicate later).
+    The one whose values are `from_memory` is not hashed (that would read it whole): its header
+    is all that is read of it.
     """
-    chosen: dict[Candidate, str] = {}
+    chosen: dict[Candidate, str | None] = {}
     opened: dict[Candidate, list[TensorInfo]] = {}
     dropped: list[tuple[Candidate, str]] = []
     distinct: set[str] = set()
     for cand in reversed(fresh):
         if len(distinct) == history:
             break
-        digest = sha256_path(cand.path)
-        if digest not in distinct:
+        digest = None if cand is from_memory else sha256_path(cand.path)
+        if digest is None or digest not in distinct:
             try:
                 with open_checkpoint(cand.path) as reader:
                     opened[cand] = reader.tensors()
@@ -184,11 +187,16 @@ def _provenance(cand: Candidate, digest: str | None, status: str, step: int | No
                 recorded_step=step, sha256=digest, status=status, at=now())
 
 
-def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress: Progress,
-                created: bool) -> dict:
+def _values(reader: CheckpointReader, name: str, path: Path, live: Live | None) -> torch.Tensor:
+    return live.values(name, path) if live is not None else reader.read(name).detach()
+
+
+def _ingest_one(s: Session, cand: Candidate, digest: str | None, history: int, progress: Progress,
+                created: bool, live: Live | None) -> dict:
+    """One checkpoint into a free slot, its values read from the file or, `live`, from memory."""
     settings = s.settings
     path = cand.path
-    if s.store is not None:
+    if s.store is not None and digest is not None:
         duplicate = s.store.duplicate_of(digest)
         if duplicate is not None:
             s.store.note_seen(_provenance(cand, digest, "duplicate", None))
@@ -205,7 +213,7 @@ def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress
         slot = store.ingest_slot()
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:
-                stored = reader.read(entry.name).detach().reshape(-1)
+                stored = _values(reader, entry.name, path, live).reshape(-1)
                 if not _finite(stored):
                     raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", path)
                 values = stored.to(store.torch_dtype)
@@ -222,7 +230,8 @@ def _ingest_one(s: Session, cand: Candidate, digest: str, history: int, progress
     return {}
 
 
-def _check_values(store: Store, candidates: list[Candidate]) -> None:
+def _check_values(store: Store, candidates: list[Candidate], from_memory: Candidate | None, live: Live | None
+                  ) -> None:
     """Every value of every new checkpoint finite, before any is written: an existing store takes
     several new checkpoints one commit at a time, so a NaN in a later one would otherwise leave
     the earlier ones in. One sum per tensor (see `_finite`); a first run needs no such pass, as a
@@ -230,7 +239,8 @@ def _check_values(store: Store, candidates: list[Candidate]) -> None:
     for cand in candidates:
         with open_checkpoint(cand.path) as reader:
             for entry in store.tensors:
-                if not _finite(reader.read(entry.name).detach().reshape(-1)):
+                values = _values(reader, entry.name, cand.path, live if cand is from_memory else None)
+                if not _finite(values.reshape(-1)):
                     raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", cand.path)
 
 
@@ -244,8 +254,11 @@ def _finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values).all())
 
 
-def ingest(s: Session) -> tuple[list[str], list[dict]]:
-    """Take the folder's new checkpoints into the store; (paths ingested, passed over with why)."""
+def ingest(s: Session, live: Live | None = None) -> tuple[list[str], list[dict]]:
+    """Take the folder's new checkpoints into the store; (paths ingested, passed over with why).
+
+    `live`: the newest new checkpoint's values are also in memory and are taken from there.
+    """
     if s.folder is None or not s.folder.is_dir():
         raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
     _check_selection(s)
@@ -255,7 +268,8 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
     history = history_len(s)
     files = file_patterns(s)
     fresh, passed, dropped = _new_candidates(s, files)
-    chosen, more_dropped = _checked(s, fresh, history)
+    from_memory = live.which(fresh) if live is not None else None
+    chosen, more_dropped = _checked(s, fresh, history, from_memory)
     dropped += more_dropped
     # new checkpoints too many to fit the window: passed over unread, yet each was an epoch of training
     passed_over = [(cand, PASSED_OVER.format(history=history)) for cand in fresh
@@ -273,10 +287,11 @@ def ingest(s: Session) -> tuple[list[str], list[dict]]:
     ingested = []
     created = s.store is None
     if not created and len(chosen) > 1:
-        _check_values(s.store, list(chosen))
+        _check_values(s.store, list(chosen), from_memory, live)
     try:
         for cand, digest in chosen.items():
-            note = _ingest_one(s, cand, digest, history, s.settings.progress, created)
+            note = _ingest_one(s, cand, digest, history, s.settings.progress, created,
+                               live if cand is from_memory else None)
             if note:
                 skipped.append(note)
             else:

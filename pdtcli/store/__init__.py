@@ -379,7 +379,7 @@ class Store:
     def owned_outputs(self) -> set[str]:
         """Output paths that still hold what pdt wrote. An in-place output that training has since
         saved over is a checkpoint again (the same path, the next epoch)."""
-        latest = {o.path: o for o in self.outputs}
+        latest = {o.path: o for o in self.outputs if not o.live}  # a live output's path is a checkpoint's
         return {path for path, o in latest.items() if not o.in_place or unchanged(Path(path), o.size, o.mtime)}
 
     # ---- fit and mask -----------------------------------------------------------------------------
@@ -457,12 +457,13 @@ class Store:
         return slot
 
     def record_output(self, ids: list[int], path: str, size: int, mtime: float, lineage_slot: int | None,
-                      backup: str | None) -> Output:
+                      backup: str | None, live: bool = False) -> Output:
         """Record a written output; when training resumes from it (`lineage_slot`: its values are
-        there), line 17 of Algorithm 1: the fused state becomes the newest snapshot."""
+        there), line 17 of Algorithm 1: the fused state becomes the newest snapshot. A `live` one went
+        into the model in memory; `path` is then the checkpoint it was predicted from."""
         output = Output(path=path, fit_id=self.fit.id, mask_id=self.mask.id, snapshot=None, at=now(), size=size,
                         mtime=mtime, in_place=backup is not None, backup=backup, lineage=lineage_slot is not None,
-                        seen_count=len(self.seen))
+                        seen_count=len(self.seen), live=live)
         if lineage_slot is not None:
             base = self.snapshots[ids[-1]]
             if backup is not None:

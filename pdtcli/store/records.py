@@ -129,7 +129,8 @@ class Mask(Record):
 
 @dataclass
 class Output(Record):
-    """A fused checkpoint pdt wrote; `lineage`: training resumes from it, so it entered the window."""
+    """A fused checkpoint pdt wrote (or, `live`, loaded into the training model); `lineage`: training
+    resumes from it, so it entered the window."""
 
     path: str
     fit_id: int
@@ -143,6 +144,7 @@ class Output(Record):
     lineage: bool | None = None  # None in stores made before audits (-o) were kept out of the window
     restored: str | None = None
     seen_count: int | None = None  # how many files the store had seen when it was written (the schedule's c_e)
+    live: bool = False  # loaded into the model in memory by a training-loop callback; `path` is the checkpoint
 
     def __post_init__(self) -> None:
         if self.lineage is None:

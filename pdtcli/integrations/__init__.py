@@ -1,0 +1,91 @@
+"""PDT inside the training loop: right after a checkpoint is saved, the same step as `pdt predict`.
+
+`PDTStep` is the plain-PyTorch helper; `pdtcli.integrations.hf.PDTCallback` (Hugging Face
+Trainer) and `pdtcli.integrations.lightning.PDTCallback` (Lightning) call it from the
+frameworks' own hooks. The newest checkpoint's values are taken from the model in memory
+(its file is opened only for its header), the store is the folder's own `.pdt` (so
+`pdt report` and later `pdt` runs see the same store), and the fused values are copied
+into the model's parameters in place, so the optimizer keeps its state exactly as when
+training resumes from a fused file.
+
+A step that fails (a full disk, NaN in the weights, the store locked by a running `pdt`)
+warns and leaves the model unchanged: training goes on without that prediction.
+
+    pdt = PDTStep("ckpts", history=5, tau=5)
+    for epoch in range(epochs):
+        train_one_epoch(model, optimizer)
+        path = f"ckpts/epoch_{epoch:03d}.pt"
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+        pdt.step(model, path)
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..api import StepResult, predict
+from ..live import Live
+from ..options import Settings
+
+log = logging.getLogger(__name__)
+
+
+class PDTStepWarning(RuntimeWarning):
+    """A step inside the training loop that did not happen; the model was left as it was."""
+
+
+class PDTStep:
+    """One PDT step per saved checkpoint, from memory into memory.
+
+    `options` are those of `pdt predict` as keywords (`history`, `tau`, `start`, `every`,
+    `criteria`, `files`, ...; see `Settings.build`); invalid ones raise at once. `wait` is how
+    long a step waits for the store's lock: 0 by default, so that training never stalls
+    behind a `pdt` run from cron (that step is skipped with a warning).
+    """
+
+    def __init__(self, folder: str | Path, *, store: str | Path | None = None, wait: float = 0.0,
+                 **options: Any) -> None:
+        self.folder = Path(folder)
+        self.store = Path(store) if store is not None else None
+        self.settings = Settings.build(wait=wait, **options)
+        self.last: StepResult | None = None
+
+    def step(self, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None = None, *,
+             step: int | None = None) -> StepResult | None:
+        """Call right after `model` was saved as `checkpoint` (or as the checkpoint that records
+        `step`) in the folder, before training changes it. Returns what was done (`status`
+        "loaded" when the model took fused values; "waiting" or "not-due" when the window or
+        the schedule says not yet), or None when the step failed and the model is unchanged."""
+        tensors = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        where = Path(checkpoint).name if checkpoint is not None else f"step {step}"
+        reason = _single_process_only()
+        if reason is None:
+            try:
+                self.last = predict(self.folder, store=self.store, settings=self.settings,
+                                    live=Live(tensors, Path(checkpoint) if checkpoint is not None else None, step))
+                log.info("pdt at %s: %s", where, self.last.message)
+                return self.last
+            except Exception as exc:  # noqa: BLE001 - whatever went wrong, training must go on
+                reason = str(exc) or type(exc).__name__
+        warnings.warn(f"pdt: no fused step at {where}, the model is unchanged: {reason}", PDTStepWarning,
+                      stacklevel=2)
+        return None
+
+
+def _single_process_only() -> str | None:
+    """Why the step must not run here: with several ranks, one rank's fused weights would leave
+    the replicas apart (a step split across ranks is the command line's `torchrun` mode)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        return (f"training runs on {torch.distributed.get_world_size()} ranks; the in-loop step runs in a "
+                "single process only (run `pdt predict` on the checkpoint folder between runs instead)")
+    return None
+
+
+__all__ = ["PDTStep", "PDTStepWarning"]

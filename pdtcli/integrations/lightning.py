@@ -1,0 +1,44 @@
+"""A Lightning `Callback` that takes a PDT step at every checkpoint `ModelCheckpoint` saves.
+
+    trainer = L.Trainer(callbacks=[ModelCheckpoint(dirpath="ckpts", save_top_k=-1), PDTCallback()])
+
+Lightning writes a checkpoint after its callbacks' hooks of the same event have run, so the
+step is taken at the start of the next training batch, when the file is complete and the
+model still holds the values it saved. The checkpoint is recognised by the step it records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from . import PDTStep
+
+
+class PDTCallback(pl.Callback):
+    """`folder`: where the checkpoints are (default: the `ModelCheckpoint`'s `dirpath`);
+    `options`: those of `PDTStep` (and of `pdt predict`), e.g. `history=5, tau=5, every=1`."""
+
+    def __init__(self, folder: str | Path | None = None, **options: Any) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.options = options
+        self.pdt: PDTStep | None = None
+        self._saved: int | None = None  # the global step of a checkpoint being saved
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._saved = checkpoint.get("global_step")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        saved, self._saved = self._saved, None
+        if saved is None or not trainer.is_global_zero:
+            return
+        if self.pdt is None:
+            folder = self.folder or (Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None)
+            if folder is None:
+                return
+            self.pdt = PDTStep(folder, **self.options)
+        self.pdt.step(pl_module, step=saved)
