@@ -62,6 +62,7 @@ class PDTStep:
         `step`) in the folder, before training changes it. Returns what was done (`status`
         "loaded" when the model took fused values; "waiting" or "not-due" when the window or
         the schedule says not yet), or None when the step failed and the model is unchanged."""
+        self.last = None
         tensors = model.state_dict() if isinstance(model, torch.nn.Module) else model
         where = Path(checkpoint).name if checkpoint is not None else f"step {step}"
         reason = _single_process_only()
