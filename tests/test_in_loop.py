@@ -160,3 +160,31 @@ def test_nan_weights_or_a_locked_store_leave_the_model_unchanged(tmp_path):
     assert "locked" in messages[0] or "lock" in messages[0]
     assert "holds NaN or Inf" in messages[1]
     assert Store.open(folder / ".pdt").history  # the store still opens, with the steps before
+
+
+def test_the_saved_checkpoint_is_read_only_for_its_header(tmp_path, monkeypatch):
+    """The values come from memory: neither hashed nor read from the file just saved."""
+    from safetensors.torch import save_file
+
+    import pdtcli.ingest
+    from pdtcli.formats.safetensors_file import SafetensorsReader
+
+    reads: list[str] = []
+    hashed: list[str] = []
+    real_read, real_hash = SafetensorsReader.read, pdtcli.ingest.sha256_path
+    monkeypatch.setattr(SafetensorsReader, "read", lambda self, name: reads.append(self.path.name)
+                        or real_read(self, name))
+    monkeypatch.setattr(pdtcli.ingest, "sha256_path", lambda path: hashed.append(path.name) or real_hash(path))
+    folder = tmp_path / "live"
+    folder.mkdir()
+    steps = PDTStep(folder, **OPTIONS)
+    statuses = []
+
+    def each(epoch, net):
+        path = folder / f"epoch_{epoch}.safetensors"
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+        statuses.append(steps.step(net, path).status)
+
+    loop(tmp_path / "elsewhere", 4, None, on_epoch=each)
+    assert statuses == ["waiting", "waiting", "loaded", "loaded"]
+    assert reads == [] and hashed == []
