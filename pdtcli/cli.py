@@ -278,18 +278,29 @@ def restore(target: Target, store: Store = None, path: Annotated[Optional[Path],
 @app.command()
 def report(target: Target, store: Store = None, top: Annotated[
         Optional[int], typer.Option("--top", help="Show only the N largest tensors.", min=1)] = None,
+           plot: Annotated[Optional[Path], typer.Option(
+               "--plot", metavar="FILE", help="Also draw the masked ratio per layer type and the rejections per "
+               "criterion across the history, and the fit's eigenvalues, into FILE (.png, .svg or .pdf; needs "
+               "matplotlib: pip install 'pdtcli[plot]').")] = None,
            wait: Wait = D["wait"], json_out: Json = False) -> None:
     """Per tensor, per layer type and model: accepted elements and which criterion rejected the rest;
     the DMD fit; and the mask ratio of every past step.
 
-    Examples: `pdt report runs/exp1/ckpts`, `pdt report runs/exp1/ckpts --json | jq .model`
+    Examples: `pdt report runs/exp1/ckpts`, `pdt report runs/exp1/ckpts --json | jq .model`,
+    `pdt report runs/exp1/ckpts --plot pdt.png`
     """
     with errors_as_exit(json_out):
         data = build_report(api.load_state(target, store=store, lock_timeout=wait))
+        if plot is not None:
+            from .plot import plot_report  # matplotlib only when a picture is asked for
+
+            data["plot"] = str(plot_report(data, plot))
         if json_out:
             print(json.dumps(data, indent=2, default=str))
         else:
             render_report(data, out, top=top)
+            if plot is not None:
+                out.print(f"plot: {plot}")
 
 
 def version_callback(value: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -289,3 +290,28 @@ def test_real_run_report_before_and_after_the_fused_write(nameless_run):
     assert "training assumed to resume from: alpha.pdt.pt (fused by pdt)" in text
     assert "DMD fit on 4, 5, 6, 7, 8:" in text
     assert "None" not in text
+
+
+def test_plot_draws_the_history_and_the_spectrum_from_a_real_store(sgd_run, tmp_path, monkeypatch):
+    from test_hostile import pdt
+
+    for epochs in (6, 7, 8):  # three steps of history, as cron would run them
+        later = [p for p in sgd_run.glob("epoch_*.pt") if ".pdt" not in p.name and int(p.stem.split("_")[1]) > epochs]
+        hidden = tmp_path / f"later{epochs}"
+        hidden.mkdir()
+        for p in later:
+            p.rename(hidden / p.name)
+        assert pdt("predict", sgd_run)[0] == 0
+        for p in hidden.iterdir():
+            p.rename(sgd_run / p.name)
+    code, output = pdt("report", sgd_run, "--plot", tmp_path / "pdt.png", "--json")
+    assert code == 0 and json.loads(output)["plot"] == str(tmp_path / "pdt.png")
+    assert (tmp_path / "pdt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _ = pdt("report", sgd_run, "--plot", tmp_path / "pdt.svg")
+    svg = (tmp_path / "pdt.svg").read_text()
+    assert code == 0 and "masked ratio" in svg and "DMD eigenvalues" in svg and "linear" in svg
+    code, output = pdt("report", sgd_run, "--plot", tmp_path / "pdt.jpg")
+    assert code == 2 and "pdt.jpg" in output and not (tmp_path / "pdt.jpg").exists()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the extra were not installed
+    code, output = pdt("report", sgd_run, "--plot", tmp_path / "other.png")
+    assert code == 2 and "pip install 'pdtcli[plot]'" in output

@@ -22,6 +22,7 @@ warns and leaves the model unchanged: training goes on without that prediction.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,6 +56,7 @@ class PDTStep:
         self.store = Path(store) if store is not None else None
         self.settings = Settings.build(wait=wait, **options)
         self.last: StepResult | None = None
+        self.seconds: list[float] = []  # wall time of each call, what pdt costs the training loop
 
     def step(self, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None = None, *,
              step: int | None = None) -> StepResult | None:
@@ -62,6 +64,14 @@ class PDTStep:
         `step`) in the folder, before training changes it. Returns what was done (`status`
         "loaded" when the model took fused values; "waiting" or "not-due" when the window or
         the schedule says not yet), or None when the step failed and the model is unchanged."""
+        started = time.perf_counter()
+        try:
+            return self._step(model, checkpoint, step)
+        finally:
+            self.seconds.append(time.perf_counter() - started)
+
+    def _step(self, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None,
+              step: int | None) -> StepResult | None:
         self.last = None
         tensors = model.state_dict() if isinstance(model, torch.nn.Module) else model
         where = Path(checkpoint).name if checkpoint is not None else f"step {step}"
@@ -75,7 +85,7 @@ class PDTStep:
             except Exception as exc:  # noqa: BLE001 - whatever went wrong, training must go on
                 reason = str(exc) or type(exc).__name__
         warnings.warn(f"pdt: no fused step at {where}, the model is unchanged: {reason}", PDTStepWarning,
-                      stacklevel=2)
+                      stacklevel=3)
         return None
 
 
