@@ -86,6 +86,11 @@ def test_in_loop_fused_weights_are_bit_identical_to_the_command_line(tmp_path):
     # a `pdt predict` after the loop finds nothing to do: training already resumed from that state
     code, output = pdt("predict", tmp_path / "live", "--json")
     assert code == 0 and json.loads(output)["status"] == "up-to-date"
+    # and `pdt apply` writes that state to a file, to resume a crashed run from
+    code, output = pdt("apply", tmp_path / "live", "--json")
+    assert code == 0, output
+    on_disk = torch.load(tmp_path / "live" / "epoch_7.pdt.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, fused[7][k]) for k, v in on_disk.items())
 
 
 def test_in_loop_honours_start_and_every(tmp_path):
