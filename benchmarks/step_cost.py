@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,55 @@ save_file(tensors, sys.argv[-1])
 """
 
 
+# The peers: the step as a user would write it by hand, everything in memory in float64 (load the
+# h checkpoints, DMD by a dense SVD or by PyDMD, the same mask, save). They share the loading and
+# the mask-and-save; only the fit differs.
+PEER_LOAD = """
+import sys, numpy as np, torch
+from safetensors.torch import load_file, save_file
+paths, out, tau = sys.argv[1:-1], sys.argv[-1], 5
+states = [load_file(p) for p in paths]
+names = list(states[-1])
+W = np.stack([torch.cat([s[k].double().reshape(-1) for k in names]).numpy() for s in states], axis=1)
+del states[:-1]
+"""
+PEER_SVD = """
+X, Y = W[:, :-1], W[:, 1:]
+U, S, Vt = np.linalg.svd(X, full_matrices=False)
+r = int((S > 1e-6 * S[0]).sum())
+U, S, V = U[:, :r], S[:r], Vt[:r].T
+lam, psi = np.linalg.eig(U.T @ Y @ V / S)
+Phi = Y @ (V / S) @ psi
+b = np.linalg.lstsq(Phi, W[:, -1].astype(complex), rcond=None)[0]
+preds = [np.real(Phi @ (lam ** k * b)) for k in range(1, tau + 1)]
+"""
+PEER_PYDMD = """
+from pydmd import DMD
+dmd = DMD(svd_rank=-1, exact=True)
+dmd.fit(W)
+dmd.dmd_time["tend"] = W.shape[1] - 1 + tau
+rec = dmd.reconstructed_data.real
+preds = [rec[:, W.shape[1] - 1 + k] for k in range(1, tau + 1)]
+"""
+PEER_SAVE = """
+wh, delta = W[:, -1], W[:, -1] - W[:, -2]
+move = preds[-1] - wh
+ok = (np.abs(delta) < np.abs(move)) & (np.abs(move) <= tau * np.abs(delta))
+previous = wh
+for p in preds:
+    ok &= np.sign(p - previous) == np.sign(delta)
+    previous = p
+fused = np.where(ok, preds[-1], wh)
+tensors, offset = {}, 0
+for k in names:
+    t = states[-1][k]
+    tensors[k] = torch.from_numpy(fused[offset:offset + t.numel()]).to(t.dtype).reshape(t.shape)
+    offset += t.numel()
+save_file(tensors, out)
+"""
+PEERS = {"dense_svd": PEER_LOAD + PEER_SVD + PEER_SAVE, "pydmd": PEER_LOAD + PEER_PYDMD + PEER_SAVE}
+
+
 # Runs a module (or -c code) and reports the process's own peak RSS (VmHWM) on exit. Measured
 # inside the child because ru_maxrss of a forked child counts the parent's pages too.
 PEAK = """
@@ -68,30 +118,59 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1]) * scale[text[-1].upper()]) if text[-1].isalpha() else int(text)
 
 
-def make_window(folder: Path, n: int, count: int, seed: int = 0) -> list[Path]:
-    """`count` checkpoints of a trajectory w_t = w_0 + a t + b t^2 + noise, in 4 tensors."""
+def tensor_sizes(n: int, shape: str) -> dict[str, int]:
+    """Tensor names and sizes of an `n`-parameter model: `flat` is 4 tensors (the largest half the
+    model); `gpt2` is GPT-2 small's layout (148 tensors from 768-element norms to a 38.6M-element
+    embedding, 124M parameters), with layers added or removed to come near `n`."""
+    if shape == "flat":
+        sizes = [n // 2, n // 4, n - n // 2 - n // 4 - 1000, 1000]
+        return {f"layer{i}.weight": size for i, size in enumerate(sizes)}
+    d, vocab, positions = 768, 50257, 1024
+    block = {"ln_1.weight": d, "ln_1.bias": d, "attn.c_attn.weight": d * 3 * d, "attn.c_attn.bias": 3 * d,
+             "attn.c_proj.weight": d * d, "attn.c_proj.bias": d, "ln_2.weight": d, "ln_2.bias": d,
+             "mlp.c_fc.weight": d * 4 * d, "mlp.c_fc.bias": 4 * d, "mlp.c_proj.weight": 4 * d * d,
+             "mlp.c_proj.bias": d}
+    fixed = vocab * d + positions * d + 2 * d
+    layers = max(1, round((n - fixed) / sum(block.values())))
+    sizes = {"wte.weight": vocab * d, "wpe.weight": positions * d}
+    for layer in range(layers):
+        sizes.update({f"h.{layer}.{name}": size for name, size in block.items()})
+    sizes.update({"ln_f.weight": d, "ln_f.bias": d})
+    return sizes
+
+
+def make_window(folder: Path, n: int, count: int, seed: int = 0, shape: str = "flat",
+                dtype: torch.dtype = torch.float32) -> list[Path]:
+    """`count` checkpoints of a trajectory w_t = w_0 + a t + b t^2 + noise, saved in `dtype`."""
     rng = np.random.default_rng(seed)
-    sizes = [n // 2, n // 4, n - n // 2 - n // 4 - 1000, 1000]
-    start = [rng.standard_normal(s, dtype=np.float32) for s in sizes]
-    velocity = [0.01 * rng.standard_normal(s, dtype=np.float32) for s in sizes]
+    sizes = tensor_sizes(n, shape)
+    start = {k: rng.standard_normal(s, dtype=np.float32) for k, s in sizes.items()}
+    velocity = {k: 0.01 * rng.standard_normal(s, dtype=np.float32) for k, s in sizes.items()}
     paths = []
     for t in range(1, count + 1):
         tensors = {}
-        for i, (w0, v) in enumerate(zip(start, velocity, strict=True)):
+        for name, w0 in start.items():
             noise = 0.002 * rng.standard_normal(w0.shape[0], dtype=np.float32)
-            w = w0 + v * (t - 0.03 * t * t) + noise
-            tensors[f"layer{i}.weight"] = torch.from_numpy(w)
+            tensors[name] = torch.from_numpy(w0 + velocity[name] * (t - 0.03 * t * t) + noise).to(dtype)
         path = folder / f"step_{t:04d}.safetensors"
         save_file(tensors, path)
         paths.append(path)
     return paths
 
 
-def timed(argv: list[str]) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MiB, stdout) of a fresh Python process running argv."""
+def timed(argv: list[str], memory_limit: int | None = None) -> tuple[float, float, str]:
+    """(seconds, peak RSS in MiB, stdout) of a fresh Python process running argv; with
+    `memory_limit` (bytes of address space), a MemoryError there raises MemoryError here."""
+    def limit() -> None:
+        if memory_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PEAK, *argv], capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-c", PEAK, *argv], capture_output=True, text=True, check=False,
+                          preexec_fn=limit)
     elapsed = time.perf_counter() - start
+    if proc.returncode != 0 and "MemoryError" in proc.stderr:
+        raise MemoryError(argv[0])
     if proc.returncode != 0:
         raise RuntimeError(f"{argv} failed: {proc.stderr}")
     peak_kb = int(proc.stderr.rsplit("PEAK_KB ", 1)[1].split()[0])
@@ -103,11 +182,30 @@ def drop_output(folder: Path) -> None:
         path.unlink()
 
 
-def run(n: int, h: int, work: Path, device: str) -> dict:
+def du_mib(path: Path) -> float:
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file()) / 2**20
+
+
+def peer(name: str, n: int, window: list[Path], out: Path, limit: int) -> dict:
+    """One peer's time and peak, or that it did not fit in `limit` bytes."""
+    if name == "pydmd" and n > 20_000_000:
+        return {}
+    try:
+        seconds, peak, _ = timed(["-c", PEERS[name], *map(str, window), str(out)], memory_limit=limit)
+    except MemoryError:
+        return {f"{name}_s": f"> {limit / 2**30:.0f} GiB"}
+    finally:
+        out.unlink(missing_ok=True)
+    return {f"{name}_s": round(seconds, 2), f"{name}_peak_MiB": round(peak)}
+
+
+def run(n: int, h: int, work: Path, device: str, shape: str = "flat", dtype: str = "float32",
+        peers: tuple[str, ...] = (), peer_limit: int = 22 * 2**30) -> dict:
+    n = sum(tensor_sizes(n, shape).values())  # as built (the gpt2 layout comes in whole layers)
     folder = work / f"n{n}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    paths = make_window(folder, n, h + 1)
+    paths = make_window(folder, n, h + 1, shape=shape, dtype=getattr(torch, dtype))
     extra = paths[-1]
     hidden = extra.rename(work / extra.name)  # appears later, for the steady step
     window = paths[:h]
@@ -119,27 +217,34 @@ def run(n: int, h: int, work: Path, device: str) -> dict:
     hidden.rename(folder / extra.name)
     steady_s, steady_mb, steady_out = timed(pdt)
     assert json.loads(steady_out)["status"] == "written"
+    store_mib = du_mib(folder / ".pdt")
     # the floor for the steady step: the same read-window-once + write-one, over the new window
     floor2_s, floor2_mb, _ = timed(["-c", FLOOR, *map(str, paths[1:]), str(work / "floor.safetensors")])
     (work / "floor.safetensors").unlink()
-    shutil.rmtree(folder)
-    checkpoint_mb = n * 4 / 2**20
-    return {
+    checkpoint_mb = extra.stat().st_size / 2**20
+    row = {
         "params": n,
+        "tensors": len(tensor_sizes(n, shape)),
+        "dtype": dtype,
         "checkpoint_MiB": round(checkpoint_mb, 1),
+        "store_MiB": round(store_mib),
         "floor_s": round(floor_s, 2),
-        "floor_peak_MiB": round(floor_mb),
         "first_run_s": round(first_s, 2),
-        "first_run_peak_MiB": round(first_mb),
-        "steady_step_s": round(steady_s, 2),
-        "steady_floor_s": round(floor2_s, 2),
-        "steady_peak_MiB": round(steady_mb),
-        "steady_over_floor": round(steady_s / floor2_s, 2),
         "first_over_floor": round(first_s / floor_s, 2),
-        "steady_floor_peak_MiB": round(floor2_mb),
+        "steady_floor_s": round(floor2_s, 2),
+        "steady_step_s": round(steady_s, 2),
+        "steady_over_floor": round(steady_s / floor2_s, 2),
+        "steady_ns_per_param": round(steady_s / n * 1e9, 1),
+        "floor_peak_MiB": round(floor2_mb),
         "steady_peak_minus_floor_MiB": round(steady_mb - floor2_mb),
         "mask_ratio": round(ratio, 4),
     }
+    for name in peers:
+        row.update(peer(name, n, paths[1:], work / "peer.safetensors", peer_limit))
+        if f"{name}_s" in row and isinstance(row[f"{name}_s"], float):
+            row[f"pdt_over_{name}"] = round(steady_s / row[f"{name}_s"], 2)
+    shutil.rmtree(folder)
+    return row
 
 
 def main() -> None:
@@ -147,17 +252,24 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["10M", "100M"])
     parser.add_argument("--history", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--shape", choices=("flat", "gpt2"), default="flat",
+                        help="4 tensors, or GPT-2 small's 148-tensor layout (scaled in layers)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--peers", nargs="*", default=[], choices=sorted(PEERS),
+                        help="also time the hand-written in-memory step (dense_svd) and PyDMD (pydmd, up to 20M)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (needs ~ (2h+2) x checkpoint)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="pdt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}, h = {args.history}")
-    rows = [run(parse_size(s), args.history, work, args.device) for s in args.sizes]
-    keys = list(rows[0])
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}, h = {args.history}, "
+          f"{args.shape} layout, {args.dtype}")
+    rows = [run(parse_size(s), args.history, work, args.device, args.shape, args.dtype, tuple(args.peers))
+            for s in args.sizes]
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
-        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
     shutil.rmtree(work, ignore_errors=True)
 
 
