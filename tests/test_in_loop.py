@@ -193,3 +193,25 @@ def test_the_saved_checkpoint_is_read_only_for_its_header(tmp_path, monkeypatch)
     loop(tmp_path / "elsewhere", 4, None, on_epoch=each)
     assert statuses == ["waiting", "waiting", "loaded", "loaded"]
     assert reads == [] and hashed == []
+
+
+def test_values_in_memory_are_never_fused_into_a_model_they_did_not_come_from(tmp_path):
+    """Named as an older checkpoint than the newest, or as one that is no checkpoint of the folder,
+    the live values are not taken in, and no fused values computed from files replace them."""
+    folder = tmp_path / "live"
+    steps = PDTStep(folder, **OPTIONS)
+    messages = []
+
+    def each(epoch, net):
+        if epoch == 4:  # a newer checkpoint is already there (saved by another process)
+            torch.save({"model": net.state_dict()}, folder / "epoch_5.pt")
+            messages.append(_unchanged_after(net, lambda: steps.step(net, folder / "epoch_4.pt")))
+            (folder / "epoch_5.pt").unlink()
+        elif epoch == 3:
+            messages.append(_unchanged_after(net, lambda: steps.step(net, tmp_path / "elsewhere.pt")))
+        else:
+            steps.step(net, folder / f"epoch_{epoch}.pt")
+
+    loop(folder, 4, None, on_epoch=each)
+    assert "not the one the live model was saved to" in messages[0]
+    assert "not the one the live model was saved to" in messages[1]
