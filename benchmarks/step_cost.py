@@ -141,19 +141,24 @@ def tensor_sizes(n: int, shape: str) -> dict[str, int]:
 
 def make_window(folder: Path, n: int, count: int, seed: int = 0, shape: str = "flat",
                 dtype: torch.dtype = torch.float32) -> list[Path]:
-    """`count` checkpoints of a trajectory w_t = w_0 + a t + b t^2 + noise, saved in `dtype`."""
-    rng = np.random.default_rng(seed)
+    """`count` checkpoints of a trajectory w_t = w_0 + a t + b t^2 + noise, saved in `dtype`.
+
+    Each tensor's w_0 and a are drawn again from their own seeds for every checkpoint, so that
+    only one checkpoint (and one tensor's draws) is in memory at a time, even at 1B parameters.
+    """
     sizes = tensor_sizes(n, shape)
-    start = {k: rng.standard_normal(s, dtype=np.float32) for k, s in sizes.items()}
-    velocity = {k: 0.01 * rng.standard_normal(s, dtype=np.float32) for k, s in sizes.items()}
     paths = []
     for t in range(1, count + 1):
         tensors = {}
-        for name, w0 in start.items():
-            noise = 0.002 * rng.standard_normal(w0.shape[0], dtype=np.float32)
-            tensors[name] = torch.from_numpy(w0 + velocity[name] * (t - 0.03 * t * t) + noise).to(dtype)
+        for i, (name, size) in enumerate(sizes.items()):
+            w = np.random.default_rng([seed, i, 0]).standard_normal(size, dtype=np.float32)
+            w += np.float32(0.01 * (t - 0.03 * t * t)) * np.random.default_rng([seed, i, 1]).standard_normal(
+                size, dtype=np.float32)
+            w += np.float32(0.002) * np.random.default_rng([seed, i, 2, t]).standard_normal(size, dtype=np.float32)
+            tensors[name] = torch.from_numpy(w).to(dtype)
         path = folder / f"step_{t:04d}.safetensors"
         save_file(tensors, path)
+        del tensors
         paths.append(path)
     return paths
 
@@ -175,11 +180,6 @@ def timed(argv: list[str], memory_limit: int | None = None) -> tuple[float, floa
         raise RuntimeError(f"{argv} failed: {proc.stderr}")
     peak_kb = int(proc.stderr.rsplit("PEAK_KB ", 1)[1].split()[0])
     return elapsed, peak_kb / 1024, proc.stdout
-
-
-def drop_output(folder: Path) -> None:
-    for path in folder.glob("*.pdt.*"):
-        path.unlink()
 
 
 def du_mib(path: Path) -> float:
