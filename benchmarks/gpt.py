@@ -63,6 +63,10 @@ def first_at(rows: list[dict], target: float, key: str) -> float | None:
     return next((r[key] for r in rows if r["train_loss"] <= target), None)
 
 
+def final_val(summary: dict) -> float:
+    return [r["val_loss"] for r in summary["rows"] if r["val_loss"] is not None][-1]
+
+
 def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
     """Per variant: per seed, steps and seconds to the baseline's best train loss, and the rest."""
     table: dict[str, dict[str, Any]] = {}
@@ -80,7 +84,7 @@ def compare(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
                 "steps_to_target": steps, "baseline_steps": base_steps,
                 "steps_saved": None if steps is None else 1 - steps / base_steps,
                 "time_saved": None if wall is None else 1 - wall / base_wall,
-                "final_val_loss": summary["rows"][-1]["val_loss"], "best_train_loss": min(
+                "final_val_loss": final_val(summary), "best_train_loss": min(
                     r["train_loss"] for r in summary["rows"]),
                 "mean_ratio": statistics.fmean(ratios) if ratios else None,
                 "pdt_s_per_call": summary["pdt_s_per_call"], "interval_s": summary["interval_s"],
@@ -125,7 +129,8 @@ def plot(runs: dict, path: Path) -> None:
             steps = [r["step"] for r in summary["rows"]]
             kwargs = {"color": f"C{index}", "alpha": 0.8, "label": name if seed == min(by_seed) else None}
             train_ax.plot(steps, [r["train_loss"] for r in summary["rows"]], **kwargs)
-            val_ax.plot(steps, [r["val_loss"] for r in summary["rows"]], **kwargs)
+            checkpoints = [r for r in summary["rows"] if r["val_loss"] is not None]
+            val_ax.plot([r["step"] for r in checkpoints], [r["val_loss"] for r in checkpoints], **kwargs)
     train_ax.set(title="training loss (fixed sample)", xlabel="step", ylabel="cross-entropy (nats/byte)")
     val_ax.set(title="held-out loss", xlabel="step")
     for ax in (train_ax, val_ax):
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, options in chosen.items():
                 summary = train(Path(scratch) / f"{name}-{seed}", seed, options, common)
                 runs[name][seed] = summary
-                print(f"seed {seed} {name}: final val {summary['rows'][-1]['val_loss']:.4f}, "
+                print(f"seed {seed} {name}: final val {final_val(summary):.4f}, "
                       f"{summary['wall_s']:.0f} s", flush=True)
     table = compare(runs)
     command = "python benchmarks/gpt.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -8,6 +8,8 @@ For each optimizer and seed this runs the loop of `examples/pdt_loop.py` (train 
     exact       pdt, exact DMD modes
     random      pdt's fit with a random mask at the criteria's per-tensor ratio (--random)
     none        every prediction accepted (--criteria none: non-selective Koopman training)
+    sign        only the sign criterion (eq. 7), no bounds on the move (--criteria sign)
+    sign_random a random mask at the sign criterion's per-tensor ratio
 
 and reports, against the same seed's baseline: epochs and wall-clock to the baseline's best
 train loss, final test accuracy, mean mask ratio, and pdt's time per call next to one epoch.
@@ -42,6 +44,8 @@ VARIANTS = {
     "exact": {"pdt": True, "modes": "exact"},
     "random": {"pdt": True, "random": True},
     "none": {"pdt": True, "criteria": "none"},
+    "sign": {"pdt": True, "criteria": "sign"},  # eq. 7 alone: no lower or upper bound on the move
+    "sign_random": {"pdt": True, "criteria": "sign", "random": True},  # random at the sign mask's ratio
 }
 LEARNING_RATES = {"sgd": 0.05, "adamw": 0.001}
 

@@ -78,6 +78,24 @@ def loss_on(model, blocks: torch.Tensor, batch: int = 32) -> float:
     return total / len(blocks)
 
 
+class Meter:
+    """Losses along the run, with the wall-clock of training (and pdt) without the measuring itself."""
+
+    def __init__(self, probe: torch.Tensor, held_out: torch.Tensor) -> None:
+        self.probe, self.held_out = probe, held_out
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self.spent = 0.0  # seconds spent measuring
+
+    def measure(self, step: int, model, checkpoint: bool = False, ratio: float | None = None) -> None:
+        began = time.perf_counter()
+        self.rows.append({"step": step, "wall_s": began - self.started - self.spent,
+                          "train_loss": loss_on(model, self.probe),
+                          "val_loss": loss_on(model, self.held_out) if checkpoint else None,
+                          "fused": ratio is not None, "ratio": ratio})
+        self.spent += time.perf_counter() - began
+
+
 def arguments(out: Path, cfg: argparse.Namespace, max_steps: int):
     from transformers import TrainingArguments
 
@@ -109,29 +127,30 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"history": cfg.history, "tau": cfg.tau, "criteria": cfg.criteria}
     options.update({k: v for k, v in (("modes", cfg.modes), ("start", cfg.start), ("every", cfg.every),
                                       ("random", cfg.random or None)) if v is not None})
-    rows: list[dict[str, Any]] = []
     pdt_seconds: list[float] = []
-    measured: list[float] = []  # seconds spent measuring losses, not training
-    started = time.perf_counter()
+    meter = Meter(probe, held_out)
 
     class Measure(TrainerCallback):
-        """At each checkpoint, after pdt: the losses of the model training continues from."""
+        """The training loss every `--eval-every` steps; at each checkpoint (after pdt, `at_saves`)
+        the training and held-out losses of the model training continues from."""
 
-        def __init__(self, pdt: PDTCallback | None) -> None:
-            self.pdt = pdt
+        def __init__(self, pdt: PDTCallback | None, at_saves: bool) -> None:
+            self.pdt, self.at_saves = pdt, at_saves
+
+        def on_step_end(self, args, state, control: TrainerControl, model=None, **kwargs):
+            if state.global_step % cfg.eval_every == 0 and state.global_step % cfg.save_every != 0:
+                meter.measure(state.global_step, model)
 
         def on_save(self, args, state, control: TrainerControl, model=None, **kwargs):
-            measuring = time.perf_counter()
-            last = self.pdt.pdt.last if self.pdt is not None and self.pdt.pdt is not None else None
-            rows.append({"step": state.global_step, "train_loss": loss_on(model, probe),
-                         "val_loss": loss_on(model, held_out), "fused": bool(last and last.status == "loaded"),
-                         "ratio": last.mask["totals"]["ratio"] if last and last.status == "loaded" else None,
-                         "wall_s": time.perf_counter() - started - sum(measured)})
-            measured.append(time.perf_counter() - measuring)
+            if self.at_saves:
+                last = self.pdt.pdt.last if self.pdt is not None and self.pdt.pdt is not None else None
+                loaded = last is not None and last.status == "loaded"
+                meter.measure(state.global_step, model, checkpoint=True,
+                              ratio=last.mask["totals"]["ratio"] if loaded else None)
 
     if cfg.pdt in ("none", "callback"):
         pdt = PDTCallback(**options) if cfg.pdt == "callback" else None
-        callbacks = ([pdt] if pdt else []) + [Measure(pdt)]
+        callbacks = ([pdt] if pdt else []) + [Measure(pdt, at_saves=True)]
         trainer_for(make_model(cfg.seed, cfg.seq, cfg.width, cfg.layers), out, cfg, callbacks, train).train()
         if pdt is not None and pdt.pdt is not None:
             pdt_seconds = pdt.pdt.seconds
@@ -139,7 +158,7 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
         resume: str | None = None
         for end in range(cfg.save_every, cfg.steps + 1, cfg.save_every):
             model = make_model(cfg.seed, cfg.seq, cfg.width, cfg.layers)
-            trainer = trainer_for(model, out, cfg, [Stop(end)], train)
+            trainer = trainer_for(model, out, cfg, [Stop(end), Measure(None, at_saves=False)], train)
             trainer.train(resume_from_checkpoint=resume)
             t0 = time.perf_counter()
             flags = [f"--{k}" if v is True else f"--{k}={v}" for k, v in options.items()]
@@ -151,17 +170,14 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
             result = json.loads(done.stdout)
             fused = result["status"] == "written"
             resume = result["output"] if fused else str(out / f"checkpoint-{end}")
-            measuring = time.perf_counter()
             if fused:
                 from safetensors.torch import load_file
 
                 model.load_state_dict(load_file(Path(resume) / "model.safetensors"), strict=False)
-            rows.append({"step": end, "train_loss": loss_on(model, probe), "val_loss": loss_on(model, held_out),
-                         "fused": fused, "ratio": result["mask"]["totals"]["ratio"] if fused else None,
-                         "wall_s": time.perf_counter() - started - sum(measured)})
-            measured.append(time.perf_counter() - measuring)
-    total = time.perf_counter() - started - sum(measured)  # training and pdt, not the measurements
-    interval = total / max(1, len(rows))
+            meter.measure(end, model, checkpoint=True, ratio=result["mask"]["totals"]["ratio"] if fused else None)
+    rows = meter.rows
+    total = time.perf_counter() - meter.started - meter.spent  # training and pdt, not the measurements
+    interval = total / max(1, sum(r["val_loss"] is not None for r in rows))
     summary = {"config": vars(cfg), "rows": rows, "wall_s": total, "pdt_calls": len(pdt_seconds),
                "pdt_s_per_call": sum(pdt_seconds) / len(pdt_seconds) if pdt_seconds else 0.0,
                "interval_s": interval,
@@ -205,6 +221,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start", type=int, default=None, help="pdt's --start (T_0)")
     p.add_argument("--every", type=int, default=None, help="pdt's --every (T_i)")
     p.add_argument("--probe", type=int, default=256, help="training blocks whose loss is measured")
+    p.add_argument("--eval-every", type=int, default=10, help="steps between two training-loss measurements")
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     return p.parse_args(argv)
 
@@ -212,12 +229,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     summary = run(parse(argv))
     best = min(summary["rows"], key=lambda r: r["train_loss"])
+    last_val = [r["val_loss"] for r in summary["rows"] if r["val_loss"] is not None][-1]
     print(json.dumps({"params": summary["params"], "wall_s": round(summary["wall_s"], 1),
                       "best_train_loss": round(best["train_loss"], 4), "at_step": best["step"],
-                      "final_val_loss": round(summary["rows"][-1]["val_loss"], 4),
+                      "final_val_loss": round(last_val, 4),
                       "pdt_s_per_call": round(summary["pdt_s_per_call"], 3),
                       "pdt_share_of_interval": round(summary["pdt_share_of_interval"], 4),
-                      "ppl_final": round(math.exp(summary["rows"][-1]["val_loss"]), 2)}))
+                      "ppl_final": round(math.exp(last_val), 2)}))
 
 
 if __name__ == "__main__":
