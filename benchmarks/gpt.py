@@ -9,7 +9,8 @@ documentation, AdamW with weight decay, cosine schedule with warm-up, a checkpoi
     cli        the same options, `pdt predict` as its own process between resumed segments
     random     the callback with a random mask at the criteria's per-tensor ratio (--random)
 
-Any other variant is `name:flag=value,...` with train_gpt.py's flags (e.g. `tau3:tau=3`).
+Any other variant is `name:flag=value,...` with train_gpt.py's flags (e.g. `tau3:tau=3`, and
+`signup:criteria=sign+upper` for a comma list).
 Against the same seed's baseline it reports the steps and the wall-clock (pdt included,
 loss measurements not) to the baseline's best training loss, the final held-out loss, the
 mean mask ratio and pdt's time per call beside the time between two checkpoints.
@@ -45,7 +46,7 @@ def variant(text: str) -> tuple[str, dict[str, Any]]:
     options: dict[str, Any] = {"pdt": "callback"}
     for item in filter(None, flags.split(",")):
         key, _, value = item.partition("=")
-        options[key.replace("_", "-")] = value if value else True
+        options[key.replace("_", "-")] = value.replace("+", ",") if value else True  # criteria=sign+upper
     return name, options
 
 
@@ -118,24 +119,30 @@ def markdown(table: dict[str, dict[str, Any]], runs: dict, command: str) -> str:
 
 
 def plot(runs: dict, path: Path) -> None:
+    """Each variant's loss minus its seed's baseline, averaged over seeds: below zero is ahead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     figure, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     for index, (name, by_seed) in enumerate(runs.items()):
-        for seed, summary in by_seed.items():
-            steps = [r["step"] for r in summary["rows"]]
-            kwargs = {"color": f"C{index}", "alpha": 0.8, "label": name if seed == min(by_seed) else None}
-            train_ax.plot(steps, [r["train_loss"] for r in summary["rows"]], **kwargs)
-            checkpoints = [r for r in summary["rows"] if r["val_loss"] is not None]
-            val_ax.plot([r["step"] for r in checkpoints], [r["val_loss"] for r in checkpoints], **kwargs)
-    train_ax.set(title="training loss (fixed sample)", xlabel="step", ylabel="cross-entropy (nats/byte)")
-    val_ax.set(title="held-out loss", xlabel="step")
+        for ax, key in ((train_ax, "train_loss"), (val_ax, "val_loss")):
+            curves = []
+            for seed, summary in by_seed.items():
+                base = {r["step"]: r[key] for r in runs["baseline"][seed]["rows"] if r[key] is not None}
+                curves.append({r["step"]: r[key] - base[r["step"]] for r in summary["rows"]
+                               if r[key] is not None and r["step"] in base})
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            ax.plot(steps, [np.mean([c[s] for c in curves]) for s in steps], color=f"C{index}", label=name,
+                    lw=2 if name == "baseline" else 1.3)
+    train_ax.set(title="training loss minus the baseline's (mean over seeds)", xlabel="step",
+                 ylabel="Δ cross-entropy (nats/byte)")
+    val_ax.set(title="held-out loss minus the baseline's, at checkpoints", xlabel="step")
     for ax in (train_ax, val_ax):
-        ax.set_yscale("log")
-        ax.legend()
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=8)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -147,7 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--replot", action="store_true", help="redraw curves.png from --out's runs.json")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.out / "runs.json").read_text())["runs"], args.out / "curves.png")
+        return
     chosen = dict(variant(v) for v in args.variants)
     if "baseline" not in chosen:
         chosen = {"baseline": VARIANTS["baseline"], **chosen}

@@ -3,13 +3,15 @@
 For each optimizer and seed this runs the loop of `examples/pdt_loop.py` (train one epoch,
 `pdt predict`, resume from the fused checkpoint) for each variant:
 
-    baseline    no pdt
-    projected   pdt, the paper's projected DMD modes
-    exact       pdt, exact DMD modes
-    random      pdt's fit with a random mask at the criteria's per-tensor ratio (--random)
-    none        every prediction accepted (--criteria none: non-selective Koopman training)
-    sign        only the sign criterion (eq. 7), no bounds on the move (--criteria sign)
-    sign_random a random mask at the sign criterion's per-tensor ratio
+    baseline      no pdt
+    exact         pdt's defaults: exact DMD modes, the mask's upper bound and sign (eqs. 6 and 7
+                  without eq. 6's lower bound)
+    projected     the same with the paper's projected DMD modes
+    random        a random mask at the default mask's per-tensor ratio (--random)
+    paper         the paper's mask in full, with the lower bound (--criteria all)
+    paper_random  a random mask at the paper mask's ratio
+    sign          only the sign criterion (eq. 7), no bounds on the move (--criteria sign)
+    none          every prediction accepted (--criteria none: non-selective Koopman training)
 
 and reports, against the same seed's baseline: epochs and wall-clock to the baseline's best
 train loss, final test accuracy, mean mask ratio, and pdt's time per call next to one epoch.
@@ -40,12 +42,13 @@ from pdt_loop import LoopConfig, Round, run_loop  # noqa: E402
 
 VARIANTS = {
     "baseline": {"pdt": False},
+    "exact": {"pdt": True, "modes": "exact"},  # pdt's defaults: exact modes, the upper bound and the sign
     "projected": {"pdt": True, "modes": "projected"},
-    "exact": {"pdt": True, "modes": "exact"},
-    "random": {"pdt": True, "random": True},
+    "random": {"pdt": True, "random": True},  # a random mask at the default mask's per-tensor ratio
+    "paper": {"pdt": True, "criteria": "all"},  # eqs. 6 and 7 in full: with the lower bound
+    "paper_random": {"pdt": True, "criteria": "all", "random": True},
+    "sign": {"pdt": True, "criteria": "sign"},
     "none": {"pdt": True, "criteria": "none"},
-    "sign": {"pdt": True, "criteria": "sign"},  # eq. 7 alone: no lower or upper bound on the move
-    "sign_random": {"pdt": True, "criteria": "sign", "random": True},  # random at the sign mask's ratio
 }
 LEARNING_RATES = {"sgd": 0.05, "adamw": 0.001}
 

@@ -41,7 +41,7 @@ class LoopConfig:
     seed: int = 0
     pdt: bool = False
     modes: str | None = None  # None: pdt's default
-    criteria: str = "all"
+    criteria: str | None = None  # None: pdt's default
     random: bool = False
     tau: int = 5
     mode: str = "cli"  # cli | api
@@ -64,7 +64,7 @@ def _train_args(cfg: LoopConfig) -> list[str]:
 
 
 def _pdt_args(cfg: LoopConfig) -> list[str]:
-    args = ["--criteria", cfg.criteria, "--tau", str(cfg.tau)]
+    args = ["--tau", str(cfg.tau)] + (["--criteria", cfg.criteria] if cfg.criteria else [])
     args += ["--modes", cfg.modes] if cfg.modes else []
     return [*args, "--random"] if cfg.random else args
 
@@ -92,8 +92,8 @@ def _train_api(cfg: LoopConfig, out: Path, resume: Path | None) -> dict:
 def _pdt_api(cfg: LoopConfig, out: Path) -> dict:
     from pdtcli import api
 
-    modes = {"modes": cfg.modes} if cfg.modes else {}
-    settings = api.Settings.build(tau=cfg.tau, criteria=cfg.criteria, random=cfg.random, **modes)
+    chosen = {k: v for k, v in (("modes", cfg.modes), ("criteria", cfg.criteria)) if v}  # else pdt's defaults
+    settings = api.Settings.build(tau=cfg.tau, random=cfg.random, **chosen)
     return api.predict(out, settings=settings).as_dict()
 
 
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pdt", action="store_true", help="run `pdt predict` after each epoch")
     parser.add_argument("--modes", help="pdt --modes [default: pdt's]")
-    parser.add_argument("--criteria", default="all", help="pdt --criteria")
+    parser.add_argument("--criteria", help="pdt --criteria [default: pdt's]")
     parser.add_argument("--random", action="store_true", help="pdt --random")
     parser.add_argument("--tau", type=int, default=LoopConfig.tau)
     parser.add_argument("--mode", choices=("cli", "api"), default="cli", help="processes, or one process")

@@ -124,9 +124,9 @@ def run(cfg: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     train, held_out = text_blocks(cfg.seq)
     probe = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(99))[: cfg.probe]]
-    options: dict[str, Any] = {"history": cfg.history, "tau": cfg.tau, "criteria": cfg.criteria}
-    options.update({k: v for k, v in (("modes", cfg.modes), ("start", cfg.start), ("every", cfg.every),
-                                      ("random", cfg.random or None)) if v is not None})
+    options: dict[str, Any] = {"history": cfg.history, "tau": cfg.tau}
+    options.update({k: v for k, v in (("criteria", cfg.criteria), ("modes", cfg.modes), ("start", cfg.start),
+                                      ("every", cfg.every), ("random", cfg.random or None)) if v is not None})
     pdt_seconds: list[float] = []
     meter = Meter(probe, held_out)
 
@@ -216,7 +216,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--history", type=int, default=5)
     p.add_argument("--tau", type=int, default=5)
     p.add_argument("--random", action="store_true", help="pdt's random mask at the same ratio (an audit)")
-    p.add_argument("--criteria", default="all", help="pdt's mask criteria (all, none, or a comma list)")
+    p.add_argument("--criteria", default=None, help="pdt's mask criteria (all, none, or a comma list; default: "
+                   "pdt's)")
     p.add_argument("--modes", default=None, help="pdt's DMD modes (default: pdt's own)")
     p.add_argument("--start", type=int, default=None, help="pdt's --start (T_0)")
     p.add_argument("--every", type=int, default=None, help="pdt's --every (T_i)")

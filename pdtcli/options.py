@@ -15,12 +15,13 @@ from .discover import ORDERS
 from .dmd import MODES, FitOptions
 from .errors import UsageError
 from .fuse import DEFAULT_BLOCK
-from .mask import CRITERIA, MaskOptions
+from .mask import CRITERIA, DEFAULT_CRITERIA, MaskOptions
 from .progress import NoProgress, Progress
 from .selection import Selection
 from .store import STORE_DTYPES
 
 DEFAULT_HISTORY = 5
+DEFAULT_MASK = ",".join(DEFAULT_CRITERIA)
 DEFAULT_WAIT = 60.0  # seconds a second pdt waits for the store's lock
 DEVICES = ("auto", "cpu", "cuda")
 FIT = FitOptions()
@@ -60,7 +61,8 @@ OPTIONS: dict[str, Option] = {
     "modes": Option(("--modes",), FIT.modes, "exact | projected (the paper's eq. 11).", choices=MODES),
     "rank": Option(("--rank",), None, "Fixed DMD rank instead of --rtol.", min=1),
     "rtol": Option(("--rtol",), FIT.rtol, "Keep singular values above rtol x the largest."),
-    "criteria": Option(("--criteria",), "all", "all | none | comma list of lower,upper,sign."),
+    "criteria": Option(("--criteria",), DEFAULT_MASK, "all (the paper's eqs. 6 and 7) | none | comma list of "
+                       "lower,upper,sign; the default drops eq. 6's lower bound (see the README)."),
     "random": Option(("--random",), False, "Audit: random mask at the criteria's per-tensor ratio."),
     "seed": Option(("--seed",), 0, "Seed of --random.", min=0),
     "include": Option(("--include",), None, "Also predict tensors matching this glob (repeatable).", metavar="GLOB"),
@@ -133,7 +135,7 @@ class Settings:
 
     @classmethod
     def build(cls, *, tau: int = FIT.tau, modes: str = FIT.modes, rank: int | None = None, rtol: float = FIT.rtol,
-              criteria: str = "all", random: bool = False, seed: int = 0, include: list[str] | None = None,
+              criteria: str = DEFAULT_MASK, random: bool = False, seed: int = 0, include: list[str] | None = None,
               exclude: list[str] | None = None, files: list[str] | None = None, wait: float = DEFAULT_WAIT,
               progress: Progress | None = None, **rest: Any) -> Settings:
         """Settings from the flat values of the options (as the CLI takes them), each checked."""

@@ -25,14 +25,21 @@ def dmd_predictions(w: np.ndarray, tau: int, modes: str = "projected", rank: int
     return preds, lam
 
 
-def mask(previous: np.ndarray, current: np.ndarray, preds: np.ndarray) -> np.ndarray:
-    """Paper eqs. 6 and 7, element by element with plain loops' semantics."""
+def mask(previous: np.ndarray, current: np.ndarray, preds: np.ndarray,
+         criteria: tuple[str, ...] = ("lower", "upper", "sign")) -> np.ndarray:
+    """Paper eqs. 6 and 7 (or the named ones of their three tests), element by element with plain
+    loops' semantics."""
     tau = preds.shape[1]
     delta = current - previous
     move = np.abs(preds[:, -1] - current)
-    ok = (np.abs(delta) < move) & (move <= tau * np.abs(delta))
+    ok = np.ones(len(current), dtype=bool)
+    if "lower" in criteria:
+        ok &= np.abs(delta) < move
+    if "upper" in criteria:
+        ok &= move <= tau * np.abs(delta)
     prev = current
     for k in range(tau):
-        ok &= np.sign(preds[:, k] - prev) == np.sign(delta)
+        if "sign" in criteria:
+            ok &= np.sign(preds[:, k] - prev) == np.sign(delta)
         prev = preds[:, k]
     return ok & np.isfinite(preds).all(axis=1)

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from pdtcli.cli import EXIT_UP_TO_DATE, EXIT_WAITING, app
 from pdtcli.dmd import FitOptions
+from pdtcli.mask import DEFAULT_CRITERIA
 
 NAMES = ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"]
 runner = CliRunner()
@@ -38,7 +39,7 @@ def assert_matches_reference(run, fused: dict, modes: str, tau: int) -> None:
     """The fused weights are where(reference mask, reference prediction, w_h), from dense float64 DMD."""
     w = training.flat_weights([run / f"epoch_{e}.pt" for e in range(4, 9)], NAMES).numpy()
     preds, _ = dmd_predictions(w, tau, modes)
-    expected_mask = mask(w[:, -2], w[:, -1], preds)
+    expected_mask = mask(w[:, -2], w[:, -1], preds, DEFAULT_CRITERIA)  # what `pdt predict` applies
     got = torch.cat([fused["model"][n].reshape(-1) for n in NAMES]).double().numpy()
     ours_mask = got != w[:, -1]
     assert 0.01 < expected_mask.mean() < 0.9

@@ -95,7 +95,8 @@ def test_random_mask_is_seeded_blocking_invariant_and_at_ratio():
 def test_options_reject_unknown_criteria_and_label():
     assert MaskOptions(("sign", "lower")).criteria == ("lower", "sign")
     assert MaskOptions(()).label == "none"
-    assert MaskOptions(random=True, seed=3).label == "random@lower+upper+sign(seed=3)"
+    assert MaskOptions(CRITERIA, random=True, seed=3).label == "random@lower+upper+sign(seed=3)"
+    assert MaskOptions().label == "upper+sign"  # the default drops eq. 6's lower bound
     try:
         MaskOptions(("lowr",))
     except ValueError as exc:

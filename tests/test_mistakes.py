@@ -156,7 +156,7 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(monkeypatch, capsys):
 
 def test_a_mask_that_accepts_nothing_is_said_out_loud(sgd_run):
     # with tau = 1 the lower and upper bounds contradict each other: nothing can pass both
-    code, output = pdt("predict", sgd_run, "--tau", "1", "--json")
+    code, output = pdt("predict", sgd_run, "--tau", "1", "--criteria", "all", "--json")
     payload = json.loads(output)
     assert code == 0 and payload["mask"]["totals"]["accepted"] == 0
     assert payload["warnings"] and "accepted no element" in payload["warnings"][0]
