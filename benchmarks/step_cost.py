@@ -174,7 +174,7 @@ def timed(argv: list[str], memory_limit: int | None = None) -> tuple[float, floa
     proc = subprocess.run([sys.executable, "-c", PEAK, *argv], capture_output=True, text=True, check=False,
                           preexec_fn=limit)
     elapsed = time.perf_counter() - start
-    if proc.returncode != 0 and "MemoryError" in proc.stderr:
+    if proc.returncode != 0 and ("MemoryError" in proc.stderr or "can't allocate memory" in proc.stderr):
         raise MemoryError(argv[0])
     if proc.returncode != 0:
         raise RuntimeError(f"{argv} failed: {proc.stderr}")
@@ -263,8 +263,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}, h = {args.history}, "
           f"{args.shape} layout, {args.dtype}")
-    rows = [run(parse_size(s), args.history, work, args.device, args.shape, args.dtype, tuple(args.peers))
-            for s in args.sizes]
+    rows = []
+    for size in args.sizes:  # each row as soon as it is measured: a long run is read while it goes
+        rows.append(run(parse_size(size), args.history, work, args.device, args.shape, args.dtype,
+                        tuple(args.peers)))
+        print(json.dumps(rows[-1]), flush=True)
     keys = list(dict.fromkeys(k for row in rows for k in row))
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
