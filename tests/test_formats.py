@@ -188,16 +188,7 @@ def test_lightning_checkpoints_resume_from_the_fused_file(tmp_path):
 
     x, y = training.data()
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = training.model(16)
-
-        def training_step(self, batch, _):
-            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+    Module = training.lightning_module(lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9))
 
     def loader():
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)

@@ -31,12 +31,7 @@ def loop(folder: Path, epochs: int, pdt_step: PDTStep | None, on_epoch=None) -> 
     optim = training.optimizer(net, "sgd")
     fused = {}
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(x), 64):
-            batch = order[i: i + 64]
-            optim.zero_grad()
-            nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
-            optim.step()
+        training.train_epoch(net, optim, x, y, epoch)
         path = folder / f"epoch_{epoch}.pt"
         torch.save({"model": net.state_dict(), "optimizer": optim.state_dict(), "epoch": epoch}, path)
         if on_epoch is not None:

@@ -137,16 +137,7 @@ def test_lightning_callback_matches_the_command_line_bit_for_bit(tmp_path):
 
     x, y = training.data()
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = training.model(16)
-
-        def training_step(self, batch, _):
-            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.01)
+    Module = training.lightning_module(lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01))
 
     pdt_callback = PDTCallback(history=3)
     fused: dict[int, dict[str, torch.Tensor]] = {}

@@ -36,6 +36,34 @@ def optimizer(net: nn.Module, name: str) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
 
 
+def train_epoch(net: nn.Module, optim: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, epoch: int) -> None:
+    """One epoch of minibatches of 64, in an order fixed by the epoch's number."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+    for i in range(0, len(x), 64):
+        batch = order[i: i + 64]
+        optim.zero_grad()
+        nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+        optim.step()
+
+
+def lightning_module(make_optimizer):
+    """A LightningModule around the MLP (hidden 16), with the optimizer `make_optimizer(params)`."""
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model(16)
+
+        def training_step(self, batch, _):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return make_optimizer(self.parameters())
+
+    return Module
+
+
 def train(folder: Path, epochs: int, *, fmt: str = "pt", opt: str = "sgd", resume: Path | None = None,
           hidden: int = 32, dtype: torch.dtype | None = None) -> list[Path]:
     """Train `epochs` epochs (after `resume`'s epoch) and save one checkpoint per epoch.
@@ -59,12 +87,7 @@ def train(folder: Path, epochs: int, *, fmt: str = "pt", opt: str = "sgd", resum
             start = ckpt["epoch"]
     saved = []
     for epoch in range(start + 1, start + epochs + 1):
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(x), 64):
-            batch = order[i: i + 64]
-            optim.zero_grad()
-            nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
-            optim.step()
+        train_epoch(net, optim, x, y, epoch)
         state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
                  for k, v in net.state_dict().items()}
         if fmt == "safetensors":
