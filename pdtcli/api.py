@@ -21,7 +21,7 @@ from .backups import backup_path, copy_back, in_backups, note_in_place, prune_ba
 from .discover import is_pdt_output, located, output_name
 from .dmd import solve
 from .errors import CheckpointError, OutputError, StageMissing, UsageError
-from .fuse import Destination, PassResult, second_pass, window_of
+from .fuse import Destination, second_pass, window_of
 from .identity import sha256_path, stat_of, unchanged
 from .ingest import ingest
 from .live import Live
@@ -100,6 +100,9 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         if not_due:                                                            # line 3
             return StepResult("not-due", not_due, str(s.root), ingested, skipped)
         ids = st.base_window()
+        if live is not None and not live.saved_as(st.snapshot(ids[-1])):  # before any work for it
+            raise UsageError(f"the newest checkpoint of the window is {Path(st.snapshot(ids[-1]).path).name}, not "
+                             "the one the live model was saved to; nothing loaded", s.folder)
         fitted = _fit(st, ids, settings)                                       # line 6
         mask = st.mask_of(settings.mask.as_dict())
         if mask:
@@ -112,8 +115,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
                            ingested, skipped, output=done)
         if dry_run:
             if mask is None:                                                   # lines 7-9
-                _store_mask(st, settings.mask, second_pass(st, _window(st, ids, settings), settings.mask,
-                                                           progress=settings.progress))
+                _masked_pass(s, ids, settings.mask)
                 st.append_history("predict --dry-run", None)
             if fitted or mask is None:
                 st.commit()
@@ -137,8 +139,7 @@ def remask(target: Path, *, store: Path | None = None, settings: Settings | None
         if st.mask_of(settings.mask.as_dict()):
             return _result(st, "up-to-date", f"mask {settings.mask.label} is already the stored one", s)
         ids = st.fit.window
-        _store_mask(st, settings.mask, second_pass(st, _window(st, ids, settings), settings.mask,
-                                                   progress=settings.progress))
+        _masked_pass(s, ids, settings.mask)
         st.append_history("mask", None)
         st.commit()
         return _result(st, "masked", f"stored mask {settings.mask.label}", s)
@@ -234,9 +235,15 @@ def _fit(store: Store, ids: list[int], settings: Settings) -> bool:
     return True
 
 
-def _store_mask(store: Store, options: MaskOptions, result: PassResult) -> Mask:
-    summary = summarize_counts([t.layer_type for t in store.tensors], result.counts)
-    return store.set_mask(options.as_dict(), options.label, summary, result.arrays())
+def _masked_pass(s: Session, ids: list[int], options: MaskOptions, *, write: Destination | Live | None = None,
+                 use_stored: bool = False) -> None:
+    """Pass 2 over the window `ids` (with the stored mask, or a new one that is then stored)."""
+    store = s.store
+    result = second_pass(store, _window(store, ids, s.settings), options, write=write,
+                         stored=store.stored_mask() if use_stored else None, progress=s.settings.progress)
+    if not use_stored:
+        summary = summarize_counts([t.layer_type for t in store.tensors], result.counts)
+        store.set_mask(options.as_dict(), options.label, summary, result.arrays())
 
 
 def _source_of(store: Store, newest: Snapshot) -> Path:
@@ -286,10 +293,7 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
     if backup is not None:
         destination.backup_to = None if recorded_backup(newest, backup) else backup
         destination.before_publish = lambda tmp: note_in_place(store, out, backup, tmp)
-    result = second_pass(store, _window(store, ids, s.settings), options, write=destination,
-                         stored=store.stored_mask() if use_stored else None, progress=s.settings.progress)
-    if not use_stored:
-        _store_mask(store, options, result)
+    _masked_pass(s, ids, options, write=destination, use_stored=use_stored)
     size, mtime = stat_of(out)
     store.record_output(ids, located(out), size, mtime, destination.lineage_slot,
                         located(backup) if backup is not None else None)
@@ -306,14 +310,8 @@ def _load_live(s: Session, ids: list[int], options: MaskOptions, live: Live, use
     the live model takes it. A failure before that leaves the model as it was."""
     store = s.store
     newest = store.snapshot(ids[-1])
-    if not live.saved_as(newest):
-        raise UsageError(f"the newest checkpoint of the window is {Path(newest.path).name}, not the one the live "
-                         "model was saved to; nothing loaded", s.folder)
     live.lineage_slot = store.claim_lineage_slot(ids)
-    result = second_pass(store, _window(store, ids, s.settings), options, write=live,
-                         stored=store.stored_mask() if use_stored else None, progress=s.settings.progress)
-    if not use_stored:
-        _store_mask(store, options, result)
+    _masked_pass(s, ids, options, write=live, use_stored=use_stored)
     store.record_output(ids, newest.path, newest.size, newest.mtime, live.lineage_slot, None, live=True)
     store.append_history("in-loop", LIVE_OUTPUT)
     store.commit()

@@ -241,7 +241,7 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
                 one(index, None)
         elif isinstance(write, Live):
             for index, entry in enumerate(store.tensors):
-                write.fused[entry.name] = one(index, write.values(entry.name, Path(entry.name)))
+                write.fused[entry.name] = one(index, write.values(entry.name))
             store.matrix.sync()
         else:
             fuser = _Fuser(index_of, one)

@@ -37,12 +37,13 @@ class Live:
         if self.path is None and self.step is None:
             raise UsageError("a live model needs the checkpoint it was saved to (its path or its step)")
 
-    def values(self, name: str, path: Path) -> torch.Tensor:
-        """A tensor's values as saved, on the CPU (what reading the file would have given)."""
+    def values(self, name: str, path: Path | None = None) -> torch.Tensor:
+        """A tensor's values as saved, on the CPU (what reading the file would have given); `path`
+        names the checkpoint in an error (default: the one the values were saved to)."""
         tensor = self.tensors.get(name)
         if tensor is None:
             raise CheckpointError(f"tensor {name!r} is in the checkpoint but not in the live model's state dict",
-                                  path)
+                                  path or self.path)
         return tensor.detach().cpu()
 
     def which(self, fresh: list[Candidate]) -> Candidate | None:
