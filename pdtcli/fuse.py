@@ -33,7 +33,10 @@ from .progress import NoProgress, Progress
 from .store import Store
 from .store.records import TensorEntry
 
-DEFAULT_BLOCK = 1 << 18
+# Elements per row block, by device. On a CPU the block's float64 rows (the window, its E^T W_b,
+# the mask's temporaries: about 20 rows) should stay in cache: 2^16 made pass 2 2-4x faster than
+# 2^18 at 100M parameters (benchmarks/RESULTS.md). A GPU wants few, large kernel launches.
+DEFAULT_BLOCK = {"cpu": 1 << 16, "cuda": 1 << 22}
 
 
 def pick_device(name: str) -> torch.device:
@@ -52,7 +55,7 @@ class Window:
     store: Store
     slots: list[int]
     device: torch.device
-    block: int = DEFAULT_BLOCK
+    block: int = DEFAULT_BLOCK["cpu"]
     _buffer: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,8 +74,10 @@ class Window:
         return accumulate_r((w for _, _, w in self.blocks(0, self.store.n)), len(self.slots))
 
 
-def window_of(store: Store, ids: list[int], device: str, block: int) -> Window:
-    return Window(store, [store.slot_of(i) for i in ids], pick_device(device), block)
+def window_of(store: Store, ids: list[int], device: str, block: int | None = None) -> Window:
+    """The window `ids` on `device`, read `block` elements at a time (None: the device's default)."""
+    chosen = pick_device(device)
+    return Window(store, [store.slot_of(i) for i in ids], chosen, block or DEFAULT_BLOCK[chosen.type])
 
 
 @dataclass

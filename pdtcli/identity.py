@@ -9,9 +9,12 @@ folder that gained, lost or changed a file is not the one that was ingested.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Union
 
 _CHUNK = 8 << 20
+Digest = Union[str, Future, None]  # a SHA-256, one being computed (`Hashes`), or none (not hashed)
 
 
 def files_of(path: Path) -> list[Path]:
@@ -54,3 +57,20 @@ def sha256_path(path: Path) -> str:
             while block := handle.read(_CHUNK):
                 digest.update(block)
     return digest.hexdigest()
+
+
+class Hashes:
+    """Checkpoint hashes computed on a thread of their own, so that hashing a checkpoint overlaps
+    reading its values: hashlib releases the GIL while it digests a block. One thread, in the
+    order submitted (the order of ingest). Leaving the `with` block drops the hashes no one waited
+    for (an ingest that failed), after the one being computed finishes."""
+
+    def __enter__(self) -> Hashes:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdt-sha256")
+        return self
+
+    def submit(self, path: Path) -> Future:
+        return self._pool.submit(sha256_path, path)
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -11,6 +11,7 @@ was too.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from .discover import Candidate, list_checkpoints, located, order_key, resolve_order
 from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError
 from .formats import CheckpointReader, TensorInfo, open_checkpoint
-from .identity import sha256_path
+from .identity import Digest, Hashes, sha256_path
 from .live import Live
 from .options import DEFAULT_HISTORY
 from .progress import Progress
@@ -144,26 +145,31 @@ def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path, kept_
                                   "a store for the new precision", path)
 
 
-def _checked(s: Session, fresh: list[Candidate], history: int, from_memory: Candidate | None = None
-             ) -> tuple[dict[Candidate, str | None], list[tuple[Candidate, str]]]:
+def _checked(s: Session, fresh: list[Candidate], history: int, from_memory: Candidate | None = None,
+             hashes: Hashes | None = None) -> tuple[dict[Candidate, Digest], list[tuple[Candidate, str]]]:
     """The new checkpoints worth reading, oldest first, with their content hashes, each opened
     and checked against the window's layout before anything is written; and the files that
     turned out to hold no state dict.
 
     Only the newest h can end up in the window, so older ones are passed over unread; a copy
     of another checkpoint does not count towards the h (it is skipped as a duplicate later).
-    The one whose values are `from_memory` is not hashed (that would read it whole): its header
-    is all that is read of it.
+    Telling copies apart needs the hashes here only when there are more new checkpoints than h;
+    otherwise each is hashed in the background while its values are ingested (`Hashes`), which
+    on a cron step hides the hash behind the read. The one whose values are `from_memory` is not
+    hashed (that would read it whole): its header is all that is read of it.
     """
-    chosen: dict[Candidate, str | None] = {}
+    chosen: dict[Candidate, Digest] = {}
     opened: dict[Candidate, list[TensorInfo]] = {}
     dropped: list[tuple[Candidate, str]] = []
     distinct: set[str] = set()
+    deferred = {}
+    if hashes is not None and len(fresh) <= history:  # submitted oldest first: the order of ingest
+        deferred = {cand: hashes.submit(cand.path) for cand in fresh if cand is not from_memory}
     for cand in reversed(fresh):
         if len(distinct) == history:
             break
-        digest = None if cand is from_memory else sha256_path(cand.path)
-        if digest is None or digest not in distinct:
+        digest: Digest = deferred.get(cand) or (None if cand is from_memory else sha256_path(cand.path))
+        if not isinstance(digest, str) or digest not in distinct:
             try:
                 with open_checkpoint(cand.path) as reader:
                     opened[cand] = reader.tensors()
@@ -191,16 +197,27 @@ def _values(reader: CheckpointReader, name: str, path: Path, live: Live | None) 
     return live.values(name, path) if live is not None else reader.read(name).detach()
 
 
-def _ingest_one(s: Session, cand: Candidate, digest: str | None, history: int, progress: Progress,
+def _duplicate(store: Store | None, cand: Candidate, digest: str | None) -> dict:
+    """A note that `cand` has the content of a checkpoint the store has seen (noted in the store
+    too), or {} when it has not."""
+    duplicate = store.duplicate_of(digest) if store is not None and digest is not None else None
+    if duplicate is None:
+        return {}
+    store.note_seen(_provenance(cand, digest, "duplicate", None))
+    return {"path": str(cand.path), "reason": f"same content as {duplicate.path}"}
+
+
+def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progress: Progress,
                 created: bool, live: Live | None) -> dict:
-    """One checkpoint into a free slot, its values read from the file or, `live`, from memory."""
+    """One checkpoint into a free slot, its values read from the file or, `live`, from memory.
+
+    A hash still being computed (a `Future`) is waited for once the values are written: a copy
+    found then leaves its slot uncommitted, free for the next checkpoint.
+    """
     settings = s.settings
     path = cand.path
-    if s.store is not None and digest is not None:
-        duplicate = s.store.duplicate_of(digest)
-        if duplicate is not None:
-            s.store.note_seen(_provenance(cand, digest, "duplicate", None))
-            return {"path": str(path), "reason": f"same content as {duplicate.path}"}
+    if isinstance(digest, str) and (note := _duplicate(s.store, cand, digest)):
+        return note
     with open_checkpoint(path) as reader:
         if s.store is None:
             selection = settings.selection or Selection()
@@ -224,6 +241,10 @@ def _ingest_one(s: Session, cand: Candidate, digest: str | None, history: int, p
                 store.write_values(slot, entry.offset, values)
                 advance(entry.numel)
         step = reader.recorded_step()
+    if isinstance(digest, Future):
+        digest = digest.result()
+        if note := _duplicate(store, cand, digest):
+            return note
     store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
     if not created:  # a store made by this run is committed once, when all its checkpoints are in
         store.commit()
@@ -263,13 +284,18 @@ def ingest(s: Session, live: Live | None = None) -> tuple[list[str], list[dict]]
         raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
     _check_selection(s)
     _check_store_dtype(s)
+    with Hashes() as hashes:
+        return _ingest_all(s, live, hashes)
+
+
+def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str], list[dict]]:
     scheduled = (s.store.start, s.store.every) if s.store else None
     schedule(s)
     history = history_len(s)
     files = file_patterns(s)
     fresh, passed, dropped = _new_candidates(s, files)
     from_memory = live.which(fresh) if live is not None else None
-    chosen, more_dropped = _checked(s, fresh, history, from_memory)
+    chosen, more_dropped = _checked(s, fresh, history, from_memory, hashes)
     dropped += more_dropped
     # new checkpoints too many to fit the window: passed over unread, yet each was an epoch of training
     passed_over = [(cand, PASSED_OVER.format(history=history)) for cand in fresh

@@ -75,7 +75,8 @@ OPTIONS: dict[str, Option] = {
     "store_dtype": Option(("--store-dtype",), None, "float32 | float64 | bfloat16 | float16; fixed when the store is "
                           "made.", choices=tuple(STORE_DTYPES), shown_default="the model's bf16 or fp16, else float32"),
     "device": Option(("--device",), "auto", "auto | cpu | cuda.", choices=DEVICES),
-    "block": Option(("--block",), DEFAULT_BLOCK, "Elements per row block (bounds memory).", min=8),
+    "block": Option(("--block",), None, "Elements per row block (bounds memory).", min=8,
+                    shown_default=f"{DEFAULT_BLOCK['cpu']:,} on a CPU, {DEFAULT_BLOCK['cuda']:,} on CUDA"),
     "wait": Option(("--wait",), DEFAULT_WAIT, "Seconds to wait for another pdt's lock.", min=0),
     "rebuild": Option(("--rebuild",), False, "Set the store aside unread (it may be damaged) and ingest the folder's "
                       "newest checkpoints into a new one; backups are kept."),
@@ -118,7 +119,7 @@ class Settings:
     mask: MaskOptions = field(default_factory=MaskOptions)
     selection: Selection | None = None
     device: str = "auto"
-    block: int = DEFAULT_BLOCK
+    block: int | None = None  # None: the device's default
     store_dtype: str | None = None
     order: str | None = None
     files: tuple[str, ...] | None = None  # globs naming the checkpoints
