@@ -19,17 +19,19 @@ from typing import Any
 
 from .backups import backup_path, copy_back, in_backups, note_in_place, prune_backups, recorded_backup
 from .discover import is_pdt_output, located, output_name
-from .dmd import solve
+from .dmd import combine_r, solve
 from .errors import CheckpointError, OutputError, StageMissing, UsageError
+from .formats import checkpoint_digest
 from .fuse import Destination, second_pass, window_of
-from .identity import sha256_path, stat_of, unchanged
+from .identity import stat_of, unchanged
 from .ingest import ingest
 from .live import Live
-from .mask import MaskOptions, summarize_counts, tensor_rows
+from .mask import MaskOptions, summary_of, tensor_rows, type_totals, whole_rows
 from .options import DEFAULT_WAIT, Settings
-from .session import Session, session
-from .store import Store
+from .session import Session, resolve_store_root, session
+from .store import Store, merge_states, parts_of
 from .store.records import Mask, Snapshot
+from .world import current
 
 log = logging.getLogger(__name__)
 WROTE = ("written", "loaded")  # statuses after which training resumes from a fused state
@@ -89,6 +91,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
     if live is not None and (in_place or output is not None or dry_run):
         raise UsageError("a live model takes the fused values itself; it takes no output, --in-place or --dry-run")
     with session(target, store, settings, ingests=True) as s:
+        _single_only(in_place, live)
         ingested, skipped = ingest(s, live)                                    # line 17: the optimizer's states
         st = s.store
         if len(st.base_window()) < st.history_len:
@@ -156,6 +159,7 @@ def apply(target: Path, *, store: Path | None = None, output: Path | None = None
     if in_place and output is not None:
         raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
     with session(target, store, settings) as s:
+        _single_only(in_place, None)
         st = s.require_store()
         if st.fit is None or st.mask is None or st.mask.fit_id != st.fit.id:
             raise StageMissing("no stored fit and mask; run `pdt predict --dry-run` (or `pdt mask`) first", s.root)
@@ -199,12 +203,32 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
 
 
 def load_state(target: Path, *, store: Path | None = None, lock_timeout: float = DEFAULT_WAIT) -> dict[str, Any]:
-    """What the store holds (fit, mask, per-tensor counts, window, history) for reports, read under the lock."""
-    with session(target, store, Settings(lock_timeout=lock_timeout)) as s:
+    """What the store holds (fit, mask, per-tensor counts, window, history) for reports, read under the lock.
+
+    A store made by the ranks of a distributed step is read part by part, each under its own lock,
+    and shown as the one model it is.
+    """
+    settings = Settings(lock_timeout=lock_timeout)
+    root, _ = resolve_store_root(Path(target), store)
+    made = parts_of(root)
+    if len(made) == 1 and not Store.exists(root) and not current().active:
+        states = []
+        for part in next(iter(made.values())):
+            with session(part, None, settings) as s:
+                states.append(s.require_store().describe())
+        return merge_states(states, root)
+    with session(target, store, settings) as s:
         return s.require_store().describe()
 
 
 # ---- the steps the plans share ------------------------------------------------------------------
+
+
+def _single_only(in_place: bool, live: Live | None) -> None:
+    """What a distributed step does not do (yet): write over the newest checkpoint, take a live model."""
+    if current().active and (in_place or live is not None):
+        raise UsageError("under torchrun pdt writes the default output (NAME.pdt beside the newest checkpoint); "
+                         "--in-place and a live model are for one process")
 
 
 def _window(store: Store, ids: list[int], settings: Settings):
@@ -227,6 +251,7 @@ def _fit(store: Store, ids: list[int], settings: Settings) -> bool:
         log.info("fit: QR pass over the window, steps %s", steps)
         with settings.progress.task("fit: QR of the window", 1) as advance:
             r = _window(store, ids, settings).qr_factor()
+            r = combine_r(current().gather(r, "the fit"))  # each rank's R: the whole window's
             advance(1)
     fit = solve(r, settings.fit)
     store.set_fit(ids, options, fit.summary(), {"R": r, "C": fit.coefficients,
@@ -241,8 +266,9 @@ def _masked_pass(s: Session, ids: list[int], options: MaskOptions, *, write: Des
     store = s.store
     result = second_pass(store, _window(store, ids, s.settings), options, write=write,
                          stored=store.stored_mask() if use_stored else None, progress=s.settings.progress)
-    if not use_stored:
-        summary = summarize_counts([t.layer_type for t in store.tensors], result.counts)
+    if not use_stored:  # the whole model's counts, the same on every rank
+        totals = current().sum(type_totals([t.layer_type for t in store.tensors], result.counts), "the mask's counts")
+        summary = summary_of(totals)
         store.set_mask(options.as_dict(), options.label, summary, result.arrays())
 
 
@@ -256,7 +282,7 @@ def _source_of(store: Store, newest: Snapshot) -> Path:
     if not source.exists():
         raise CheckpointError("the newest checkpoint of the window is gone; its non-predicted content "
                               "cannot be carried over", source)
-    if not unchanged(source, newest.size, newest.mtime) and sha256_path(source) != newest.sha256:
+    if not unchanged(source, newest.size, newest.mtime) and checkpoint_digest(source, current()) != newest.sha256:
         raise CheckpointError("the newest checkpoint changed since it was ingested; run `pdt snapshot` again", source)
     return source
 
@@ -331,6 +357,8 @@ def _result(store: Store, status: str, message: str, s: Session, ingested: list[
     """A result that carries the store's fit and mask as they now are."""
     stored = store.stored_mask()
     tensors = tensor_rows([t.as_dict() for t in store.tensors], stored["counts"]) if stored else None
+    if current().active:  # each rank has its share's tensors (or pieces of them): the model's are all of them
+        tensors = whole_rows(current().gather(tensors, "the result"))
     return StepResult(status, message, str(s.root), ingested or [], skipped or [], output=output,
                       fit=store.fit.as_dict() if store.fit else None, mask=store.mask.as_dict() if store.mask else None,
                       warnings=[] if status == "up-to-date" else _mask_warnings(store.mask, status in WROTE),

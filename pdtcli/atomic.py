@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import OutputError
 from .identity import files_of
+from .world import World
 
 TMP_TAG = ".pdt-tmp-"
 
@@ -57,13 +58,7 @@ def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = Non
     about to appear under `final` (and recognise it after a crash in between).
     """
     final = Path(final)
-    if not force and final.exists():
-        raise OutputError("exists; pass --force to replace it", final)
-    folder = final.parent
-    if not folder.is_dir():
-        raise OutputError("the folder for this output does not exist", final)
-    if not os.access(folder, os.W_OK):
-        raise OutputError("no permission to write in this folder", final)
+    folder = _writable_folder(final, force)
     tmp = folder / f".{final.name}{TMP_TAG}{os.getpid()}"
     remove_path(tmp)  # whatever sits under the name (a planted link, a dead run's file) is not written through
     try:
@@ -78,6 +73,52 @@ def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = Non
         fsync_dir(folder)
     except BaseException as exc:
         remove_path(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise OutputError(f"cannot write: {exc.strerror or exc}", final) from exc
+        raise
+
+
+def _writable_folder(final: Path, force: bool) -> Path:
+    """The folder `final` is written in, checked before anything is."""
+    if not force and final.exists():
+        raise OutputError("exists; pass --force to replace it", final)
+    folder = final.parent
+    if not folder.is_dir():
+        raise OutputError("the folder for this output does not exist", final)
+    if not os.access(folder, os.W_OK):
+        raise OutputError("no permission to write in this folder", final)
+    return folder
+
+
+@contextlib.contextmanager
+def shared_atomic_path(final: Path, world: World, prepare: Callable[[Path], None],
+                       mine: Callable[[Path], list[Path]]) -> Iterator[Path]:
+    """`atomic_path` for the ranks of a distributed step, all or nothing.
+
+    Rank 0 names the temporary and `prepare`s it (for a folder checkpoint: the folder, with the
+    files no rank owns); every rank then writes its own files there and syncs those (`mine`);
+    only when every rank has does rank 0 rename it into place. A rank that fails or dies stops
+    the others before the rename, and rank 0 removes the temporary (or, if rank 0 itself died,
+    the next run's sweep does).
+    """
+    final = Path(final)
+    tmp = final.parent / world.gather(f".{final.name}{TMP_TAG}{os.getpid()}", "naming the output")[0]
+    try:
+        if world.leader:
+            _writable_folder(final, True)
+            remove_path(tmp)
+            prepare(tmp)
+        world.agree(True, "writing the output")
+        yield tmp
+        for written in mine(tmp):
+            fsync_file(written)
+        world.agree(True, "publishing the output")
+        if world.leader:
+            _publish(tmp, final)
+            fsync_dir(final.parent)
+    except BaseException as exc:
+        if world.leader:
+            remove_path(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise OutputError(f"cannot write: {exc.strerror or exc}", final) from exc
         raise

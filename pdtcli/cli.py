@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from . import __version__, api
 from .errors import PdtError
 from .options import OPTIONS, Settings
 from .report import build_report, render_report, render_summary
+from .world import launched_rank
 
 EXIT_WAITING = 10
 EXIT_UP_TO_DATE = 11
@@ -32,6 +34,8 @@ EPILOG = """Exit codes: 0 done (also 'nothing new' and 'waiting for checkpoints'
 1 unexpected error; 2 bad usage (a path that does not exist, a folder with no checkpoints);
 3 bad checkpoint; 4 store problem (other folder, newer pdt, damaged, locked);
 5 output exists or cannot be written; 6 a stage is missing (apply before predict);
+7 under torchrun: another rank failed or died, the ranks see different folders, or the store was
+made by another number of ranks (nothing committed or published);
 with --strict: 10 waiting for more checkpoints, 11 nothing new; 130 interrupted."""
 
 app = typer.Typer(
@@ -88,6 +92,8 @@ StoreDtype = Annotated[Optional[str], flag("store_dtype")]
 Device = Annotated[str, flag("device")]
 Block = Annotated[Optional[int], flag("block")]
 Wait = Annotated[float, flag("wait")]
+Backend = Annotated[str, flag("backend")]
+DistTimeout = Annotated[float, flag("dist_timeout")]
 Rebuild = Annotated[bool, flag("rebuild")]
 Json = Annotated[bool, flag("json_out")]
 Strict = Annotated[bool, flag("strict")]
@@ -126,22 +132,44 @@ def settings(json_out: bool, verbose: bool, **values: Any) -> Settings:
 
 
 def finish(result: api.StepResult, *, json_out: bool, strict: bool) -> None:
+    """Print the result (under torchrun, rank 0 alone prints: every rank has the whole model's result)
+    and exit with what --strict asks."""
+    if launched_rank() == 0:
+        _show(result, json_out)
+    if strict and result.status == "waiting":
+        raise typer.Exit(EXIT_WAITING)
+    if strict and result.status == "up-to-date":
+        raise typer.Exit(EXIT_UP_TO_DATE)
+
+
+def _show(result: api.StepResult, json_out: bool) -> None:
     payload = result.as_dict()
     if json_out:
         if result.tensors is not None:
             payload["tensors"] = result.tensors
         print(json.dumps(payload, indent=2, default=str))
+        return
+    for item in result.skipped:
+        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    if result.status in ("written", "dry-run", "masked"):
+        render_summary(payload, result.tensors, out)
     else:
-        for item in result.skipped:
-            typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
-        if result.status in ("written", "dry-run", "masked"):
-            render_summary(payload, result.tensors, out)
-        else:
-            typer.echo(result.message)
-    if strict and result.status == "waiting":
-        raise typer.Exit(EXIT_WAITING)
-    if strict and result.status == "up-to-date":
-        raise typer.Exit(EXIT_UP_TO_DATE)
+        typer.echo(result.message)
+
+
+def _show(result: api.StepResult, json_out: bool) -> None:
+    payload = result.as_dict()
+    if json_out:
+        if result.tensors is not None:
+            payload["tensors"] = result.tensors
+        print(json.dumps(payload, indent=2, default=str))
+        return
+    for item in result.skipped:
+        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    if result.status in ("written", "dry-run", "masked"):
+        render_summary(payload, result.tensors, out)
+    else:
+        typer.echo(result.message)
 
 
 INTERRUPTED = "interrupted; the store and earlier outputs are unchanged"
@@ -169,8 +197,9 @@ def errors_as_exit(json_out: bool = False) -> Iterator[None]:
 
 
 def _fail(message: str, code: int, json_out: bool, path: str | None) -> None:
-    typer.echo(f"pdt: error: {message}" if code != EXIT_INTERRUPTED else f"pdt: {message}", err=True)
-    if json_out:
+    who = f"[rank {launched_rank()}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else ""
+    typer.echo(f"pdt: {who}error: {message}" if code != EXIT_INTERRUPTED else f"pdt: {who}{message}", err=True)
+    if json_out and launched_rank() == 0:
         print(json.dumps({"status": "error" if code != EXIT_INTERRUPTED else "interrupted", "exit_code": code,
                           "error": message, "path": path}))
     raise typer.Exit(code)
@@ -180,7 +209,8 @@ def _fail(message: str, code: int, json_out: bool, path: str | None) -> None:
 def snapshot(target: Target, store: Store = None, history: History = None, start: Start = None, every: Every = None,
              include: Include = None,
              exclude: Exclude = None, store_dtype: StoreDtype = None, order: Order = None, files: Files = None,
-             rebuild: Rebuild = False, wait: Wait = D["wait"], json_out: Json = False, strict: Strict = False,
+             rebuild: Rebuild = False, wait: Wait = D["wait"], backend: Backend = D["backend"],
+             dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False, strict: Strict = False,
              verbose: Verbose = False) -> None:
     """Ingest the checkpoints the store has not seen (only the newest h are kept).
 
@@ -193,7 +223,8 @@ def snapshot(target: Target, store: Store = None, history: History = None, start
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, wait=wait, history=history, include=include, exclude=exclude,
-                     store_dtype=store_dtype, order=order, files=files, start=start, every=every)
+                     store_dtype=store_dtype, order=order, files=files, start=start, every=every, backend=backend,
+                     dist_timeout=dist_timeout)
         result = api.snapshot(target, store=store, rebuild=rebuild, settings=s)
         if strict and result.needed and result.status != "up-to-date":
             result.status = "waiting"
@@ -207,7 +238,8 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
             rank: Rank = None, rtol: Rtol = D["rtol"], criteria: Criteria = D["criteria"], random: Random = False,
             seed: Seed = D["seed"], include: Include = None, exclude: Exclude = None, store_dtype: StoreDtype = None,
             order: Order = None, files: Files = None, device: Device = D["device"], block: Block = D["block"],
-            wait: Wait = D["wait"], json_out: Json = False, strict: Strict = False, verbose: Verbose = False) -> None:
+            wait: Wait = D["wait"], backend: Backend = D["backend"], dist_timeout: DistTimeout = D["dist_timeout"],
+            json_out: Json = False, strict: Strict = False, verbose: Verbose = False) -> None:
     """Ingest new checkpoints, fit DMD, mask, and write the fused checkpoint next to the newest.
 
     Examples:
@@ -218,11 +250,14 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
     - `pdt predict runs/exp1/ckpts --in-place` (training always resumes from last.pt; undo: `pdt restore`)
     - `pdt predict runs/exp1/ckpts --start 10 --every 2` (Algorithm 1's T_0 and T_i; other runs only ingest)
     - `*/30 * * * * pdt predict /data/run1/ckpts --json >> /data/run1/pdt.log` (cron; errors are logged as JSON too)
+    - `torchrun --nnodes 8 --nproc-per-node 1 ... -m pdtcli predict /shared/run1/ckpts` (each rank its share of
+      a sharded checkpoint; see the README)
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, device=device, block=block, wait=wait, history=history, include=include,
                      exclude=exclude, store_dtype=store_dtype, order=order, files=files, tau=tau, modes=modes,
-                     rank=rank, rtol=rtol, criteria=criteria, random=random, seed=seed, start=start, every=every)
+                     rank=rank, rtol=rtol, criteria=criteria, random=random, seed=seed, start=start, every=every,
+                     backend=backend, dist_timeout=dist_timeout)
         result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, in_place=in_place,
                              settings=s)
         finish(result, json_out=json_out, strict=strict)
@@ -231,7 +266,8 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
 @app.command("mask")
 def mask_cmd(target: Target, store: Store = None, criteria: Criteria = D["criteria"], random: Random = False,
              seed: Seed = D["seed"], device: Device = D["device"], block: Block = D["block"], wait: Wait = D["wait"],
-             json_out: Json = False, verbose: Verbose = False) -> None:
+             backend: Backend = D["backend"], dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False,
+             verbose: Verbose = False) -> None:
     """Mask again from the stored fit with other settings (the paper's ablations); no new fit.
 
     Examples:
@@ -242,20 +278,22 @@ def mask_cmd(target: Target, store: Store = None, criteria: Criteria = D["criter
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, device=device, block=block, wait=wait, criteria=criteria, random=random,
-                     seed=seed)
+                     seed=seed, backend=backend, dist_timeout=dist_timeout)
         finish(api.remask(target, store=store, settings=s), json_out=json_out, strict=False)
 
 
 @app.command("apply")
 def apply_cmd(target: Target, store: Store = None, output: Output = None, force: Force = False,
               in_place: InPlace = False, device: Device = D["device"], block: Block = D["block"],
-              wait: Wait = D["wait"], json_out: Json = False, verbose: Verbose = False) -> None:
+              wait: Wait = D["wait"], backend: Backend = D["backend"], dist_timeout: DistTimeout = D["dist_timeout"],
+              json_out: Json = False, verbose: Verbose = False) -> None:
     """Write the fused checkpoint from the stored fit and mask: the default output, or an audit copy.
 
     Examples: `pdt apply runs/exp1/ckpts --force` (after `pdt mask`), `pdt apply runs/exp1/ckpts -o /tmp/audit.pt`
     """
     with errors_as_exit(json_out):
-        s = settings(json_out, verbose, device=device, block=block, wait=wait)
+        s = settings(json_out, verbose, device=device, block=block, wait=wait, backend=backend,
+                     dist_timeout=dist_timeout)
         result = api.apply(target, store=store, output=output, force=force, in_place=in_place, settings=s)
         finish(result, json_out=json_out, strict=False)
 

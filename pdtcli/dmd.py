@@ -41,6 +41,16 @@ def accumulate_r(blocks: Iterable[torch.Tensor], h: int) -> np.ndarray:
     return out
 
 
+def combine_r(factors: list[np.ndarray]) -> np.ndarray:
+    """R of the whole window from the R of each rank's rows: W's rows split over ranks, W = [W_1; W_2; ..]
+    = [Q_1 R_1; Q_2 R_2; ..], so the R of the stacked [R_1; R_2; ..] is an R of W (the last level of
+    the same TSQR tree). One factor is returned as it is, so one process computes what it always did."""
+    if len(factors) == 1:
+        return factors[0]
+    stacked = np.vstack(factors)
+    return np.linalg.qr(stacked, mode="r")
+
+
 @dataclass(frozen=True)
 class FitOptions:
     """The fit's settings. Exact modes are the default: on real training runs they reached the

@@ -52,6 +52,13 @@ class OutputError(PdtError):
     exit_code = 5
 
 
+class DistributedError(PdtError):
+    """Ranks of a torchrun step that cannot go on together: one failed or died, they see different
+    folders, or the store was made by another number of ranks. Nothing is committed or published."""
+
+    exit_code = 7
+
+
 class StageMissing(PdtError):
     """A stage asked for what an earlier stage has not produced (apply before predict)."""
 

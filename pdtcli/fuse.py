@@ -8,6 +8,7 @@ checkpoint's writer as the writer reaches it, so the output is written in one st
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, shared_atomic_path
 from .dmd import accumulate_r
 from .errors import CheckpointError, UsageError
-from .formats import open_checkpoint
+from .formats import open_checkpoint, open_share, owned_files
+from .identity import files_of
 from .live import Live
 from .mask import (
     COUNT_COLUMNS,
@@ -32,6 +34,7 @@ from .mask import (
 from .progress import NoProgress, Progress
 from .store import Store
 from .store.records import TensorEntry
+from .world import current
 
 # Elements per row block, by device. On a CPU the block's float64 rows (the window, its E^T W_b,
 # the mask's temporaries: about 20 rows) should stay in cache: 2^16 made pass 2 2-4x faster than
@@ -217,6 +220,28 @@ class _Fuser:
         return self.one(self.index_of[name], tensor)
 
 
+def _output(write: Destination) -> contextlib.AbstractContextManager[Path]:
+    """Where the writer writes: a temporary that is renamed into place when complete; in a distributed
+    step one that every rank writes its own files into, published when all have."""
+    world = current()
+    if not world.active:
+        return atomic_path(write.path, backup_to=write.backup_to, before_publish=write.before_publish)
+
+    def prepare(tmp: Path) -> None:
+        if write.source.is_dir():
+            with open_checkpoint(write.source) as whole:
+                whole.write_shared(tmp)
+
+    def mine(tmp: Path) -> list[Path]:
+        if not write.source.is_dir():
+            return [tmp] if world.leader else []
+        with open_checkpoint(write.source) as whole:
+            is_mine = owned_files(whole, world)
+        return [f for f in files_of(tmp) if is_mine(f.relative_to(tmp).as_posix())]
+
+    return shared_atomic_path(write.path, world, prepare, mine)
+
+
 def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: dict[str, np.ndarray] | None = None,
                 write: Destination | Live | None = None, progress: Progress | None = None) -> PassResult:
     """Pass 2 over every predicted tensor: the mask (or the `stored` one), and with `write`, the
@@ -250,8 +275,7 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
             store.matrix.sync()
         else:
             fuser = _Fuser(index_of, one)
-            with atomic_path(write.path, backup_to=write.backup_to, before_publish=write.before_publish) as tmp, \
-                    open_checkpoint(write.source) as reader:
+            with _output(write) as tmp, open_share(write.source, current()) as reader:
                 reader.write_fused(tmp, fuser)
                 missed = [name for name in index_of if name not in fuser.done]
                 if missed:  # never publish (or store a mask for) an output that lacks a predicted tensor

@@ -45,12 +45,13 @@ def unchanged(path: Path, size: int, mtime: float) -> bool:
     return path.exists() and stat_of(path) == (size, mtime)
 
 
-def sha256_path(path: Path) -> str:
-    """The SHA-256 of a file's bytes, or of a folder's relative file names and bytes."""
+def sha256_path(path: Path, only: list[Path] | None = None) -> str:
+    """The SHA-256 of a file's bytes, or of a folder's relative file names and bytes (`only`: of
+    these of its files, one rank's share)."""
     path = Path(path)
     folder = path.is_dir()
     digest = hashlib.sha256()
-    for child in files_of(path):
+    for child in files_of(path) if only is None else only:
         if folder:
             digest.update(child.relative_to(path).as_posix().encode() + b"\0")
         with open(child, "rb") as handle:

@@ -14,12 +14,13 @@ import logging
 from concurrent.futures import Future
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .discover import Candidate, list_checkpoints, located, order_key, resolve_order
 from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError
-from .formats import CheckpointReader, TensorInfo, open_checkpoint
-from .identity import Digest, Hashes, sha256_path
+from .formats import CheckpointReader, TensorInfo, checkpoint_digest, open_share
+from .identity import Digest, Hashes
 from .live import Live
 from .options import DEFAULT_HISTORY
 from .progress import Progress
@@ -27,6 +28,7 @@ from .selection import Selection, plan_layout
 from .session import Session
 from .store import LOSSLESS_16, Store, now
 from .store.records import Seen
+from .world import current
 
 log = logging.getLogger(__name__)
 Shapes = list[tuple[str, list[int]]]  # (tensor name, shape) of every predicted tensor
@@ -122,8 +124,9 @@ NOT_A_CHECKPOINT = "holds no state dict, so it is not a checkpoint; `--files GLO
 
 
 def _layout_of(infos: list[TensorInfo], selection: Selection, path: Path) -> Shapes:
+    """What the window predicts of a checkpoint (of this rank's share of it: a rank may own none)."""
     plan = plan_layout(infos, selection)
-    if not plan.predicted:
+    if not current().sum(np.array(len(plan.predicted)), "choosing the tensors"):
         raise CheckpointError("no tensor to predict (all were excluded or not floating point)", path)
     return [(info.name, list(info.shape)) for info in plan.predicted]
 
@@ -162,16 +165,18 @@ def _checked(s: Session, fresh: list[Candidate], history: int, from_memory: Cand
     opened: dict[Candidate, list[TensorInfo]] = {}
     dropped: list[tuple[Candidate, str]] = []
     distinct: set[str] = set()
+    world = current()
     deferred = {}
-    if hashes is not None and len(fresh) <= history:  # submitted oldest first: the order of ingest
+    # submitted oldest first: the order of ingest (not across ranks, whose hashes meet in a collective)
+    if hashes is not None and len(fresh) <= history and not world.active:
         deferred = {cand: hashes.submit(cand.path) for cand in fresh if cand is not from_memory}
     for cand in reversed(fresh):
         if len(distinct) == history:
             break
-        digest: Digest = deferred.get(cand) or (None if cand is from_memory else sha256_path(cand.path))
+        digest: Digest = deferred.get(cand) or (None if cand is from_memory else checkpoint_digest(cand.path, world))
         if not isinstance(digest, str) or digest not in distinct:
             try:
-                with open_checkpoint(cand.path) as reader:
+                with open_share(cand.path, world) as reader:
                     opened[cand] = reader.tensors()
             except NotACheckpoint:
                 dropped.append((cand, NOT_A_CHECKPOINT))
@@ -218,7 +223,7 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
     path = cand.path
     if isinstance(digest, str) and (note := _duplicate(s.store, cand, digest)):
         return note
-    with open_checkpoint(path) as reader:
+    with open_share(path, current()) as reader:
         if s.store is None:
             selection = settings.selection or Selection()
             plan = plan_layout(reader.tensors(), selection)
@@ -258,7 +263,7 @@ def _check_values(store: Store, candidates: list[Candidate], from_memory: Candid
     the earlier ones in. One sum per tensor (see `_finite`); a first run needs no such pass, as a
     store it made is removed whole on failure, and one new checkpoint has a free slot of its own."""
     for cand in candidates:
-        with open_checkpoint(cand.path) as reader:
+        with open_share(cand.path, current()) as reader:
             for entry in store.tensors:
                 values = _values(reader, entry.name, cand.path, live if cand is from_memory else None)
                 if not _finite(values.reshape(-1)):
@@ -294,6 +299,7 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
     history = history_len(s)
     files = file_patterns(s)
     fresh, passed, dropped = _new_candidates(s, files)
+    current().same([c.path.name for c in fresh], "new checkpoints")
     from_memory = live.which(fresh) if live is not None else None
     chosen, more_dropped = _checked(s, fresh, history, from_memory, hashes)
     dropped += more_dropped

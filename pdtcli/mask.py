@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .formats.base import PIECE_MARK
 from .selection import LAYER_TYPES
 
 CRITERIA = ("lower", "upper", "sign")
@@ -169,15 +170,55 @@ def counts_row(counts: np.ndarray) -> dict:
     return row
 
 
+def type_totals(layer_types: list[str], counts: np.ndarray) -> np.ndarray:
+    """Per-tensor counts summed by layer type: (len(LAYER_TYPES), len(COUNT_COLUMNS)), a fixed shape that
+    the ranks of a distributed step add up."""
+    counts = np.asarray(counts, dtype=np.int64).reshape(len(layer_types), len(COUNT_COLUMNS))
+    totals = np.zeros((len(LAYER_TYPES), len(COUNT_COLUMNS)), dtype=np.int64)
+    for index, kind in enumerate(LAYER_TYPES):
+        totals[index] = counts[[i for i, t in enumerate(layer_types) if t == kind]].sum(axis=0)
+    return totals
+
+
+def summary_of(totals: np.ndarray) -> dict:
+    """The by-layer-type rows (types with elements, in the order of `LAYER_TYPES`) and the model's row."""
+    by_type = {kind: counts_row(row) for kind, row in zip(LAYER_TYPES, totals, strict=True) if row[0]}
+    return {"model": counts_row(totals.sum(axis=0)), "by_layer_type": by_type}
+
+
 def summarize_counts(layer_types: list[str], counts: np.ndarray) -> dict:
     """Roll per-tensor counts up by layer type (in the order of `LAYER_TYPES`) and for the model."""
-    counts = np.asarray(counts, dtype=np.int64).reshape(len(layer_types), len(COUNT_COLUMNS))
-    by_type = {}
-    for kind in LAYER_TYPES:
-        rows = [i for i, t in enumerate(layer_types) if t == kind]
-        if rows:
-            by_type[kind] = counts_row(counts[rows].sum(axis=0))
-    return {"model": counts_row(counts.sum(axis=0)), "by_layer_type": by_type}
+    return summary_of(type_totals(layer_types, counts))
+
+
+def whole_rows(shares: list[list[dict] | None]) -> list[dict] | None:
+    """The per-tensor rows of a distributed step's ranks as one process would give them: the pieces
+    of a tensor (`name@offsets`, from several ranks) added up under its name, its shape the extent
+    of the pieces; tensors in the order they first appear, rank by rank."""
+    if any(rows is None for rows in shares):
+        return None
+    merged = join_pieces([row for rows in shares for row in rows], COUNT_COLUMNS)
+    for row in merged:
+        row["ratio"] = row["accepted"] / row["elements"] if row["elements"] else 0.0
+    return merged
+
+
+def join_pieces(rows: list[dict], summed: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of tensors and pieces of tensors (`name@offsets`, with the piece's `shape`) as rows of whole
+    tensors: the `summed` columns added up, the shape the extent of the pieces; first-seen order."""
+    merged: dict[str, dict] = {}
+    for row in rows:
+        name, _, at = row["name"].partition(PIECE_MARK)
+        offsets = [int(o) for o in at.split(",")] if at else [0] * len(row["shape"])
+        extent = [o + d for o, d in zip(offsets, row["shape"], strict=True)]
+        if name not in merged:
+            merged[name] = {**row, "name": name, "shape": extent}
+            continue
+        whole = merged[name]
+        whole["shape"] = [max(a, b) for a, b in zip(whole["shape"], extent, strict=True)]
+        for column in summed:
+            whole[column] += row[column]
+    return list(merged.values())
 
 
 def tensor_rows(entries: list[dict], counts: np.ndarray) -> list[dict]:

@@ -19,6 +19,7 @@ from .mask import CRITERIA, DEFAULT_CRITERIA, MaskOptions
 from .progress import NoProgress, Progress
 from .selection import Selection
 from .store import STORE_DTYPES
+from .world import BACKENDS, DEFAULT_TIMEOUT
 
 DEFAULT_HISTORY = 5
 DEFAULT_MASK = ",".join(DEFAULT_CRITERIA)
@@ -78,6 +79,10 @@ OPTIONS: dict[str, Option] = {
     "block": Option(("--block",), None, "Elements per row block (bounds memory).", min=8,
                     shown_default=f"{DEFAULT_BLOCK['cpu']:,} on a CPU, {DEFAULT_BLOCK['cuda']:,} on CUDA"),
     "wait": Option(("--wait",), DEFAULT_WAIT, "Seconds to wait for another pdt's lock.", min=0),
+    "backend": Option(("--backend",), "auto", "Under torchrun: the process group's backend, auto (nccl when each "
+                      "rank has a GPU, else gloo) | gloo | nccl.", choices=BACKENDS),
+    "dist_timeout": Option(("--dist-timeout",), DEFAULT_TIMEOUT, "Under torchrun: seconds a rank waits for the "
+                           "others at each step before it gives up (exit 7).", min=1),
     "rebuild": Option(("--rebuild",), False, "Set the store aside unread (it may be damaged) and ingest the folder's "
                       "newest checkpoints into a new one; backups are kept."),
     "json_out": Option(("--json",), False, "Print the result as JSON on stdout (errors too)."),
@@ -127,11 +132,14 @@ class Settings:
     every: int | None = None  # its T_i
     lock_timeout: float = DEFAULT_WAIT
     progress: Progress = field(default_factory=NoProgress)
+    backend: str = "auto"  # under torchrun
+    dist_timeout: float = DEFAULT_TIMEOUT
 
     def __post_init__(self) -> None:
         for name, value in (("history", self.history), ("device", self.device), ("block", self.block),
                             ("store_dtype", self.store_dtype), ("order", self.order), ("wait", self.lock_timeout),
-                            ("start", self.start), ("every", self.every)):
+                            ("start", self.start), ("every", self.every), ("backend", self.backend),
+                            ("dist_timeout", self.dist_timeout)):
             _check(name, value)
 
     @classmethod

@@ -15,6 +15,7 @@ from fnmatch import fnmatchcase
 import torch
 
 from .formats import BIAS_NAMES, RUNNING_STATS, TensorInfo
+from .formats.base import whole_name
 
 # Running statistics by the names frameworks give them; formats that name them otherwise
 # declare their own (`CheckpointFormat.running_stats`).
@@ -30,16 +31,18 @@ class Selection:
     exclude: tuple[str, ...] = ()
 
     def decide(self, info: TensorInfo) -> str | None:
-        """None if `info` is predicted, else the reason it is carried over."""
+        """None if `info` is predicted, else the reason it is carried over (a piece of a tensor, as a
+        rank of a distributed step holds it, goes by the tensor's name)."""
+        name = whole_name(info.name)
         if info.numel == 0:
             return "empty tensor"
-        if any(fnmatchcase(info.name, pattern) for pattern in self.exclude):
+        if any(fnmatchcase(name, pattern) for pattern in self.exclude):
             return "excluded by --exclude"
-        if any(fnmatchcase(info.name, pattern) for pattern in self.include):
+        if any(fnmatchcase(name, pattern) for pattern in self.include):
             return None if info.dtype != torch.bool else "boolean tensor"
         if not info.dtype.is_floating_point:
             return "integer tensor" if info.dtype != torch.bool else "boolean tensor"
-        if any(fnmatchcase(info.name, pattern) for pattern in RUNNING_STAT_PATTERNS):
+        if any(fnmatchcase(name, pattern) for pattern in RUNNING_STAT_PATTERNS):
             return "normalisation running statistic"
         return None
 
@@ -49,7 +52,7 @@ class Selection:
 
 def layer_type(name: str, shape: tuple[int, ...]) -> str:
     """Best-effort layer family from the name and shape, for the rolled-up report."""
-    lowered = name.lower()
+    lowered = whole_name(name).lower()
     leaf = re.split(r"[./]", lowered)[-1]
     numbered_bias = len(shape) == 1 and any(fnmatchcase(lowered, pattern) for pattern in BIAS_NAMES)
     if leaf == "bias" or leaf.endswith("_bias") or (numbered_bias and "norm" not in lowered):

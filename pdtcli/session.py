@@ -22,9 +22,10 @@ import filelock
 from .atomic import remove_path, sweep_temporaries
 from .backups import finish_in_place
 from .discover import no_checkpoints_here
-from .errors import StageMissing, StoreError, UsageError
+from .errors import DistributedError, StageMissing, StoreError, UsageError
 from .options import Settings
-from .store import BACKUP_DIRNAME, LOCK_NAME, META_NAME, STORE_DIRNAME, Store
+from .store import BACKUP_DIRNAME, LOCK_NAME, META_NAME, PART_PREFIX, STORE_DIRNAME, Store, part_name, parts_of
+from .world import World, joined
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def _default_store_of(root: Path, folder: Path) -> bool:
     """Whether `root` is `folder/.pdt`. Only then may a store opened by its own path say which
     folder it serves: otherwise a store.h5 planted in any folder could name any other folder,
     and pdt would write outputs (and restore backups) there."""
+    if root.name.startswith(PART_PREFIX):  # one rank's part of a distributed store: .pdt/rank-R-of-K
+        root = root.parent
     return root.name == STORE_DIRNAME and root.resolve().parent == folder.resolve()
 
 
@@ -108,7 +111,37 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
     error when there is no store yet. `rebuild`: set the store aside unread (it may be
     damaged) and start a new one.
     """
-    root, folder = resolve_store_root(Path(target), store)
+    with joined(settings.backend, settings.dist_timeout) as world:
+        root, folder = resolve_store_root(Path(target), store)
+        root = part_root(root, world)
+        with _locked(root, folder, settings, world, ingests=ingests, rebuild=rebuild) as state:
+            yield state
+
+
+def part_root(root: Path, world: World) -> Path:
+    """Where this rank keeps its store: the store folder itself in one process, else its part
+    (`rank-R-of-K/`) of it. A store made by another number of ranks is refused on every rank."""
+    made = parts_of(root)
+    sizes = sorted(made)
+    if not world.active:
+        if sizes and not Store.exists(root):
+            raise DistributedError(f"this store was made by {sizes[0]} ranks under torchrun; run pdt the same way "
+                                   f"(torchrun --nproc-per-node {sizes[0]} -m pdtcli ...); `pdt report` reads it as "
+                                   "it is", root)
+        return root
+    if Store.exists(root):
+        raise DistributedError(f"this store was made by one process, not {world.size} ranks: run pdt without "
+                               "torchrun, or remove the store to make one for this many ranks", root)
+    other = [size for size in sizes if size != world.size]
+    if other:
+        raise DistributedError(f"this store was made by {other[0]} ranks and this run has {world.size}: run with "
+                               f"{other[0]} ranks (each keeps its part of the store), or remove the store", root)
+    return Path(root) / part_name(world)
+
+
+@contextlib.contextmanager
+def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *, ingests: bool,
+            rebuild: bool) -> Iterator[Session]:
     fresh = not Store.exists(root) or rebuild
     if ingests and fresh and folder is not None:
         problem = no_checkpoints_here(folder, settings.files)
@@ -123,7 +156,7 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
         raise StoreError(f"locked by another pdt process (waited {settings.lock_timeout:g}s; --wait to wait longer)",
                          root) from exc
     try:
-        clean_leftovers(root, folder)
+        clean_leftovers(root, folder if world.leader else None)
         if rebuild:
             if folder is None:
                 raise UsageError("--rebuild needs the checkpoint folder, not the store", root)
@@ -139,6 +172,8 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
         if opened is not None and finish_in_place(opened):
             log.info("an in-place write killed before the store recorded it was undone: %s is the original again",
                      pending)
+        # every rank must go on from the same records (a part killed while the others committed does not)
+        world.same(opened.fingerprint() if opened else None, "store records")
         state = Session(root, folder if folder is not None else (opened.folder if opened else None), opened, settings)
         try:
             yield state
@@ -153,3 +188,5 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
         lock.release()
         if made_root and not Store.exists(root):
             remove_path(root)
+            if world.active and root.parent.is_dir() and not any(root.parent.iterdir()):
+                root.parent.rmdir()

@@ -166,15 +166,15 @@ def test_the_saved_checkpoint_is_read_only_for_its_header(tmp_path, monkeypatch)
     """The values come from memory: neither hashed nor read from the file just saved."""
     from safetensors.torch import save_file
 
-    import pdtcli.ingest
+    import pdtcli.identity
     from pdtcli.formats.safetensors_file import SafetensorsReader
 
     reads: list[str] = []
     hashed: list[str] = []
-    real_read, real_hash = SafetensorsReader.read, pdtcli.ingest.sha256_path
+    real_read, real_hash = SafetensorsReader.read, pdtcli.identity.sha256_path
     monkeypatch.setattr(SafetensorsReader, "read", lambda self, name: reads.append(self.path.name)
                         or real_read(self, name))
-    monkeypatch.setattr(pdtcli.ingest, "sha256_path", lambda path: hashed.append(path.name) or real_hash(path))
+    monkeypatch.setattr(pdtcli.identity, "sha256_path", lambda path: hashed.append(path.name) or real_hash(path))
     folder = tmp_path / "live"
     folder.mkdir()
     steps = PDTStep(folder, **OPTIONS)

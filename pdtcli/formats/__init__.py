@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
+from .. import identity
 from ..errors import CheckpointError, NotACheckpoint
+from ..world import World
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 from .flax_msgpack import FlaxFormat
 from .hf_folder import HfFolderFormat
@@ -73,6 +76,56 @@ def open_checkpoint(path: Path) -> CheckpointReader:
     return reader
 
 
+class _NoPart(CheckpointReader):
+    """A rank's share of a one-file checkpoint that is not its own: nothing to read or write."""
+
+    def tensors(self) -> list[TensorInfo]:
+        return []
+
+    def read(self, name: str):
+        raise KeyError(name)
+
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
+        pass
+
+
+def owned_files(reader: CheckpointReader, world: World) -> Callable[[str], bool]:
+    """Whether a file of the checkpoint (relative name) is this rank's to read, hash and write: a weight
+    file by `world.owned`, any other file (an index, `.metadata`, optimizer state) rank 0's."""
+    weights = set(reader.weight_files())
+    owned = set(world.owned(sorted(weights)))
+    return lambda relative: relative in owned if relative in weights else world.leader
+
+
+def checkpoint_digest(path: Path, world: World) -> str:
+    """The content hash of a checkpoint; in a distributed step each rank hashes only its own files,
+    and the ranks' hashes are combined into one (the same on every rank)."""
+    if not world.active:
+        return identity.sha256_path(path)
+    path = Path(path)
+    with open_checkpoint(path) as reader:
+        is_mine = owned_files(reader, world)
+    if not path.is_dir():
+        return world.digest(identity.sha256_path(path, only=[path] if world.leader else []))
+    own = [f for f in identity.files_of(path) if is_mine(f.relative_to(path).as_posix())]
+    return world.digest(identity.sha256_path(path, only=own))
+
+
+def open_share(path: Path, world: World) -> CheckpointReader:
+    """The reader of this rank's share of a checkpoint (the whole of it outside a distributed step):
+    the weight files `world.owned` gives it, or for a one-file checkpoint, all of it on rank 0."""
+    reader = open_checkpoint(path)
+    if not world.active:
+        return reader
+    files = reader.weight_files()
+    if files:
+        return reader.part(world.owned(files))
+    if world.leader:
+        return reader
+    reader.close()
+    return _NoPart(Path(path))
+
+
 __all__ = [
     "CHECKPOINT_SUFFIXES",
     "OUTPUT_SUFFIXES",
@@ -86,5 +139,8 @@ __all__ = [
     "TensorInfo",
     "detect",
     "folder_format",
+    "checkpoint_digest",
+    "owned_files",
     "open_checkpoint",
+    "open_share",
 ]

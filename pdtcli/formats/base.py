@@ -22,6 +22,10 @@ from ..errors import CheckpointError
 # the optimizer-step counter training resumes from before coarser counters.
 STEP_KEYS = ("global_step", "step", "epoch", "iteration")
 
+# A piece of a tensor, as one rank of a distributed step holds it (a chunk of a DCP tensor that
+# several ranks saved): "name@offsets", e.g. "layer.weight@512,0".
+PIECE_MARK = "@"
+
 # Element types by their NumPy-style name, the one table every format maps its own names onto.
 DTYPES = {
     "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -51,6 +55,11 @@ class TensorInfo:
         for dim in self.shape:
             count *= dim
         return count
+
+
+def whole_name(name: str) -> str:
+    """The tensor a piece belongs to (a whole tensor's own name)."""
+    return name.split(PIECE_MARK, 1)[0]
 
 
 def torch_dtype(dtype: np.dtype, name: str, path: Path) -> torch.dtype:
@@ -85,6 +94,22 @@ class CheckpointReader(abc.ABC):
     def recorded_step(self) -> int | None:
         """The step or epoch the file says it was saved at, when it says one."""
         return None
+
+    def weight_files(self) -> list[str]:
+        """The files of a folder checkpoint that hold tensors (relative names), which the ranks of a
+        distributed step share out; [] for a checkpoint that is one file."""
+        return []
+
+    def part(self, files: list[str]) -> CheckpointReader:
+        """The view of a folder checkpoint holding only what `files` hold: its `tensors()` are the
+        tensors, or pieces of tensors, stored there, and `write_fused` writes only those files into
+        an existing output folder. It takes over this reader's open files."""
+        raise NotImplementedError(f"{type(self).__name__} is one file; it has no parts")
+
+    def write_shared(self, out: Path) -> None:
+        """Into the output folder `out` (made here): every file of the checkpoint that is no weight
+        file (an index, DCP's `.metadata`, optimizer and trainer state), as stored."""
+        raise NotImplementedError(f"{type(self).__name__} is one file; it has nothing shared")
 
     def close(self) -> None:  # noqa: B027 - readers without resources keep the default
         """Release mapped files."""

@@ -60,6 +60,7 @@ class HfFolderReader(CheckpointReader):
         missing = [name for name in names if not (self.path / name).is_file()]
         if missing:
             raise CheckpointError(f"the shard index lists {missing[0]}, which is missing", self.path)
+        self._all_shards = list(names)
         self._shards: dict[str, CheckpointReader] = {}
         self._where: dict[str, CheckpointReader] = {}
         try:
@@ -87,15 +88,46 @@ class HfFolderReader(CheckpointReader):
         return step if isinstance(step, int) and not isinstance(step, bool) else None
 
     def write_fused(self, out: Path, fuse: Fuse) -> None:
-        shards = set(self._shards)
-        shutil.copytree(self.path, out, ignore=lambda folder, names: [
-            n for n in names if Path(folder) == self.path and n in shards])
+        self.write_shared(out)
+        self._write_shards(out, fuse)
+
+    def _write_shards(self, out: Path, fuse: Fuse) -> None:
         for name, shard in self._shards.items():
             shard.write_fused(member(out, name, "the shard index"), fuse)
+
+    def weight_files(self) -> list[str]:
+        return list(self._all_shards)
+
+    def part(self, files: list[str]) -> HfFolderReader:
+        """The shards in `files`, each read and written as a whole (a tensor is never split)."""
+        view = _HfFolderPart(self, files)
+        for name, shard in self._shards.items():
+            if name not in files:
+                shard.close()
+        return view
+
+    def write_shared(self, out: Path) -> None:
+        shards = set(self._all_shards)
+        shutil.copytree(self.path, out, ignore=lambda folder, names: [
+            n for n in names if Path(folder) == self.path and n in shards])
 
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
+
+
+class _HfFolderPart(HfFolderReader):
+    """One rank's shards: it writes them into the output folder that rank 0 made."""
+
+    def __init__(self, whole: HfFolderReader, files: list[str]) -> None:
+        # not super().__init__: that would open every shard again; these are the whole reader's, open
+        CheckpointReader.__init__(self, whole.path)
+        self._all_shards = whole._all_shards
+        self._shards = {name: shard for name, shard in whole._shards.items() if name in files}
+        self._where = {name: shard for name, shard in whole._where.items() if shard in self._shards.values()}
+
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
+        self._write_shards(out, fuse)
 
 
 class HfFolderFormat(CheckpointFormat):

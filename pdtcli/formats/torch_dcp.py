@@ -27,7 +27,7 @@ import torch
 
 from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
-from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo
+from .base import PIECE_MARK, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 from .torch_pickle import STATE_DICT_KEYS
 
 METADATA = ".metadata"
@@ -174,17 +174,81 @@ class DcpReader(CheckpointReader):
             loaded = self._load_chunks(info.name)
             fused = fuse(info.name, self._assemble(info.name, loaded))
             for chunk, storage, stored in loaded:
-                stored.copy_(fused[_region(chunk)])  # keeps the record's strides, so its length
-                buffer = io.BytesIO()
-                torch.save(stored, buffer)
-                if buffer.tell() != storage.length:
-                    raise CheckpointError(f"the re-saved record of {info.name!r} changed length", self.path)
-                with open(member(out, storage.relative_path, METADATA), "r+b") as handle:
-                    handle.seek(storage.offset)
-                    handle.write(buffer.getbuffer())
+                self._rewrite(out, info.name, storage, stored, fused[_region(chunk)])
+
+    def _rewrite(self, out: Path, name: str, storage, stored: torch.Tensor, values: torch.Tensor) -> None:
+        """Put `values` into a chunk's record in the output, at its byte range in its `.distcp` file."""
+        stored.copy_(values)  # keeps the record's strides, so its length
+        buffer = io.BytesIO()
+        torch.save(stored, buffer)
+        if buffer.tell() != storage.length:
+            raise CheckpointError(f"the re-saved record of {name!r} changed length", self.path)
+        with open(member(out, storage.relative_path, METADATA), "r+b") as handle:
+            handle.seek(storage.offset)
+            handle.write(buffer.getbuffer())
+
+    def weight_files(self) -> list[str]:
+        return sorted({storage.relative_path for storage in self._metadata.storage_data.values()})
+
+    def part(self, files: list[str]) -> DcpPart:
+        return DcpPart(self, files)
+
+    def write_shared(self, out: Path) -> None:
+        weights = set(self.weight_files())
+        shutil.copytree(self.path, out, ignore=lambda folder, names: [
+            n for n in names if (Path(folder) / n).relative_to(self.path).as_posix() in weights])
 
     def close(self) -> None:
         self._chunks = {}
+
+
+class DcpPart(CheckpointReader):
+    """The chunks of the model's tensors that `files` hold, each a tensor of its own: a piece named
+    `name@offsets` when the tensor has several chunks (as FSDP saves it), else by its own name.
+    Written by copying those files into the output folder and rewriting the pieces' records."""
+
+    def __init__(self, whole: DcpReader, files: list[str]) -> None:
+        super().__init__(whole.path)
+        self._whole, self._files = whole, sorted(files)
+        self._pieces: dict[str, tuple[object, object]] = {}
+        self._infos = []
+        for info in whole.tensors():
+            chunks = whole._chunks[info.name]
+            for chunk, storage in chunks:
+                if storage.relative_path in files:
+                    name = info.name if len(chunks) == 1 else f"{info.name}{PIECE_MARK}" + ",".join(
+                        str(o) for o in chunk.offsets)
+                    self._pieces[name] = (chunk, storage)
+                    self._infos.append(TensorInfo(name, tuple(chunk.sizes), info.dtype))
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def _load(self, name: str) -> torch.Tensor:
+        chunk, storage = self._pieces[name]
+        tensor = self._whole._load_record(name, storage)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes):
+            raise CheckpointError(f"the record of {name!r} is not a tensor of its chunk's size", self.path)
+        return tensor
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._load(name)
+
+    def recorded_step(self) -> int | None:
+        return self._whole.recorded_step()
+
+    def write_fused(self, out: Path, fuse: Fuse) -> None:
+        for relative in self._files:
+            target = member(out, relative, METADATA)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(member(self.path, relative, METADATA), target)
+        for name, (_, storage) in self._pieces.items():
+            if fuse.wants(name):
+                stored = self._load(name)
+                self._whole._rewrite(out, name, storage, stored, fuse(name, stored))
+
+    def close(self) -> None:
+        self._whole.close()
 
 
 def _region(chunk) -> tuple[slice, ...]:

@@ -32,7 +32,9 @@ from .. import __version__
 from ..atomic import remove_path
 from ..errors import StoreError, UsageError
 from ..identity import unchanged
+from ..mask import COUNT_COLUMNS, join_pieces, tensor_rows, whole_rows
 from ..selection import LayoutPlan, Selection, layer_type
+from ..world import World, current
 from . import h5file
 from .matrix import SnapshotMatrix
 from .records import Fit, HistoryEntry, Layout, Mask, Output, Pending, Seen, Snapshot, TensorEntry
@@ -42,12 +44,49 @@ META_NAME = "store.h5"
 BACKUP_DIRNAME = "backups"  # what --in-place replaced (pdtcli.backups)
 DATA_NAME = "snapshots.bin"
 LOCK_NAME = "lock"
+PART_PREFIX = "rank-"  # the part of a store that one rank of a distributed step keeps: rank-00001-of-00004
 # How snapshot values are kept: the torch dtype, and the NumPy type of its bytes in snapshots.bin
 # (bfloat16 has no NumPy type, so its 16 bits are kept as int16 and viewed back).
 STORE_DTYPES = {"float32": (torch.float32, np.float32), "float64": (torch.float64, np.float64),
                 "float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, np.int16)}
 LOSSLESS_16 = ("bfloat16", "float16")  # kept in their own dtype when every predicted tensor has it
 ORDER_OF_OLD_STORES = "name"  # stores made before --order existed ordered by name
+
+
+def part_name(world: World) -> str:
+    return f"{PART_PREFIX}{world.rank:05d}-of-{world.size:05d}"
+
+
+def parts_of(root: Path) -> dict[int, list[Path]]:
+    """The parts a distributed step made in a store folder, by the number of ranks that made them."""
+    found: dict[int, list[Path]] = {}
+    if Path(root).is_dir():
+        for path in sorted(Path(root).iterdir()):
+            words = path.name.removeprefix(PART_PREFIX).split("-of-")
+            if path.name.startswith(PART_PREFIX) and len(words) == 2 and all(w.isdigit() for w in words) \
+                    and (path / META_NAME).is_file():
+                found.setdefault(int(words[1]), []).append(path)
+    return found
+
+
+def merge_states(states: list[dict[str, Any]], root: Path) -> dict[str, Any]:
+    """The `Store.describe` of the whole model from those of a distributed store's parts: the records
+    are the same in every part; the tensors (or pieces of them, joined again) and counts are each
+    part's own."""
+    merged = dict(states[0], store=str(root), n=sum(state["n"] for state in states))
+    layout = dict(states[0]["layout"])
+    layout["skipped"] = join_pieces([t for state in states for t in state["layout"]["skipped"]])
+    if all(state["counts"] is not None for state in states):
+        rows = whole_rows([tensor_rows(state["layout"]["tensors"], np.asarray(state["counts"]).reshape(
+            len(state["layout"]["tensors"]), len(COUNT_COLUMNS))) for state in states])
+        merged["counts"] = [[row[column] for column in COUNT_COLUMNS] for row in rows]
+    else:
+        rows = whole_rows([[dict(t, **dict.fromkeys(COUNT_COLUMNS, 0)) for t in state["layout"]["tensors"]]
+                           for state in states])
+    layout["tensors"] = [{"name": row["name"], "shape": row["shape"], "layer_type": row["layer_type"]}
+                         for row in rows]
+    merged["layout"] = layout
+    return merged
 
 
 def now() -> str:
@@ -224,8 +263,13 @@ class Store:
             remove_path(self.root / name)
 
     def commit(self) -> None:
-        """Replace store.h5 atomically with the current records; the matrix is synced first."""
+        """Replace store.h5 atomically with the current records; the matrix is synced first.
+
+        In a distributed step every rank commits its part at the same point, and only once all
+        have synced their values: a rank that failed (or died) makes the others stop here.
+        """
         self.matrix.sync()
+        current().agree(True, "committing the store")
         state = {
             "format_version": h5file.FORMAT_VERSION, "pdt_version": __version__, "created": self.created,
             "folder": str(self.folder), "history_len": self.history_len, "order": self.order, "files": self.files,
@@ -243,6 +287,11 @@ class Store:
 
     def close(self) -> None:
         self.matrix.close()
+
+    def fingerprint(self) -> list:
+        """What every rank's part of a distributed store must share: the records' counters and window."""
+        return [self.next_id, self.next_fit, self.next_mask, self.window, len(self.history), len(self.outputs),
+                self.history_len]
 
     # ---- what the store is ------------------------------------------------------------------
     @property
