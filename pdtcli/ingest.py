@@ -316,31 +316,43 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
     for cand in chosen:
         log.info("to ingest: %s (%s step %s)", cand.path.name, s.order,
                  cand.recorded_step if s.order == "step" else cand.name_step)
-    ingested = []
     created = s.store is None
     if not created and len(chosen) > 1:
         _check_values(s.store, list(chosen), from_memory, live)
     try:
-        for cand, digest in chosen.items():
-            note = _ingest_one(s, cand, digest, history, s.settings.progress, created,
-                               live if cand is from_memory else None)
-            if note:
-                skipped.append(note)
-            else:
-                ingested.append(str(cand.path))
+        ingested = _take_in(s, chosen, history, skipped, created, from_memory, live)
+        _note_passed(s, scheduled, created, skipped, passed, passed_over, dropped)
     except BaseException:
-        if created and s.store is not None:  # a first run that fails leaves no store behind
+        if created and s.store is not None:  # a first run that fails (here, or another rank) leaves no store behind
             s.store.forget()
             s.store = None
         raise
+    return ingested, skipped
+
+
+def _take_in(s: Session, chosen: dict[Candidate, Digest], history: int, skipped: list[dict], created: bool,
+             from_memory: Candidate | None, live: Live | None) -> list[str]:
+    """The chosen checkpoints into the store, oldest first; copies found on the way go to `skipped`."""
+    ingested = []
+    for cand, digest in chosen.items():
+        note = _ingest_one(s, cand, digest, history, s.settings.progress, created,
+                           live if cand is from_memory else None)
+        if note:
+            skipped.append(note)
+        else:
+            ingested.append(str(cand.path))
+    return ingested
+
+
+def _note_passed(s: Session, scheduled: tuple | None, created: bool, skipped: list[dict], passed: list,
+                 passed_over: list, dropped: list) -> None:
+    """Record what was passed over (so it is not reported again; it counts for the schedule) and commit."""
     store = s.store
     files_changed = s.settings.files is not None and list(s.settings.files) != store.files
     if files_changed:
         store.set_files(list(s.settings.files))
-    # remember what was passed over, so it is not reported again; passed-over ones count for the schedule
     for status, entries in (("skipped", passed), ("passed-over", passed_over), ("not-a-checkpoint", dropped)):
         for cand, _ in entries:
             store.note_seen(_provenance(cand, None, status, None))
     if created or skipped or files_changed or (scheduled is not None and scheduled != (store.start, store.every)):
         store.commit()
-    return ingested, skipped

@@ -53,18 +53,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(ranks: int, argv: list[str], *, before: list[str] | None = None, timeout: float = 300,
-           env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
-    """`python [before...] -m pdtcli argv` as `ranks` processes of one process group, as torchrun would
-    start them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), without torchrun's own supervision: a
-    rank that dies is not cleaned up after, so what the others do is pdt's own doing."""
+def launch(ranks: int, argv: list[str], *, before_rank: dict[int, list[str]] | None = None,
+           timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """`python -m pdtcli argv` as `ranks` processes of one process group, as torchrun would start them
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), without torchrun's own supervision: a rank that dies
+    is not cleaned up after, so what the others do is pdt's own doing. `before_rank[r]`: rank r runs
+    `python *before_rank[r] argv` instead (`kill_at.py ... --`)."""
     port = str(free_port())
     procs = []
     for rank in range(ranks):
         variables = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
                          LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                         PYTHONWARNINGS="ignore", **(env or {}))
-        command = [sys.executable, *(before or ["-m", "pdtcli"]), *argv]
+                         PYTHONWARNINGS="ignore")
+        command = [sys.executable, *(before_rank or {}).get(rank, ["-m", "pdtcli"]), *argv]
         procs.append(subprocess.Popen(command, env=variables, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     results = []

@@ -86,6 +86,12 @@ def merge_states(states: list[dict[str, Any]], root: Path) -> dict[str, Any]:
     layout["tensors"] = [{"name": row["name"], "shape": row["shape"], "layer_type": row["layer_type"]}
                          for row in rows]
     merged["layout"] = layout
+    merged["history"] = []
+    for index, entry in enumerate(states[0]["history"]):  # per-tensor counts of each step, joined the same way
+        accepted = [dict(t, accepted=count) for state in states for t, count in zip(
+            state["layout"]["tensors"], state["history"][index]["per_tensor_accepted"], strict=False)]
+        merged["history"].append(dict(entry, per_tensor_accepted=[
+            row["accepted"] for row in join_pieces(accepted, ("accepted",))]))
     return merged
 
 

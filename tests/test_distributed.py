@@ -1,0 +1,228 @@
+"""One PDT step split over ranks with torch.distributed, against the same step in one process.
+
+Every test starts real processes: checkpoints saved by 2 or 4 gloo ranks with
+`torch.distributed.checkpoint.save` (each tensor sharded as FSDP shards it) or by
+`huggingface_hub.save_torch_state_dict` in shards, then `pdt` as 2 or 4 ranks of one process
+group. The one-process run on a copy of the same folder is the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import training
+from ranks import launch, save_dcp_by_ranks
+
+from pdtcli.formats import open_checkpoint
+from pdtcli.formats.torch_dcp import DcpReader
+from pdtcli.store import Store, parts_of
+from pdtcli.world import World
+
+pytestmark = pytest.mark.slow
+EPOCHS = 7  # 6 for the first step, the 7th for a steady step that builds on the first fused state
+
+
+@pytest.fixture(scope="module")
+def trajectory() -> dict[int, dict[str, torch.Tensor]]:
+    """Real AdamW training of the test MLP (wider, so that 4 ranks each hold a real share)."""
+    x, y = training.data()
+    net = training.model(hidden=48)
+    optim = training.optimizer(net, "adamw")
+    states = {}
+    for epoch in range(1, EPOCHS + 1):
+        training.train_epoch(net, optim, x, y, epoch)
+        states[epoch] = {k: v.clone() for k, v in net.state_dict().items()}
+    return states
+
+
+def _folder(tmp_path: Path, states: dict, kind: str, writers: int) -> Path:
+    """The run's checkpoint folder, the last epoch held back (returned by `_reveal`)."""
+    run = tmp_path / "run"
+    if kind == "dcp":
+        save_dcp_by_ranks(run, states, writers)
+        newest = run / f"step_{EPOCHS}"
+    else:
+        from huggingface_hub import save_torch_state_dict
+
+        for epoch, state in states.items():
+            save_torch_state_dict(state, run / f"step_{epoch}", max_shard_size=2500)
+            (run / f"step_{epoch}" / "trainer_state.json").write_text(json.dumps({"global_step": epoch}))
+        newest = run / f"step_{EPOCHS}"
+    newest.rename(tmp_path / newest.name)
+    return run
+
+
+def _everything(run: Path) -> dict[str, str]:
+    """Content hashes of every file under `run`, the store's parts included."""
+    return {p.relative_to(run).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _reveal(tmp_path: Path, run: Path) -> None:
+    shutil.copytree(tmp_path / f"step_{EPOCHS}", run / f"step_{EPOCHS}")
+
+
+def _single(run: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pdtcli", "predict", str(run), "--json"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _ranks(k: int, run: Path, *args: str) -> dict:
+    results = launch(k, ["predict", str(run), "--json", *args])
+    assert [r.returncode for r in results] == [0] * k, [r.stderr[-2000:] for r in results]
+    assert all(not r.stdout.strip() for r in results[1:])  # rank 0 alone prints
+    return json.loads(results[0].stdout)
+
+
+def _report(run: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pdtcli", "report", str(run), "--json"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _same_but_paths(a, b, single: Path, multi: Path) -> None:
+    """Equal once paths and times are set aside; floats of the fit within float64 rounding."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in ("at", "store")}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, str):
+            return value.replace(str(multi), str(single))
+        return value
+
+    a, b = clean(a), clean(b)
+    for key in ("fit",):
+        if a.get(key) and b.get(key):
+            for field in ("singular_values", "eigenvalue_magnitudes"):
+                np.testing.assert_allclose(a[key].pop(field), b[key].pop(field), rtol=1e-9)
+            a[key].pop("eigenvalues"), b[key].pop("eigenvalues")
+            np.testing.assert_allclose(a[key].pop("start_offset"), b[key].pop("start_offset"), atol=1e-9)
+    assert a == b
+
+
+def _fused_equal(single: Path, multi: Path, newest: Path) -> None:
+    """The same mask (the same elements moved off the newest checkpoint) and the same values, up to one
+    float32 rounding of predictions whose float64 coefficients came from another (exact) reduction."""
+    with open_checkpoint(single) as a, open_checkpoint(multi) as b, open_checkpoint(newest) as plain:
+        names = [info.name for info in a.tensors()]
+        assert names == [info.name for info in b.tensors()]
+        for name in names:
+            x, y, w = a.read(name), b.read(name), plain.read(name)
+            assert torch.equal(x != w, y != w), name
+            torch.testing.assert_close(y, x, rtol=2.4e-7, atol=0, msg=name)
+
+
+def _owned_only(run: Path, k: int) -> None:
+    """Each rank's part of the store holds the pieces stored in the files that rank owns, and nothing else."""
+    parts = parts_of(run / ".pdt")[k]
+    assert len(parts) == k
+    with DcpReader(run / f"step_{EPOCHS}") as whole:
+        where = {}
+        for info in whole.tensors():
+            chunks = whole._chunks[info.name]
+            for chunk, storage in chunks:
+                name = info.name if len(chunks) == 1 else f"{info.name}@" + ",".join(map(str, chunk.offsets))
+                where[name] = storage.relative_path
+        files = whole.weight_files()
+    for rank, part in enumerate(parts):
+        store = Store.open(part)
+        owned = set(World(rank, k).owned(files))
+        assert {where[t.name] for t in store.tensors} <= owned
+        assert store.n == sum(t.numel for t in store.tensors)
+        store.close()
+
+
+@pytest.mark.parametrize("kind,writers,k", [("dcp", 2, 2), ("dcp", 2, 4), ("dcp", 4, 2), ("dcp", 4, 4),
+                                            ("safetensors", 0, 2), ("safetensors", 0, 4)])
+def test_k_ranks_give_what_one_process_gives(tmp_path, trajectory, kind, writers, k):
+    run = _folder(tmp_path, trajectory, kind, writers)
+    if kind == "safetensors":
+        index = json.loads((run / "step_1" / "model.safetensors.index.json").read_text())
+        assert len(set(index["weight_map"].values())) >= 4  # a share for each of 4 ranks
+    single = tmp_path / "single"
+    shutil.copytree(run, single)
+
+    for step in ("first", "steady"):  # the steady step fits a window that holds the first fused state
+        if step == "steady":
+            _reveal(tmp_path, run)
+            _reveal(tmp_path, single)
+        expected = _single(single)
+        got = _ranks(k, run)
+        assert got["status"] == expected["status"] == "written"
+        assert got["mask"]["totals"] == expected["mask"]["totals"]
+        _same_but_paths(got, expected, single, run)
+        newest = f"step_{6 if step == 'first' else EPOCHS}"
+        _fused_equal(single / f"{newest}.pdt", run / f"{newest}.pdt", run / newest)
+    if kind == "dcp":
+        _owned_only(run, k)
+        assert (run / f"step_{EPOCHS}.pdt" / ".metadata").read_bytes() == \
+            (run / f"step_{EPOCHS}" / ".metadata").read_bytes()
+    _same_but_paths(_report(run), _report(single), single, run)
+
+
+def test_a_store_made_by_other_ranks_is_refused_until_run_as_made(tmp_path, trajectory):
+    run = _folder(tmp_path, trajectory, "dcp", 2)
+    _ranks(2, run)
+    _reveal(tmp_path, run)
+    before = _everything(run)
+    for k in (4, 1):
+        results = launch(k, ["predict", str(run)]) if k > 1 else [subprocess.run(
+            [sys.executable, "-m", "pdtcli", "predict", str(run)], capture_output=True, text=True, timeout=300)]
+        for result in results:
+            assert result.returncode == 7, result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "made by 2 ranks" in lines[0] and str(run / ".pdt") in lines[0]
+        assert _everything(run) == before  # no output, no store touched
+    assert _ranks(2, run)["status"] == "written"
+    assert (run / f"step_{EPOCHS}.pdt").is_dir()
+
+
+def test_a_missing_shard_on_one_rank_stops_every_rank(tmp_path, trajectory):
+    run = _folder(tmp_path, trajectory, "dcp", 2)
+    _ranks(2, run)
+    _reveal(tmp_path, run)
+    (run / f"step_{EPOCHS}" / "__1_0.distcp").unlink()  # rank 1's file of the new checkpoint
+    before = _everything(run)
+    results = launch(2, ["predict", str(run)], timeout=120)
+    assert results[1].returncode == 3 and "__1_0.distcp" in results[1].stderr  # the rank that owns it says what
+    assert results[0].returncode == 7 and "another rank stopped" in results[0].stderr
+    for result in results:
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert _everything(run) == before  # the store parts as they were; no output, no temporary
+
+
+def test_a_rank_killed_mid_pass_leaves_no_output_and_the_next_run_goes_on(tmp_path, trajectory):
+    run = _folder(tmp_path, trajectory, "dcp", 2)
+    single = tmp_path / "single"
+    shutil.copytree(run, single)
+    _ranks(2, run)
+    _single(single)
+    _reveal(tmp_path, run)
+    _reveal(tmp_path, single)
+    kill = [str(Path(__file__).parent / "kill_at.py"), "pdtcli.fuse:Predictor.run", "2", "before", "--"]
+    results = launch(2, ["predict", str(run)], before_rank={1: kill}, timeout=120)
+    assert results[1].returncode == -9  # SIGKILL, in the second pass
+    assert results[0].returncode == 7 and "another rank stopped" in results[0].stderr
+    assert len(results[0].stderr.strip().splitlines()) == 1
+    assert not (run / f"step_{EPOCHS}.pdt").exists()
+    assert not [p for p in run.iterdir() if ".pdt-tmp-" in p.name]
+    parts = [Store.open(p) for p in parts_of(run / ".pdt")[2]]
+    assert parts[0].fingerprint() == parts[1].fingerprint()  # both ranks committed the same, or nothing
+    assert all(p.fit.window != p.window for p in parts)  # the new checkpoint is in; no fit of it was kept
+    for part in parts:
+        part.close()
+    assert _ranks(2, run)["status"] == "written"  # the same world goes on from there
+    _single(single)
+    _fused_equal(single / f"step_{EPOCHS}.pdt", run / f"step_{EPOCHS}.pdt", run / f"step_{EPOCHS}")
