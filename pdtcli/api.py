@@ -20,8 +20,8 @@ from typing import Any
 from .backups import backup_path, copy_back, in_backups, note_in_place, prune_backups, recorded_backup
 from .discover import is_pdt_output, located, output_name
 from .dmd import combine_r, solve
-from .errors import CheckpointError, OutputError, StageMissing, UsageError
-from .formats import checkpoint_digest
+from .errors import CheckpointError, OutputError, PdtError, StageMissing, UsageError
+from .formats import checkpoint_digest, open_checkpoint
 from .fuse import Destination, second_pass, window_of
 from .identity import stat_of, unchanged
 from .ingest import ingest
@@ -216,12 +216,25 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
         for part in next(iter(made.values())):
             with session(part, None, settings) as s:
                 states.append(s.require_store().describe())
-        return merge_states(states, root)
+                order = _tensor_order(s.require_store())
+        return merge_states(states, root, order)
     with session(target, store, settings) as s:
         return s.require_store().describe()
 
 
 # ---- the steps the plans share ------------------------------------------------------------------
+
+
+def _tensor_order(store: Store) -> list[str] | None:
+    """The tensors of the window's newest checkpoint in its own order (its header only), to show a
+    distributed store's tensors as one process would; None when it cannot be read."""
+    if not store.window:
+        return None
+    try:
+        with open_checkpoint(Path(store.snapshot(store.window[-1]).path)) as reader:
+            return [info.name for info in reader.tensors()]
+    except (PdtError, OSError):
+        return None
 
 
 def _single_only(in_place: bool, live: Live | None) -> None:
@@ -358,7 +371,7 @@ def _result(store: Store, status: str, message: str, s: Session, ingested: list[
     stored = store.stored_mask()
     tensors = tensor_rows([t.as_dict() for t in store.tensors], stored["counts"]) if stored else None
     if current().active:  # each rank has its share's tensors (or pieces of them): the model's are all of them
-        tensors = whole_rows(current().gather(tensors, "the result"))
+        tensors = whole_rows(current().gather(tensors, "the result"), _tensor_order(store))
     return StepResult(status, message, str(s.root), ingested or [], skipped or [], output=output,
                       fit=store.fit.as_dict() if store.fit else None, mask=store.mask.as_dict() if store.mask else None,
                       warnings=[] if status == "up-to-date" else _mask_warnings(store.mask, status in WROTE),

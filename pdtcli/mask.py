@@ -191,13 +191,16 @@ def summarize_counts(layer_types: list[str], counts: np.ndarray) -> dict:
     return summary_of(type_totals(layer_types, counts))
 
 
-def whole_rows(shares: list[list[dict] | None]) -> list[dict] | None:
+def whole_rows(shares: list[list[dict] | None], order: list[str] | None = None) -> list[dict] | None:
     """The per-tensor rows of a distributed step's ranks as one process would give them: the pieces
     of a tensor (`name@offsets`, from several ranks) added up under its name, its shape the extent
-    of the pieces; tensors in the order they first appear, rank by rank."""
+    of the pieces; tensors in the checkpoint's `order` (else as they first appear, rank by rank)."""
     if any(rows is None for rows in shares):
         return None
     merged = join_pieces([row for rows in shares for row in rows], COUNT_COLUMNS)
+    if order:
+        place = {name: index for index, name in enumerate(order)}
+        merged.sort(key=lambda row: place.get(row["name"], len(place)))
     for row in merged:
         row["ratio"] = row["accepted"] / row["elements"] if row["elements"] else 0.0
     return merged

@@ -53,7 +53,8 @@ def _folder(tmp_path: Path, states: dict, kind: str, writers: int) -> Path:
         from huggingface_hub import save_torch_state_dict
 
         for epoch, state in states.items():
-            save_torch_state_dict(state, run / f"step_{epoch}", max_shard_size=2500)
+            (run / f"step_{epoch}").mkdir(parents=True)
+            save_torch_state_dict(state, run / f"step_{epoch}", max_shard_size=200)
             (run / f"step_{epoch}" / "trainer_state.json").write_text(json.dumps({"global_step": epoch}))
         newest = run / f"step_{EPOCHS}"
     newest.rename(tmp_path / newest.name)
@@ -226,3 +227,16 @@ def test_a_rank_killed_mid_pass_leaves_no_output_and_the_next_run_goes_on(tmp_pa
     assert _ranks(2, run)["status"] == "written"  # the same world goes on from there
     _single(single)
     _fused_equal(single / f"step_{EPOCHS}.pdt", run / f"step_{EPOCHS}.pdt", run / f"step_{EPOCHS}")
+
+
+def test_the_readme_torchrun_line(tmp_path, trajectory):
+    """`torchrun ... -m pdtcli predict DIR`, as a user runs it: torchrun's own rendezvous and supervision."""
+    run = _folder(tmp_path, trajectory, "dcp", 2)
+    single = tmp_path / "single"
+    shutil.copytree(run, single)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "pdtcli", "predict", str(run), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = _single(single)
+    assert json.loads(proc.stdout)["mask"]["totals"] == expected["mask"]["totals"]
+    _fused_equal(single / "step_6.pdt", run / "step_6.pdt", run / "step_6")

@@ -210,6 +210,9 @@ class DcpPart(CheckpointReader):
     def __init__(self, whole: DcpReader, files: list[str]) -> None:
         super().__init__(whole.path)
         self._whole, self._files = whole, sorted(files)
+        for relative in self._files:  # found now, before this rank's step writes anything
+            if not member(self.path, relative, METADATA).is_file():
+                raise CheckpointError(f"{METADATA} lists {relative}, which is missing", self.path)
         self._pieces: dict[str, tuple[object, object]] = {}
         self._infos = []
         for info in whole.tensors():

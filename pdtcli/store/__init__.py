@@ -69,20 +69,20 @@ def parts_of(root: Path) -> dict[int, list[Path]]:
     return found
 
 
-def merge_states(states: list[dict[str, Any]], root: Path) -> dict[str, Any]:
+def merge_states(states: list[dict[str, Any]], root: Path, order: list[str] | None = None) -> dict[str, Any]:
     """The `Store.describe` of the whole model from those of a distributed store's parts: the records
-    are the same in every part; the tensors (or pieces of them, joined again) and counts are each
-    part's own."""
+    are the same in every part; the tensors (or pieces of them, joined again, in the checkpoint's
+    `order`) and counts are each part's own."""
     merged = dict(states[0], store=str(root), n=sum(state["n"] for state in states))
     layout = dict(states[0]["layout"])
     layout["skipped"] = join_pieces([t for state in states for t in state["layout"]["skipped"]])
     if all(state["counts"] is not None for state in states):
         rows = whole_rows([tensor_rows(state["layout"]["tensors"], np.asarray(state["counts"]).reshape(
-            len(state["layout"]["tensors"]), len(COUNT_COLUMNS))) for state in states])
+            len(state["layout"]["tensors"]), len(COUNT_COLUMNS))) for state in states], order)
         merged["counts"] = [[row[column] for column in COUNT_COLUMNS] for row in rows]
     else:
         rows = whole_rows([[dict(t, **dict.fromkeys(COUNT_COLUMNS, 0)) for t in state["layout"]["tensors"]]
-                           for state in states])
+                           for state in states], order)
     layout["tensors"] = [{"name": row["name"], "shape": row["shape"], "layer_type": row["layer_type"]}
                          for row in rows]
     merged["layout"] = layout
@@ -90,8 +90,8 @@ def merge_states(states: list[dict[str, Any]], root: Path) -> dict[str, Any]:
     for index, entry in enumerate(states[0]["history"]):  # per-tensor counts of each step, joined the same way
         accepted = [dict(t, accepted=count) for state in states for t, count in zip(
             state["layout"]["tensors"], state["history"][index]["per_tensor_accepted"], strict=False)]
-        merged["history"].append(dict(entry, per_tensor_accepted=[
-            row["accepted"] for row in join_pieces(accepted, ("accepted",))]))
+        joined = {row["name"]: row["accepted"] for row in join_pieces(accepted, ("accepted",))}
+        merged["history"].append(dict(entry, per_tensor_accepted=[joined.get(row["name"], 0) for row in rows]))
     return merged
 
 
