@@ -128,7 +128,7 @@ def settings(json_out: bool, verbose: bool, **values: Any) -> Settings:
     """Checked settings from the command's flags; with --verbose, the library's reasons on stderr."""
     log.handlers = [_Stderr()] if verbose else []
     log.setLevel(logging.INFO if verbose else logging.WARNING)
-    return Settings.build(progress=RichProgress(enabled=not json_out), **values)
+    return Settings.build(progress=RichProgress(enabled=not json_out and launched_rank() == 0), **values)
 
 
 def finish(result: api.StepResult, *, json_out: bool, strict: bool) -> None:

@@ -166,6 +166,14 @@ def test_k_ranks_give_what_one_process_gives(tmp_path, trajectory, kind, writers
         _same_but_paths(got, expected, single, run)
         newest = f"step_{6 if step == 'first' else EPOCHS}"
         _fused_equal(single / f"{newest}.pdt", run / f"{newest}.pdt", run / newest)
+    if (kind, writers, k) == ("dcp", 2, 2):  # the audit commands too: a mask of the stored fit, as one process
+        masks = [launch(k, ["mask", str(run), "--criteria", "all", "--json"])[0],
+                 subprocess.run([sys.executable, "-m", "pdtcli", "mask", str(single), "--criteria", "all", "--json"],
+                                capture_output=True, text=True, timeout=300)]
+        assert [m.returncode for m in masks] == [0, 0], [m.stderr for m in masks]
+        got, expected = (json.loads(m.stdout) for m in masks)
+        assert got["status"] == "masked" and got["mask"]["totals"] == expected["mask"]["totals"]
+        assert got["tensors"] == expected["tensors"]
     if kind == "dcp":
         _owned_only(run, k)
         assert (run / f"step_{EPOCHS}.pdt" / ".metadata").read_bytes() == \
