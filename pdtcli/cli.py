@@ -157,21 +157,6 @@ def _show(result: api.StepResult, json_out: bool) -> None:
         typer.echo(result.message)
 
 
-def _show(result: api.StepResult, json_out: bool) -> None:
-    payload = result.as_dict()
-    if json_out:
-        if result.tensors is not None:
-            payload["tensors"] = result.tensors
-        print(json.dumps(payload, indent=2, default=str))
-        return
-    for item in result.skipped:
-        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
-    if result.status in ("written", "dry-run", "masked"):
-        render_summary(payload, result.tensors, out)
-    else:
-        typer.echo(result.message)
-
-
 INTERRUPTED = "interrupted; the store and earlier outputs are unchanged"
 
 

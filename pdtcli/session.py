@@ -105,7 +105,8 @@ def _default_store_of(root: Path, folder: Path) -> bool:
 @contextlib.contextmanager
 def session(target: Path, store: Path | None, settings: Settings, *, ingests: bool = False,
             rebuild: bool = False) -> Iterator[Session]:
-    """Hold the store's lock for the whole command.
+    """Hold the store's lock for the whole command; under torchrun, joined to the ranks' process group
+    (`world.joined`), each rank holding its own part of the store.
 
     `ingests`: the command reads checkpoints from the folder, so a folder with none is a usage
     error when there is no store yet. `rebuild`: set the store aside unread (it may be

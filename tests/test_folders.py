@@ -12,8 +12,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import training
 from conftest import digest_tree
+from ranks import save_dcp_by_ranks
 from safetensors.torch import load_file, save_file
 from test_formats import predict
 from typer.testing import CliRunner
@@ -242,38 +241,11 @@ def test_dcp_folders_round_trip_and_resume(tmp_path):
     assert torch.isfinite(loss)
 
 
-_SHARDED_SAVE = """
-import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
-rank, folder = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group("gloo", init_method="file://" + folder + "/.rendezvous", rank=rank, world_size=2)
-mesh = init_device_mesh("cpu", (2,))
-states = torch.load(folder + "/states.pt", weights_only=True)
-for epoch, state in states.items():
-    sharded = {k: distribute_tensor(v, mesh, [Shard(0)]) if v.dim() else v for k, v in state.items()}
-    dcp.save({"model": sharded, "step": epoch}, checkpoint_id=f"{folder}/step_{epoch}")
-dist.barrier()
-dist.destroy_process_group()
-os._exit(0)  # gloo's threads can abort a normal interpreter exit ("terminate called without an active exception")
-"""
-
-
 @pytest.mark.slow
 def test_dcp_saved_by_two_ranks_is_read_and_rewritten_chunk_by_chunk(tmp_path):
     states = _dcp_epochs(tmp_path / "unsharded", 6)
     run = tmp_path / "run"
-    run.mkdir()
-    torch.save({e: {k.removeprefix("model."): v for k, v in s.items()} for e, s in states.items()},
-               run / "states.pt")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    ranks = [subprocess.Popen([sys.executable, "-c", _SHARDED_SAVE, str(r), str(run)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    outputs = [p.communicate(timeout=120)[0] for p in ranks]
-    assert [p.returncode for p in ranks] == [0, 0], outputs
-    (run / "states.pt").unlink()
-    for leftover in run.glob(".rendezvous*"):
-        leftover.unlink()
+    save_dcp_by_ranks(run, {e: {k.removeprefix("model."): v for k, v in s.items()} for e, s in states.items()}, 2)
     assert sorted(p.name for p in (run / "step_6").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
     with open_checkpoint(run / "step_6") as reader:  # whole tensors, assembled from both ranks' chunks

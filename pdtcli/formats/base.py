@@ -9,9 +9,10 @@ key structure, dtypes) is carried over untouched.
 from __future__ import annotations
 
 import abc
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -55,6 +56,27 @@ class TensorInfo:
         for dim in self.shape:
             count *= dim
         return count
+
+
+def copy_bytes(src: BinaryIO, dst: BinaryIO, count: int) -> None:
+    """Copy the next `count` bytes of `src` to `dst`, in bounded chunks."""
+    shutil.copyfileobj(_Limited(src, count), dst)
+
+
+class _Limited:
+    """A file view that returns at most `remaining` bytes, for copyfileobj."""
+
+    def __init__(self, handle, remaining: int) -> None:
+        self._handle = handle
+        self._remaining = remaining
+
+    def read(self, size: int = -1) -> bytes:
+        if self._remaining <= 0:
+            return b""
+        size = self._remaining if size < 0 else min(size, self._remaining)
+        data = self._handle.read(size)
+        self._remaining -= len(data)
+        return data
 
 
 def whole_name(name: str) -> str:

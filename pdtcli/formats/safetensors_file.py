@@ -8,7 +8,6 @@ order, replacing predicted ones. Memory stays at one tensor, whatever the file s
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
-from .base import DTYPES, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo
+from .base import DTYPES, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, copy_bytes
 
 # safetensors' dtype codes, by the names of the shared table
 _DTYPES = {code: DTYPES[name] for code, name in (
@@ -112,17 +111,17 @@ class SafetensorsReader(CheckpointReader):
 
     def write_fused(self, out: Path, fuse: Fuse) -> None:
         with open(self.path, "rb") as src, open(out, "wb") as dst:
-            shutil.copyfileobj(_Limited(src, 8 + self._header_len), dst)
+            copy_bytes(src, dst, 8 + self._header_len)
             base = 8 + self._header_len
             position = 0
             for name, entry in self._entries:
                 start, stop = entry["data_offsets"]
                 if start > position:  # padding the writer of the input put there
                     src.seek(base + position)
-                    shutil.copyfileobj(_Limited(src, start - position), dst)
+                    copy_bytes(src, dst, start - position)
                 if not fuse.wants(name):
                     src.seek(base + start)
-                    shutil.copyfileobj(_Limited(src, stop - start), dst)
+                    copy_bytes(src, dst, stop - start)
                 else:
                     data = fuse(name, self.read(name)).contiguous().reshape(-1).view(torch.uint8).numpy()
                     if data.nbytes != stop - start:
@@ -132,22 +131,6 @@ class SafetensorsReader(CheckpointReader):
 
     def close(self) -> None:
         self._file = None
-
-
-class _Limited:
-    """A file view that returns at most `remaining` bytes, for copyfileobj."""
-
-    def __init__(self, handle, remaining: int) -> None:
-        self._handle = handle
-        self._remaining = remaining
-
-    def read(self, size: int = -1) -> bytes:
-        if self._remaining <= 0:
-            return b""
-        size = self._remaining if size < 0 else min(size, self._remaining)
-        data = self._handle.read(size)
-        self._remaining -= len(data)
-        return data
 
 
 class SafetensorsFormat(CheckpointFormat):

@@ -27,7 +27,7 @@ import torch
 
 from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
-from .base import PIECE_MARK, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo
+from .base import PIECE_MARK, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, copy_bytes
 from .torch_pickle import STATE_DICT_KEYS
 
 METADATA = ".metadata"
@@ -167,14 +167,35 @@ class DcpReader(CheckpointReader):
         return None
 
     def write_fused(self, out: Path, fuse: Fuse) -> None:
-        shutil.copytree(self.path, out)
-        for info in self._infos:
-            if not fuse.wants(info.name):
-                continue
-            loaded = self._load_chunks(info.name)
-            fused = fuse(info.name, self._assemble(info.name, loaded))
+        self.write_shared(out)
+        wanted = [info.name for info in self._infos if fuse.wants(info.name)]
+        self._copy_around(out, self.weight_files(), [storage for name in wanted for _, storage in self._chunks[name]])
+        for name in wanted:
+            loaded = self._load_chunks(name)
+            fused = fuse(name, self._assemble(name, loaded))
             for chunk, storage, stored in loaded:
-                self._rewrite(out, info.name, storage, stored, fused[_region(chunk)])
+                self._rewrite(out, name, storage, stored, fused[_region(chunk)])
+
+    def _copy_around(self, out: Path, files: list[str], replaced: list) -> None:
+        """Copy `files` into `out`, all but the byte ranges of the `replaced` records, which are left
+        as holes for `_rewrite` to fill: every output byte is written once, and the records that are
+        rewritten are read once (to be fused), not also copied."""
+        holes: dict[str, list[tuple[int, int]]] = {}
+        for storage in replaced:
+            holes.setdefault(storage.relative_path, []).append((storage.offset, storage.offset + storage.length))
+        for relative in files:
+            source, target = member(self.path, relative, METADATA), member(out, relative, METADATA)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb") as src, open(target, "wb") as dst:
+                size = os.fstat(src.fileno()).st_size
+                dst.truncate(size)
+                position = 0
+                for start, stop in sorted(holes.get(relative, [])) + [(size, size)]:
+                    if start > position:
+                        src.seek(position)
+                        dst.seek(position)
+                        copy_bytes(src, dst, start - position)
+                    position = max(position, stop)
 
     def _rewrite(self, out: Path, name: str, storage, stored: torch.Tensor, values: torch.Tensor) -> None:
         """Put `values` into a chunk's record in the output, at its byte range in its `.distcp` file."""
@@ -241,14 +262,11 @@ class DcpPart(CheckpointReader):
         return self._whole.recorded_step()
 
     def write_fused(self, out: Path, fuse: Fuse) -> None:
-        for relative in self._files:
-            target = member(out, relative, METADATA)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(member(self.path, relative, METADATA), target)
-        for name, (_, storage) in self._pieces.items():
-            if fuse.wants(name):
-                stored = self._load(name)
-                self._whole._rewrite(out, name, storage, stored, fuse(name, stored))
+        wanted = [name for name in self._pieces if fuse.wants(name)]
+        self._whole._copy_around(out, self._files, [self._pieces[name][1] for name in wanted])
+        for name in wanted:
+            stored = self._load(name)
+            self._whole._rewrite(out, name, self._pieces[name][1], stored, fuse(name, stored))
 
     def close(self) -> None:
         self._whole.close()
