@@ -9,7 +9,7 @@ checkpoint's writer as the writer reaches it, so the output is written in one st
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +87,6 @@ def window_of(store: Store, ids: list[int], device: str, block: int | None = Non
 class TensorResult:
     counts: np.ndarray  # COUNT_COLUMNS
     bits: np.ndarray  # packed accepted mask, uint8
-    fused: torch.Tensor | None
 
 
 class Predictor:
@@ -129,8 +128,11 @@ class Predictor:
         verdict.nonfinite = unfit if verdict.nonfinite is None else verdict.nonfinite | unfit
         return verdict
 
-    def _blocks(self, entry: TensorEntry) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        for a, b, w in self.window.blocks(entry.offset, entry.offset + entry.numel):
+    def _blocks(self, entry: TensorEntry, start: int = 0, stop: int | None = None
+                ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Row blocks of elements start..stop of a tensor (positions within it): W_b and E^T W_b."""
+        stop = entry.numel if stop is None else stop
+        for a, b, w in self.window.blocks(entry.offset + start, entry.offset + stop):
             yield a - entry.offset, b - entry.offset, w, self.steps_t @ w
 
     def _ratio(self, entry: TensorEntry) -> float:
@@ -139,48 +141,87 @@ class Predictor:
             counts += self._verdict(entry, w, p).counts()
         return counts[1] / max(1, counts[0])
 
-    def run(self, entry: TensorEntry, original: torch.Tensor | None = None, stored_bits: np.ndarray | None = None,
-            lineage_slot: int | None = None) -> TensorResult:
-        """Mask (or take `stored_bits`) and, given the newest checkpoint's tensor, fuse it.
+    def stream(self, entry: TensorEntry, chunks: Iterable[torch.Tensor | None], stored_bits: np.ndarray | None = None,
+               lineage_slot: int | None = None) -> Generator[torch.Tensor | None, None, TensorResult]:
+        """Mask (or take `stored_bits`) and fuse a tensor fed as consecutive flat chunks of the newest
+        checkpoint's values, yielding each fused chunk as it is done (None chunks: mask only), so
+        that no more than a chunk of the tensor is in memory; returns the counts and packed bits.
 
         With `lineage_slot`, the fused values also go into that snapshot slot, since the
         fused state is what training resumes from (Algorithm 1, line 17).
         """
         counts = np.zeros(len(COUNT_COLUMNS), dtype=np.int64)
         ratio = self._ratio(entry) if self.options.random and stored_bits is None else None
-        flat = original.reshape(-1).clone() if original is not None else None
-        unpacked = None
-        if stored_bits is not None:
-            unpacked = np.unpackbits(stored_bits, count=entry.numel).astype(bool)
-        bits = []
-        for a, b, w, p in self._blocks(entry):
-            if unpacked is not None:
-                accepted = torch.from_numpy(unpacked[a:b])
-            else:
-                verdict = self._verdict(entry, w, p)
-                counts += verdict.counts()
-                accepted = verdict.accepted.cpu()
-                if ratio is not None:
-                    accepted = torch.from_numpy(random_accept(entry.offset + a, entry.offset + b, ratio,
-                                                              self.options.seed))
-                    if verdict.nonfinite is not None:
-                        accepted &= ~verdict.nonfinite.cpu()
-                bits.append(np.packbits(accepted.numpy()))
-            if flat is not None:
-                target = flat[a:b]
-                # w_pred(tau) = w_h + move, from the checkpoint's own w_h (exact even where the store
-                # keeps a narrower dtype than the checkpoint, as float32 for a float64 model)
-                predicted = target.to(torch.float64) + p[-2].cpu()
-                if not flat.dtype.is_floating_point:
-                    predicted = predicted.round()
-                target.copy_(torch.where(accepted, predicted.to(flat.dtype), target))
-                if lineage_slot is not None:
-                    self.window.store.write_values(lineage_slot, entry.offset + a, target)
-        if unpacked is None and ratio is not None:
-            counts[1] = int(np.unpackbits(np.concatenate(bits), count=entry.numel).sum())
-        packed = stored_bits if stored_bits is not None else (np.concatenate(bits) if bits else np.zeros(0, np.uint8))
-        fused = flat.reshape(original.shape) if flat is not None else None
-        return TensorResult(counts, packed, fused)
+        bits = BitWriter()
+        position = 0
+        for chunk in chunks:
+            width = entry.numel - position if chunk is None else chunk.numel()
+            fused = chunk.reshape(-1).clone() if chunk is not None else None
+            for a, b, w, p in self._blocks(entry, position, position + width):
+                if stored_bits is not None:
+                    accepted = torch.from_numpy(unpack_range(stored_bits, a, b))
+                else:
+                    verdict = self._verdict(entry, w, p)
+                    counts += verdict.counts()
+                    accepted = verdict.accepted.cpu()
+                    if ratio is not None:
+                        accepted = torch.from_numpy(random_accept(entry.offset + a, entry.offset + b, ratio,
+                                                                  self.options.seed))
+                        if verdict.nonfinite is not None:
+                            accepted &= ~verdict.nonfinite.cpu()
+                    bits.add(accepted.numpy())
+                if fused is not None:
+                    target = fused[a - position:b - position]
+                    # w_pred(tau) = w_h + move, from the checkpoint's own w_h (exact even where the store
+                    # keeps a narrower dtype than the checkpoint, as float32 for a float64 model)
+                    predicted = target.to(torch.float64) + p[-2].cpu()
+                    if not fused.dtype.is_floating_point:
+                        predicted = predicted.round()
+                    target.copy_(torch.where(accepted, predicted.to(fused.dtype), target))
+                    if lineage_slot is not None:
+                        self.window.store.write_values(lineage_slot, entry.offset + a, target)
+            position += width
+            yield fused
+        if position != entry.numel:
+            raise CheckpointError(f"tensor {entry.name!r} came in {position} elements, not {entry.numel}")
+        packed = stored_bits if stored_bits is not None else bits.packed()
+        if stored_bits is None and ratio is not None:
+            counts[1] = int(np.unpackbits(packed, count=entry.numel).sum())
+        return TensorResult(counts, packed)
+
+
+def _whole(steps: Iterator[torch.Tensor | None], original: torch.Tensor | None) -> torch.Tensor | None:
+    """Run a tensor's stream fed with the whole tensor as one chunk (or none) to its end; its fused values."""
+    fused = next(steps)
+    for _ in steps:  # the stream records its counts and bits when it ends
+        pass
+    return fused.reshape(original.shape) if original is not None else None
+
+
+class BitWriter:
+    """Accepted flags packed 8 to a byte as they come, in runs of any length (chunks of a tensor need
+    not end on whole bytes); the result is `np.packbits` of all of them at once."""
+
+    def __init__(self) -> None:
+        self._bytes: list[np.ndarray] = []
+        self._carry = np.zeros(0, dtype=bool)
+
+    def add(self, flags: np.ndarray) -> None:
+        joined = np.concatenate([self._carry, flags]) if self._carry.size else flags
+        whole = joined.size - joined.size % 8
+        self._bytes.append(np.packbits(joined[:whole]))
+        self._carry = joined[whole:].copy()
+
+    def packed(self) -> np.ndarray:
+        return np.concatenate(self._bytes + [np.packbits(self._carry)]) if self._bytes or self._carry.size \
+            else np.zeros(0, np.uint8)
+
+
+def unpack_range(packed: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Flags start..stop of `np.packbits` output, unpacking only the bytes that hold them."""
+    first = start // 8
+    flags = np.unpackbits(packed[first:(stop + 7) // 8])
+    return flags[start - 8 * first: stop - 8 * first].astype(bool)
 
 
 @dataclass
@@ -209,15 +250,20 @@ class _Fuser:
     """The writer's side of pass 2: which tensors are predicted, and their fused values."""
 
     index_of: dict[str, int]
-    one: Callable[[int, torch.Tensor | None], torch.Tensor | None]
+    streamed: Callable[[int, Iterable[torch.Tensor]], Generator[torch.Tensor, None, None]]
     done: set[str] = field(default_factory=set)
 
     def wants(self, name: str) -> bool:
         return name in self.index_of and name not in self.done
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return _whole(self.stream(name, [tensor]), tensor)
+
+    def stream(self, name: str, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The fused values of a tensor given in consecutive flat chunks, chunk by chunk (writers that
+        can read and write a tensor in parts use this, so that memory does not grow with it)."""
         self.done.add(name)
-        return self.one(self.index_of[name], tensor)
+        return self.streamed(self.index_of[name], chunks)
 
 
 def _output(write: Destination) -> contextlib.AbstractContextManager[Path]:
@@ -255,16 +301,18 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
     lineage_slot = write.lineage_slot if write else None
 
     with progress.task("predict + mask" + (" + write" if write else ""), store.n) as advance:
-        def one(index: int, original: torch.Tensor | None) -> torch.Tensor | None:
+        def streamed(index: int, chunks: Iterable[torch.Tensor | None]) -> Generator[torch.Tensor | None, None, None]:
             entry = store.tensors[index]
             given = None
             if stored is not None:
                 given = stored["bits"][stored["byte_offsets"][index]:stored["byte_offsets"][index + 1]]
-            result = predictor.run(entry, original, given, lineage_slot)
+            result = yield from predictor.stream(entry, chunks, given, lineage_slot)
             counts[index] = result.counts if given is None else stored["counts"][index]
             bits[index] = result.bits
             advance(entry.numel)
-            return result.fused
+
+        def one(index: int, original: torch.Tensor | None) -> torch.Tensor | None:
+            return _whole(streamed(index, [original]), original)
 
         if write is None:
             for index in range(len(store.tensors)):
@@ -274,7 +322,7 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
                 write.fused[entry.name] = one(index, write.values(entry.name))
             store.matrix.sync()
         else:
-            fuser = _Fuser(index_of, one)
+            fuser = _Fuser(index_of, streamed)
             with _output(write) as tmp, open_share(write.source, current()) as reader:
                 reader.write_fused(tmp, fuser)
                 missed = [name for name in index_of if name not in fuser.done]

@@ -11,6 +11,7 @@ was too.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -198,8 +199,14 @@ def _provenance(cand: Candidate, digest: str | None, status: str, step: int | No
                 recorded_step=step, sha256=digest, status=status, at=now())
 
 
-def _values(reader: CheckpointReader, name: str, path: Path, live: Live | None) -> torch.Tensor:
-    return live.values(name, path) if live is not None else reader.read(name).detach()
+def _values(reader: CheckpointReader, name: str, path: Path, live: Live | None) -> Iterator[torch.Tensor]:
+    """A tensor's values as consecutive flat pieces: from memory, or as the format reads them (a piece of
+    a big tensor at a time where it can)."""
+    if live is not None:
+        yield live.values(name, path).reshape(-1)
+    else:
+        for piece in reader.chunks(name):
+            yield piece.detach().reshape(-1)
 
 
 def _duplicate(store: Store | None, cand: Candidate, digest: str | None) -> dict:
@@ -235,16 +242,18 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
         slot = store.ingest_slot()
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:
-                stored = _values(reader, entry.name, path, live).reshape(-1)
-                if not _finite(stored):
-                    raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", path)
-                values = stored.to(store.torch_dtype)
-                if values.element_size() < stored.element_size() and not _finite(values):
-                    raise CheckpointError(f"tensor {entry.name!r} does not fit in this store's {store.dtype_name} "
-                                          "(made with --store-dtype); `pdt snapshot --rebuild --store-dtype float64`",
-                                          path)
-                store.write_values(slot, entry.offset, values)
-                advance(entry.numel)
+                position = 0
+                for stored in _values(reader, entry.name, path, live):
+                    if not _finite(stored):
+                        raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", path)
+                    values = stored.to(store.torch_dtype)
+                    if values.element_size() < stored.element_size() and not _finite(values):
+                        raise CheckpointError(f"tensor {entry.name!r} does not fit in this store's {store.dtype_name}"
+                                              " (made with --store-dtype); `pdt snapshot --rebuild --store-dtype "
+                                              "float64`", path)
+                    store.write_values(slot, entry.offset + position, values)
+                    position += stored.numel()
+                    advance(stored.numel())
         step = reader.recorded_step()
     if isinstance(digest, Future):
         digest = digest.result()
@@ -265,9 +274,9 @@ def _check_values(store: Store, candidates: list[Candidate], from_memory: Candid
     for cand in candidates:
         with open_share(cand.path, current()) as reader:
             for entry in store.tensors:
-                values = _values(reader, entry.name, cand.path, live if cand is from_memory else None)
-                if not _finite(values.reshape(-1)):
-                    raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", cand.path)
+                for values in _values(reader, entry.name, cand.path, live if cand is from_memory else None):
+                    if not _finite(values):
+                        raise CheckpointError(f"tensor {entry.name!r} holds NaN or Inf", cand.path)
 
 
 def _finite(values: torch.Tensor) -> bool:

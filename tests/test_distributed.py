@@ -220,7 +220,7 @@ def test_a_rank_killed_mid_pass_leaves_no_output_and_the_next_run_goes_on(tmp_pa
     _single(single)
     _reveal(tmp_path, run)
     _reveal(tmp_path, single)
-    kill = [str(Path(__file__).parent / "kill_at.py"), "pdtcli.fuse:Predictor.run", "2", "before", "--"]
+    kill = [str(Path(__file__).parent / "kill_at.py"), "pdtcli.fuse:Predictor.stream", "2", "before", "--"]
     results = launch(2, ["predict", str(run)], before_rank={1: kill}, timeout=120)
     assert results[1].returncode == -9  # SIGKILL, in the second pass
     assert results[0].returncode == 7 and "another rank stopped" in results[0].stderr

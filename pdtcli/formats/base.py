@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -33,6 +34,11 @@ DTYPES = {
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool,
 }
+
+
+# Elements of a tensor read (and written) at a time by formats that can read part of a tensor:
+# 4M elements, 16 MiB of float32, whatever the size of the tensor.
+CHUNK_ELEMENTS = 1 << 22
 
 
 class Fuse(Protocol):
@@ -107,6 +113,12 @@ class CheckpointReader(abc.ABC):
     @abc.abstractmethod
     def read(self, name: str) -> torch.Tensor:
         """One tensor on the CPU in its stored dtype."""
+
+    def chunks(self, name: str) -> Iterator[torch.Tensor]:
+        """One tensor as consecutive flat pieces of at most about `CHUNK_ELEMENTS` (where the format can
+        read part of a tensor; else the whole of it as one), so that ingest and the fused write hold no
+        more than a piece of the largest tensor."""
+        yield self.read(name).reshape(-1)
 
     @abc.abstractmethod
     def write_fused(self, out: Path, fuse: Fuse) -> None:

@@ -8,13 +8,16 @@ order, replacing predicted ones. Memory stays at one tensor, whatever the file s
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from . import base
 from .base import DTYPES, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, copy_bytes
 
 # safetensors' dtype codes, by the names of the shared table
@@ -101,6 +104,20 @@ class SafetensorsReader(CheckpointReader):
     def read(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(name)
 
+    def chunks(self, name: str) -> Iterator[torch.Tensor]:
+        """Runs of whole rows (safetensors slices along the first dimension), each at most about
+        CHUNK_ELEMENTS; a tensor whose one row is bigger comes whole."""
+        shape = [int(d) for d in self._header[name]["shape"]]
+        numel = math.prod(shape)
+        most = base.CHUNK_ELEMENTS  # read at the call, so a test can make it small
+        if len(shape) == 0 or numel <= most or numel // shape[0] > most:
+            yield self.read(name).reshape(-1)
+            return
+        rows = most // (numel // shape[0])
+        part = self._file.get_slice(name)
+        for start in range(0, shape[0], rows):
+            yield part[start:start + rows].reshape(-1)
+
     def recorded_step(self) -> int | None:
         metadata = self._header.get("__metadata__") or {}
         for key in STEP_KEYS:
@@ -123,10 +140,15 @@ class SafetensorsReader(CheckpointReader):
                     src.seek(base + start)
                     copy_bytes(src, dst, stop - start)
                 else:
-                    data = fuse(name, self.read(name)).contiguous().reshape(-1).view(torch.uint8).numpy()
-                    if data.nbytes != stop - start:
+                    pieces = fuse.stream(name, self.chunks(name)) if hasattr(fuse, "stream") else [
+                        fuse(name, self.read(name))]
+                    written = 0
+                    for piece in pieces:
+                        data = piece.contiguous().reshape(-1).view(torch.uint8).numpy()
+                        dst.write(memoryview(data))
+                        written += data.nbytes
+                    if written != stop - start:
                         raise CheckpointError(f"fused tensor {name!r} changed size", self.path)
-                    dst.write(memoryview(data))
                 position = stop
 
     def close(self) -> None:
