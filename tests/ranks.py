@@ -58,7 +58,18 @@ def launch(ranks: int, argv: list[str], *, before_rank: dict[int, list[str]] | N
     """`python -m pdtcli argv` as `ranks` processes of one process group, as torchrun would start them
     (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), without torchrun's own supervision: a rank that dies
     is not cleaned up after, so what the others do is pdt's own doing. `before_rank[r]`: rank r runs
-    `python *before_rank[r] argv` instead (`kill_at.py ... --`)."""
+    `python *before_rank[r] argv` instead (`kill_at.py ... --`). A port taken by another process
+    between choosing it and rank 0 binding it (other tests run beside this one) is chosen again."""
+    for _ in range(3):
+        results = _launch_once(ranks, argv, before_rank, timeout)
+        if not any("address already in use" in r.stderr.lower() or "eaddrinuse" in r.stderr.lower()
+                   for r in results):
+            break
+    return results
+
+
+def _launch_once(ranks: int, argv: list[str], before_rank: dict[int, list[str]] | None,
+                 timeout: float) -> list[subprocess.CompletedProcess]:
     port = str(free_port())
     procs = []
     for rank in range(ranks):
