@@ -115,7 +115,8 @@ def step(k: int, folder: Path, probe: Path) -> tuple[float, list[dict], dict]:
     procs = []
     for rank in range(k):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(k), LOCAL_WORLD_SIZE=str(k),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PDT_PROBE=str(probe), PYTHONWARNINGS="ignore")
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PDT_DISTRIBUTED="1", PDT_PROBE=str(probe),
+                   PYTHONWARNINGS="ignore")
         procs.append(subprocess.Popen([sys.executable, "-c", PROBE, "predict", str(folder), "--json"], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate() for p in procs]

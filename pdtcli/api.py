@@ -181,7 +181,7 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
     checkpoint folder and not a link, the backup in the store's backups.
     """
     settings = settings or Settings()
-    with session(target, store, settings) as s:
+    with session(target, store, settings, joins=False) as s:
         st = s.require_store()
         entry = st.latest_in_place(located(Path(path)) if path else None)
         if entry is None:
@@ -211,14 +211,14 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
     settings = Settings(lock_timeout=lock_timeout)
     root, _ = resolve_store_root(Path(target), store)
     made = parts_of(root)
-    if len(made) == 1 and not Store.exists(root) and not current().active:
+    if len(made) == 1 and not Store.exists(root):
         states = []
         for part in next(iter(made.values())):
-            with session(part, None, settings) as s:
+            with session(part, None, settings, joins=False) as s:
                 states.append(s.require_store().describe())
                 order = _tensor_order(s.require_store())
         return merge_states(states, root, order)
-    with session(target, store, settings) as s:
+    with session(target, store, settings, joins=False) as s:
         return s.require_store().describe()
 
 
@@ -295,7 +295,9 @@ def _source_of(store: Store, newest: Snapshot) -> Path:
     if not source.exists():
         raise CheckpointError("the newest checkpoint of the window is gone; its non-predicted content "
                               "cannot be carried over", source)
-    if not unchanged(source, newest.size, newest.mtime) and checkpoint_digest(source, current()) != newest.sha256:
+    # one decision for all ranks (each sees the file's times through its own filesystem client)
+    changed = any(current().gather(not unchanged(source, newest.size, newest.mtime), "checking the newest checkpoint"))
+    if changed and checkpoint_digest(source, current()) != newest.sha256:
         raise CheckpointError("the newest checkpoint changed since it was ingested; run `pdt snapshot` again", source)
     return source
 
@@ -333,7 +335,7 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
         destination.backup_to = None if recorded_backup(newest, backup) else backup
         destination.before_publish = lambda tmp: note_in_place(store, out, backup, tmp)
     _masked_pass(s, ids, options, write=destination, use_stored=use_stored)
-    size, mtime = stat_of(out)
+    size, mtime = current().gather(stat_of(out) if current().leader else None, "the output's size")[0]
     store.record_output(ids, located(out), size, mtime, destination.lineage_slot,
                         located(backup) if backup is not None else None)
     store.append_history(command, located(out))

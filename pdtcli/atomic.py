@@ -116,6 +116,7 @@ def shared_atomic_path(final: Path, world: World, prepare: Callable[[Path], None
         if world.leader:
             _publish(tmp, final)
             fsync_dir(final.parent)
+        world.agree(True, "the output published")  # no rank goes on (to stat it, to commit) before it is there
     except BaseException as exc:
         if world.leader:
             remove_path(tmp)

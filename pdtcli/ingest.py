@@ -21,6 +21,7 @@ import torch
 from .discover import Candidate, list_checkpoints, located, order_key, resolve_order
 from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError
 from .formats import CheckpointReader, TensorInfo, checkpoint_digest, open_share
+from .formats.base import PIECE_MARK
 from .identity import Digest, Hashes
 from .live import Live
 from .options import DEFAULT_HISTORY
@@ -138,6 +139,10 @@ def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path, kept_
     infos = {info.name: info for info in tensors}
     for name, shape in expected:
         info = infos.get(name)
+        if info is None and PIECE_MARK in name:
+            raise CheckpointError(f"tensor piece {name!r} of the window is missing: this checkpoint was saved by "
+                                  "another number of ranks than the window's, and a window holds one sharding: once "
+                                  "h checkpoints are saved the new way, remove the store and run pdt again", path)
         if info is None:
             raise CheckpointError(f"tensor {name!r} of the window is missing (another model?)", path)
         if list(info.shape) != shape:

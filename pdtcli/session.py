@@ -24,8 +24,18 @@ from .backups import finish_in_place
 from .discover import no_checkpoints_here
 from .errors import DistributedError, StageMissing, StoreError, UsageError
 from .options import Settings
-from .store import BACKUP_DIRNAME, LOCK_NAME, META_NAME, PART_PREFIX, STORE_DIRNAME, Store, part_name, parts_of
-from .world import World, joined
+from .store import (
+    BACKUP_DIRNAME,
+    LOCK_NAME,
+    META_NAME,
+    PART_PREFIX,
+    STORE_DIRNAME,
+    Store,
+    part_name,
+    parts_of,
+    roll_forward,
+)
+from .world import SINGLE, World, joined
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +114,16 @@ def _default_store_of(root: Path, folder: Path) -> bool:
 
 @contextlib.contextmanager
 def session(target: Path, store: Path | None, settings: Settings, *, ingests: bool = False,
-            rebuild: bool = False) -> Iterator[Session]:
+            rebuild: bool = False, joins: bool = True) -> Iterator[Session]:
     """Hold the store's lock for the whole command; under torchrun, joined to the ranks' process group
     (`world.joined`), each rank holding its own part of the store.
 
     `ingests`: the command reads checkpoints from the folder, so a folder with none is a usage
     error when there is no store yet. `rebuild`: set the store aside unread (it may be
-    damaged) and start a new one.
+    damaged) and start a new one. `joins`: under torchrun, take part in the distributed step (reports
+    and restores never do: they read or change one store as one process).
     """
-    with joined(settings.backend, settings.dist_timeout) as world:
+    with joined(settings.backend, settings.dist_timeout) if joins else contextlib.nullcontext(SINGLE) as world:
         root, folder = resolve_store_root(Path(target), store)
         root = part_root(root, world)
         with _locked(root, folder, settings, world, ingests=ingests, rebuild=rebuild) as state:
@@ -163,6 +174,8 @@ def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *
                 raise UsageError("--rebuild needs the checkpoint folder, not the store", root)
             aside = Store.set_aside(root)
             log.info("store set aside in %s for --rebuild", aside)
+        if world.active:
+            roll_forward(root, world)
         opened = Store.open(root) if Store.exists(root) else None
         if opened is not None and folder is not None and opened.folder.resolve() != folder.resolve():
             raise StoreError(f"this store belongs to another folder ({opened.folder})", root)

@@ -18,20 +18,23 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import DistributedError, UsageError
 
+log = logging.getLogger(__name__)
 BACKENDS = ("auto", "gloo", "nccl")
 DEFAULT_TIMEOUT = 600.0  # seconds a rank waits for the others at a collective
-_RANK_WORDS = re.compile(r"(\d+)")
+_RANK_WORDS = re.compile(r"([0-9]+)")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class World:
     rank: int = 0
     size: int = 1
     group: Any = field(default=None, repr=False)  # a gloo group for the small CPU collectives
+    _calls: int = field(default=0, repr=False)  # collectives so far: every rank must be at the same one
 
     @property
     def active(self) -> bool:
@@ -67,9 +71,16 @@ class World:
             return [obj]
         import torch.distributed as dist
 
+        self._calls += 1
         out: list[Any] = [None] * self.size
-        self._collective(what, lambda: dist.all_gather_object(out, obj, group=self.group))
-        return out
+        self._collective(what, lambda: dist.all_gather_object(out, (self._calls, what, obj), group=self.group))
+        behind = [(rank, call, at) for rank, (call, at, _) in enumerate(out) if (call, at) != (self._calls, what)]
+        if behind:  # a rank took another branch: stop here rather than pair unrelated collectives
+            rank, call, at = behind[0]
+            raise DistributedError(f"rank {self.rank}: the ranks are out of step (this rank at collective "
+                                   f"{self._calls}, {what}; rank {rank} at {call}, {at}): do all nodes see the same "
+                                   "folder? Nothing was committed or published")
+        return [value for _, _, value in out]
 
     def sum(self, array: np.ndarray, what: str = "a collective") -> np.ndarray:
         """The element-wise sum of `array` over ranks (int64 or float64, exact for counts)."""
@@ -113,8 +124,10 @@ class World:
 
 
 def natural_key(name: str) -> tuple:
-    """`__2_0.distcp` before `__10_0.distcp`: numbers compare as numbers."""
-    return tuple(int(part) if part.isdigit() else part for part in _RANK_WORDS.split(name))
+    """`__2_0.distcp` before `__10_0.distcp`: numbers compare as numbers (ASCII digits only; a name
+    has its numbers and its text at the same places, so every key compares with every other)."""
+    return tuple((0, int(part), "") if part.isascii() and part.isdigit() else (1, 0, part)
+                 for part in _RANK_WORDS.split(name))
 
 
 SINGLE = World()
@@ -147,6 +160,25 @@ def _share_cores() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(local)))
 
 
+def _launched_for_pdt() -> bool:
+    """Whether the launcher's variables are meant for this process: torchrun started it (its parent is
+    torchrun), or PDT_DISTRIBUTED=1 says so (another launcher). A pdt that a training worker started
+    inherits the worker's RANK and MASTER_PORT, and must not join the training's process group: it
+    runs as one process, and says why."""
+    flag = os.environ.get("PDT_DISTRIBUTED")
+    if flag is not None:
+        return flag.strip().lower() not in ("", "0", "no", "false", "off")
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        parent = ""
+    if any(mark in parent for mark in ("torchrun", "torch.distributed.run", "torch/distributed/run")):
+        return True
+    log.warning("WORLD_SIZE=%s, but this pdt was not started by torchrun: it runs as one process "
+                "(PDT_DISTRIBUTED=1 joins the process group of another launcher)", os.environ.get("WORLD_SIZE"))
+    return False
+
+
 def launched_rank() -> int:
     """RANK as a launcher set it (0 without one, or when it is not a number): who prints results."""
     text = os.environ.get("RANK", "0")
@@ -163,7 +195,7 @@ def joined(backend: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Iterator[
     """
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    if launched_size() == 1:
+    if launched_size() == 1 or not _launched_for_pdt():
         yield SINGLE
         return
     import torch

@@ -74,7 +74,7 @@ def _launch_once(ranks: int, argv: list[str], before_rank: dict[int, list[str]] 
     procs = []
     for rank in range(ranks):
         variables = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
-                         LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                         LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PDT_DISTRIBUTED="1",
                          PYTHONWARNINGS="ignore")
         command = [sys.executable, *(before_rank or {}).get(rank, ["-m", "pdtcli"]), *argv]
         procs.append(subprocess.Popen(command, env=variables, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import training
-from ranks import launch, save_dcp_by_ranks
+from ranks import free_port, launch, save_dcp_by_ranks
 
 from pdtcli.formats import open_checkpoint
 from pdtcli.formats.torch_dcp import DcpReader
@@ -248,3 +249,47 @@ def test_the_readme_torchrun_line(tmp_path, trajectory):
     expected = _single(single)
     assert json.loads(proc.stdout)["mask"]["totals"] == expected["mask"]["totals"]
     _fused_equal(single / "step_6.pdt", run / "step_6.pdt", run / "step_6")
+
+
+def test_a_rank_killed_inside_a_commit_is_brought_forward_on_the_next_run(tmp_path, trajectory):
+    """Killed after every rank has written its next records and agreed, before its own are in place:
+    the other rank has committed. The next run finishes the commit for it, and goes on as one process would."""
+    run = _folder(tmp_path, trajectory, "dcp", 2)
+    single = tmp_path / "single"
+    shutil.copytree(run, single)
+    _ranks(2, run)
+    _single(single)
+    _reveal(tmp_path, run)
+    _reveal(tmp_path, single)
+    kill = [str(Path(__file__).parent / "kill_at.py"), "pdtcli.world:World.agree", "1", "after", "--"]
+    results = launch(2, ["predict", str(run)], before_rank={1: kill}, timeout=120)
+    assert results[1].returncode == -9
+    assert results[0].returncode == 7, results[0].stderr
+    part0, part1 = parts_of(run / ".pdt")[2]
+    stores = [Store.open(part0), Store.open(part1)]
+    assert stores[0].generation == stores[1].generation + 1  # rank 0 committed; rank 1 has only its next records
+    assert (part1 / "store.h5.next").is_file()
+    for store in stores:
+        store.close()
+    assert _ranks(2, run)["status"] == "written"
+    assert not (part0 / "store.h5.next").exists() and not (part1 / "store.h5.next").exists()
+    _single(single)
+    _fused_equal(single / f"step_{EPOCHS}.pdt", run / f"step_{EPOCHS}.pdt", run / f"step_{EPOCHS}")
+
+
+def test_a_pdt_started_by_a_training_worker_runs_as_one_process(tmp_path):
+    """A pdt started from inside a torchrun worker inherits its RANK, WORLD_SIZE and MASTER_PORT; it must
+    not join (or wait for) the training's process group."""
+    run = tmp_path / "run"
+    training.train(run, 5)
+    env = dict(os.environ, RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    env.pop("PDT_DISTRIBUTED", None)
+    proc = subprocess.run([sys.executable, "-m", "pdtcli", "predict", str(run), "--json"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "not started by torchrun: it runs as one process" in proc.stderr
+    assert (run / ".pdt" / "store.h5").is_file()
+    report = subprocess.run([sys.executable, "-m", "pdtcli", "report", str(run), "--json"],
+                            env=dict(env, PDT_DISTRIBUTED="1"), capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr  # a report never joins a process group

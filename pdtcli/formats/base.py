@@ -86,8 +86,9 @@ class _Limited:
 
 
 def whole_name(name: str) -> str:
-    """The tensor a piece belongs to (a whole tensor's own name)."""
-    return name.split(PIECE_MARK, 1)[0]
+    """The tensor a piece belongs to (a whole tensor's own name, even one that holds the mark)."""
+    whole, _, at = name.rpartition(PIECE_MARK)
+    return whole if whole and at and all(w.isascii() and w.isdigit() for w in at.split(",")) else name
 
 
 def torch_dtype(dtype: np.dtype, name: str, path: Path) -> torch.dtype:

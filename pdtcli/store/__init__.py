@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..atomic import remove_path
+from ..atomic import fsync_dir, remove_path
 from ..errors import StoreError, UsageError
 from ..identity import unchanged
 from ..mask import COUNT_COLUMNS, join_pieces, tensor_rows, whole_rows
@@ -43,6 +43,7 @@ STORE_DIRNAME = ".pdt"
 META_NAME = "store.h5"
 BACKUP_DIRNAME = "backups"  # what --in-place replaced (pdtcli.backups)
 DATA_NAME = "snapshots.bin"
+NEXT_NAME = "store.h5.next"  # a distributed commit's records, written by every rank before any puts them in place
 LOCK_NAME = "lock"
 PART_PREFIX = "rank-"  # the part of a store that one rank of a distributed step keeps: rank-00001-of-00004
 # How snapshot values are kept: the torch dtype, and the NumPy type of its bytes in snapshots.bin
@@ -67,6 +68,32 @@ def parts_of(root: Path) -> dict[int, list[Path]]:
                     and (path / META_NAME).is_file():
                 found.setdefault(int(words[1]), []).append(path)
     return found
+
+
+def roll_forward(root: Path, world: World) -> None:
+    """Finish a distributed commit that a rank did not (killed after every rank had written its next
+    records, before it put its own in place): its part takes them, so all parts are at the same
+    commit. Next records of a commit the ranks never agreed on are dropped. Every rank calls this."""
+    root = Path(root)
+    committed = _generation(root / META_NAME)
+    pending = _generation(root / NEXT_NAME)
+    known = [g for g in world.gather(committed, "recovering the store") if g is not None]
+    if pending is not None and known and pending == max(known) == (committed or 0) + 1:
+        os.replace(root / NEXT_NAME, root / META_NAME)
+        fsync_dir(root)
+    else:
+        remove_path(root / NEXT_NAME)
+
+
+def _generation(path: Path) -> int | None:
+    """The commit count of a store file (0 for stores made before it was kept), None if it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        texts, _ = h5file.read(path)
+        return int(texts["state"].get("generation", 0))
+    except (StoreError, KeyError, ValueError, TypeError, AttributeError, OSError):
+        return None
 
 
 def merge_states(states: list[dict[str, Any]], root: Path, order: list[str] | None = None) -> dict[str, Any]:
@@ -145,6 +172,7 @@ class Store:
         self.every = int(state.get("every") or 0)  # its T_i
         self.files: list[str] = list(state.get("files") or [])
         self.created = state.get("created")
+        self.generation = int(state.get("generation", 0))  # commits so far: the ranks' parts must agree on it
         self.layout = layout
         self.snapshots = {int(k): Snapshot.from_dict(v) for k, v in state["snapshots"].items()}
         self.slots: list[int | None] = list(state["slots"])
@@ -275,9 +303,10 @@ class Store:
         have synced their values: a rank that failed (or died) makes the others stop here.
         """
         self.matrix.sync()
-        current().agree(True, "committing the store")
+        self.generation += 1
         state = {
             "format_version": h5file.FORMAT_VERSION, "pdt_version": __version__, "created": self.created,
+            "generation": self.generation,
             "folder": str(self.folder), "history_len": self.history_len, "order": self.order, "files": self.files,
             "start": self.start, "every": self.every,
             "capacity": self.capacity, "n": self.n, "dtype": self.dtype_name,
@@ -288,16 +317,28 @@ class Store:
             "pending_in_place": self.pending.as_dict() if self.pending else None,
         }
         texts = {"state": state, "layout": self.layout.as_dict(), "history": [h.as_dict() for h in self.history]}
-        h5file.write(self.meta_path, texts, self._arrays,
-                     (DATA_NAME, (self.capacity, self.n), self.dtype, self.dtype_name))
+        world = current()
+        matrix = (DATA_NAME, (self.capacity, self.n), self.dtype, self.dtype_name)
+        if not world.active:
+            h5file.write(self.meta_path, texts, self._arrays, matrix)
+            return
+        # two phases: every rank writes (and syncs) its next records beside the current ones; only when all
+        # have does each put them in place. A rank killed between the two finds them there on the next run
+        # (`roll_forward`), so the parts never stay a commit apart.
+        h5file.write(self.root / NEXT_NAME, texts, self._arrays, matrix)
+        world.agree(True, "committing the store")
+        os.replace(self.root / NEXT_NAME, self.meta_path)
+        fsync_dir(self.root)
 
     def close(self) -> None:
         self.matrix.close()
 
     def fingerprint(self) -> list:
-        """What every rank's part of a distributed store must share: the records' counters and window."""
-        return [self.next_id, self.next_fit, self.next_mask, self.window, len(self.history), len(self.outputs),
-                self.history_len]
+        """What every rank's part of a distributed store must share: its commits, the records' counters,
+        the slots and the window."""
+        return [self.generation, self.next_id, self.next_fit, self.next_mask, self.slots, self.window,
+                len(self.history), len(self.outputs), len(self.seen), self.history_len, self.start, self.every,
+                self.files]
 
     # ---- what the store is ------------------------------------------------------------------
     @property
