@@ -326,7 +326,11 @@ class Store:
         # have does each put them in place. A rank killed between the two finds them there on the next run
         # (`roll_forward`), so the parts never stay a commit apart.
         h5file.write(self.root / NEXT_NAME, texts, self._arrays, matrix)
-        world.agree(True, "committing the store")
+        try:
+            world.agree(True, "committing the store")
+        except BaseException:
+            remove_path(self.root / NEXT_NAME)  # a commit the ranks did not agree on (a killed rank's: next run)
+            raise
         os.replace(self.root / NEXT_NAME, self.meta_path)
         fsync_dir(self.root)
 
