@@ -125,9 +125,34 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
     """
     with joined(settings.backend, settings.dist_timeout) if joins else contextlib.nullcontext(SINGLE) as world:
         root, folder = resolve_store_root(Path(target), store)
-        root = part_root(root, world)
-        with _locked(root, folder, settings, world, ingests=ingests, rebuild=rebuild) as state:
+        part = part_root(root, world)
+        with _whole_store(root, settings, world), _locked(part, folder, settings, world, ingests=ingests,
+                                                             rebuild=rebuild) as state:
             yield state
+
+
+@contextlib.contextmanager
+def _whole_store(root: Path, settings: Settings, world: World) -> Iterator[None]:
+    """In a distributed step, rank 0 holds the store folder's own lock before any rank takes its part's:
+    two runs on one store then queue as wholes, where each could otherwise hold a part the other waits for."""
+    if not world.active:
+        yield
+        return
+    lock = lock_for(root, settings.lock_timeout) if world.leader else None
+    held = True
+    if lock is not None:
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            held = False
+    if not world.gather(held, "locking the store")[0]:
+        raise StoreError(f"locked by another pdt process (waited {settings.lock_timeout:g}s; --wait to wait "
+                         "longer)", root)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def part_root(root: Path, world: World) -> Path:

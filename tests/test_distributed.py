@@ -293,3 +293,18 @@ def test_a_pdt_started_by_a_training_worker_runs_as_one_process(tmp_path):
     report = subprocess.run([sys.executable, "-m", "pdtcli", "report", str(run), "--json"],
                             env=dict(env, PDT_DISTRIBUTED="1"), capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr  # a report never joins a process group
+
+
+def test_a_store_held_by_another_run_stops_every_rank_before_any_part_is_taken(tmp_path, trajectory):
+    """Rank 0 takes the store folder's own lock before any rank locks its part, so two runs queue as wholes."""
+    import filelock
+
+    run = _folder(tmp_path, trajectory, "dcp", 2)
+    _ranks(2, run)
+    before = _everything(run)
+    with filelock.FileLock(str(run / ".pdt" / "lock")):  # another run holds the store
+        results = launch(2, ["predict", str(run), "--wait", "0"], timeout=120)
+    for result in results:
+        assert result.returncode == 4, result.stderr
+        assert "locked by another pdt process" in result.stderr
+    assert _everything(run) == before
