@@ -212,11 +212,11 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
     root, _ = resolve_store_root(Path(target), store)
     made = parts_of(root)
     if len(made) == 1 and not Store.exists(root):
-        states = []
+        states, order = [], None
         for part in next(iter(made.values())):
             with session(part, None, settings, joins=False) as s:
                 states.append(s.require_store().describe())
-                order = _tensor_order(s.require_store())
+                order = order or _tensor_order(s.require_store())  # the same checkpoint for every part
         return merge_states(states, root, order)
     with session(target, store, settings, joins=False) as s:
         return s.require_store().describe()

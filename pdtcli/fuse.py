@@ -19,8 +19,7 @@ import torch
 from .atomic import atomic_path, shared_atomic_path
 from .dmd import accumulate_r
 from .errors import CheckpointError, UsageError
-from .formats import open_checkpoint, open_share, owned_files
-from .identity import files_of
+from .formats import open_checkpoint, open_share, own_files
 from .live import Live
 from .mask import (
     COUNT_COLUMNS,
@@ -153,6 +152,7 @@ class Predictor:
         counts = np.zeros(len(COUNT_COLUMNS), dtype=np.int64)
         ratio = self._ratio(entry) if self.options.random and stored_bits is None else None
         bits = BitWriter()
+        drawn = 0  # elements the random mask accepted
         position = 0
         for chunk in chunks:
             width = entry.numel - position if chunk is None else chunk.numel()
@@ -169,6 +169,7 @@ class Predictor:
                                                                   self.options.seed))
                         if verdict.nonfinite is not None:
                             accepted &= ~verdict.nonfinite.cpu()
+                        drawn += int(accepted.sum())
                     bits.add(accepted.numpy())
                 if fused is not None:
                     target = fused[a - position:b - position]
@@ -186,7 +187,7 @@ class Predictor:
             raise CheckpointError(f"tensor {entry.name!r} came in {position} elements, not {entry.numel}")
         packed = stored_bits if stored_bits is not None else bits.packed()
         if stored_bits is None and ratio is not None:
-            counts[1] = int(np.unpackbits(packed, count=entry.numel).sum())
+            counts[1] = drawn
         return TensorResult(counts, packed)
 
 
@@ -278,14 +279,7 @@ def _output(write: Destination) -> contextlib.AbstractContextManager[Path]:
             with open_checkpoint(write.source) as whole:
                 whole.write_shared(tmp)
 
-    def mine(tmp: Path) -> list[Path]:
-        if not write.source.is_dir():
-            return [tmp] if world.leader else []
-        with open_checkpoint(write.source) as whole:
-            is_mine = owned_files(whole, world)
-        return [f for f in files_of(tmp) if is_mine(f.relative_to(tmp).as_posix())]
-
-    return shared_atomic_path(write.path, world, prepare, mine)
+    return shared_atomic_path(write.path, world, prepare, lambda tmp: own_files(write.source, world, tmp))
 
 
 def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: dict[str, np.ndarray] | None = None,

@@ -95,6 +95,19 @@ def lock_for(root: Path, timeout: float) -> filelock.BaseFileLock:
     return filelock.FileLock(str(lock), timeout=timeout)
 
 
+_LOCKED = "locked by another pdt process (waited {wait:g}s; --wait to wait longer)"
+
+
+def _acquired(root: Path, timeout: float) -> filelock.BaseFileLock:
+    """The store folder's lock, held; a clear error when another pdt holds it past `timeout`."""
+    lock = lock_for(root, timeout)
+    try:
+        lock.acquire()
+    except filelock.Timeout as exc:
+        raise StoreError(_LOCKED.format(wait=timeout), root) from exc
+    return lock
+
+
 def clean_leftovers(root: Path, folder: Path | None) -> list[Path]:
     """Remove temporaries a killed pdt left behind (call while holding the lock)."""
     removed = sweep_temporaries(root) + sweep_temporaries(root / BACKUP_DIRNAME)
@@ -138,16 +151,14 @@ def _whole_store(root: Path, settings: Settings, world: World) -> Iterator[None]
     if not world.active:
         yield
         return
-    lock = lock_for(root, settings.lock_timeout) if world.leader else None
-    held = True
-    if lock is not None:
+    lock, problem = None, None
+    if world.leader:
         try:
-            lock.acquire()
-        except filelock.Timeout:
-            held = False
-    if not world.gather(held, "locking the store")[0]:
-        raise StoreError(f"locked by another pdt process (waited {settings.lock_timeout:g}s; --wait to wait "
-                         "longer)", root)
+            lock = _acquired(root, settings.lock_timeout)
+        except StoreError as exc:
+            problem = exc
+    if world.gather(problem is not None, "locking the store")[0]:
+        raise problem or StoreError(_LOCKED.format(wait=settings.lock_timeout), root)
     try:
         yield
     finally:
@@ -186,12 +197,7 @@ def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *
             raise UsageError(problem, folder)
     made_root = not root.exists()
     aside = None
-    lock = lock_for(root, settings.lock_timeout)
-    try:
-        lock.acquire()
-    except filelock.Timeout as exc:
-        raise StoreError(f"locked by another pdt process (waited {settings.lock_timeout:g}s; --wait to wait longer)",
-                         root) from exc
+    lock = _acquired(root, settings.lock_timeout)
     try:
         clean_leftovers(root, folder if world.leader else None)
         if rebuild:

@@ -213,7 +213,10 @@ def test_a_missing_shard_on_one_rank_stops_every_rank(tmp_path, trajectory):
     assert _everything(run) == before  # the store parts as they were; no output, no temporary
 
 
-def test_a_rank_killed_mid_pass_leaves_no_output_and_the_next_run_goes_on(tmp_path, trajectory):
+def _steady_step_with_rank_1_killed(tmp_path: Path, trajectory: dict, target: str, nth: int, when: str
+                                    ) -> tuple[Path, Path, list[subprocess.CompletedProcess]]:
+    """(the 2-rank run, its one-process copy, the ranks' results) of a steady step in which rank 1 is
+    SIGKILLed at the `nth` call of `target` (`tests/kill_at.py`); both folders have had their first step."""
     run = _folder(tmp_path, trajectory, "dcp", 2)
     single = tmp_path / "single"
     shutil.copytree(run, single)
@@ -221,8 +224,13 @@ def test_a_rank_killed_mid_pass_leaves_no_output_and_the_next_run_goes_on(tmp_pa
     _single(single)
     _reveal(tmp_path, run)
     _reveal(tmp_path, single)
-    kill = [str(Path(__file__).parent / "kill_at.py"), "pdtcli.fuse:Predictor.stream", "2", "before", "--"]
-    results = launch(2, ["predict", str(run)], before_rank={1: kill}, timeout=120)
+    kill = [str(Path(__file__).parent / "kill_at.py"), target, str(nth), when, "--"]
+    return run, single, launch(2, ["predict", str(run)], before_rank={1: kill}, timeout=120)
+
+
+def test_a_rank_killed_mid_pass_leaves_no_output_and_the_next_run_goes_on(tmp_path, trajectory):
+    run, single, results = _steady_step_with_rank_1_killed(tmp_path, trajectory, "pdtcli.fuse:Predictor.stream", 2,
+                                                           "before")
     assert results[1].returncode == -9  # SIGKILL, in the second pass
     assert results[0].returncode == 7 and "another rank stopped" in results[0].stderr
     assert len(results[0].stderr.strip().splitlines()) == 1
@@ -254,15 +262,8 @@ def test_the_readme_torchrun_line(tmp_path, trajectory):
 def test_a_rank_killed_inside_a_commit_is_brought_forward_on_the_next_run(tmp_path, trajectory):
     """Killed after every rank has written its next records and agreed, before its own are in place:
     the other rank has committed. The next run finishes the commit for it, and goes on as one process would."""
-    run = _folder(tmp_path, trajectory, "dcp", 2)
-    single = tmp_path / "single"
-    shutil.copytree(run, single)
-    _ranks(2, run)
-    _single(single)
-    _reveal(tmp_path, run)
-    _reveal(tmp_path, single)
-    kill = [str(Path(__file__).parent / "kill_at.py"), "pdtcli.world:World.agree", "1", "after", "--"]
-    results = launch(2, ["predict", str(run)], before_rank={1: kill}, timeout=120)
+    run, single, results = _steady_step_with_rank_1_killed(tmp_path, trajectory, "pdtcli.world:World.agree", 1,
+                                                           "after")
     assert results[1].returncode == -9
     assert results[0].returncode == 7, results[0].stderr
     part0, part1 = parts_of(run / ".pdt")[2]

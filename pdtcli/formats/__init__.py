@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 from .. import identity
@@ -89,12 +88,19 @@ class _NoPart(CheckpointReader):
         pass
 
 
-def owned_files(reader: CheckpointReader, world: World) -> Callable[[str], bool]:
-    """Whether a file of the checkpoint (relative name) is this rank's to read, hash and write: a weight
-    file by `world.owned`, any other file (an index, `.metadata`, optimizer state) rank 0's."""
-    weights = set(reader.weight_files())
+def own_files(checkpoint: Path, world: World, layout: Path | None = None) -> list[Path]:
+    """This rank's files of a checkpoint (to hash, or to sync once written): of a folder, its weight
+    files by `world.owned` and every other file (an index, `.metadata`, optimizer state) on rank 0;
+    a one-file checkpoint is rank 0's. `layout`: a folder laid out as `checkpoint` (an output being
+    written), whose files to list instead."""
+    where = Path(layout) if layout is not None else Path(checkpoint)
+    if not Path(checkpoint).is_dir():
+        return [where] if world.leader else []
+    with open_checkpoint(checkpoint) as reader:
+        weights = set(reader.weight_files())
     owned = set(world.owned(sorted(weights)))
-    return lambda relative: relative in owned if relative in weights else world.leader
+    return [f for f in identity.files_of(where)
+            if (rel := f.relative_to(where).as_posix()) in owned or (rel not in weights and world.leader)]
 
 
 def checkpoint_digest(path: Path, world: World) -> str:
@@ -102,13 +108,7 @@ def checkpoint_digest(path: Path, world: World) -> str:
     and the ranks' hashes are combined into one (the same on every rank)."""
     if not world.active:
         return identity.sha256_path(path)
-    path = Path(path)
-    with open_checkpoint(path) as reader:
-        is_mine = owned_files(reader, world)
-    if not path.is_dir():
-        return world.digest(identity.sha256_path(path, only=[path] if world.leader else []))
-    own = [f for f in identity.files_of(path) if is_mine(f.relative_to(path).as_posix())]
-    return world.digest(identity.sha256_path(path, only=own))
+    return world.digest(identity.sha256_path(path, only=own_files(path, world)))
 
 
 def open_share(path: Path, world: World) -> CheckpointReader:
@@ -140,7 +140,7 @@ __all__ = [
     "detect",
     "folder_format",
     "checkpoint_digest",
-    "owned_files",
+    "own_files",
     "open_checkpoint",
     "open_share",
 ]
