@@ -199,59 +199,65 @@ def peer(name: str, n: int, window: list[Path], out: Path, limit: int) -> dict:
     return {f"{name}_s": round(seconds, 2), f"{name}_peak_MiB": round(peak)}
 
 
-def run(n: int, h: int, work: Path, device: str, shape: str = "flat", dtype: str = "float32",
-        peers: tuple[str, ...] = (), peer_limit: int = 22 * 2**30) -> dict:
+def run(n: int, h: int, work: Path, devices: list[str], shape: str = "flat", dtype: str = "float32",
+        peers: tuple[str, ...] = (), peer_limit: int = 22 * 2**30) -> list[dict]:
+    """One row per device, each from a fresh store over the same window and floor."""
     n = sum(tensor_sizes(n, shape).values())  # as built (the gpt2 layout comes in whole layers)
     folder = work / f"n{n}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     paths = make_window(folder, n, h + 1, shape=shape, dtype=getattr(torch, dtype))
     extra = paths[-1]
-    hidden = extra.rename(work / extra.name)  # appears later, for the steady step
     window = paths[:h]
-    pdt = ["pdtcli", "predict", str(folder), "--json", "--device", device]
-
-    floor_s, floor_mb, _ = timed(["-c", FLOOR, *map(str, window), str(work / "floor.safetensors")])
-    first_s, first_mb, first_out = timed(pdt)
-    ratio = json.loads(first_out)["mask"]["totals"]["ratio"]
-    hidden.rename(folder / extra.name)
-    steady_s, steady_mb, steady_out = timed(pdt)
-    assert json.loads(steady_out)["status"] == "written"
-    store_mib = du_mib(folder / ".pdt")
+    floor_s, _, _ = timed(["-c", FLOOR, *map(str, window), str(work / "floor.safetensors")])
     # the floor for the steady step: the same read-window-once + write-one, over the new window
     floor2_s, floor2_mb, _ = timed(["-c", FLOOR, *map(str, paths[1:]), str(work / "floor.safetensors")])
     (work / "floor.safetensors").unlink()
-    checkpoint_mb = extra.stat().st_size / 2**20
-    row = {
-        "params": n,
-        "tensors": len(tensor_sizes(n, shape)),
-        "dtype": dtype,
-        "checkpoint_MiB": round(checkpoint_mb, 1),
-        "store_MiB": round(store_mib),
-        "floor_s": round(floor_s, 2),
-        "first_run_s": round(first_s, 2),
-        "first_over_floor": round(first_s / floor_s, 2),
-        "steady_floor_s": round(floor2_s, 2),
-        "steady_step_s": round(steady_s, 2),
-        "steady_over_floor": round(steady_s / floor2_s, 2),
-        "steady_ns_per_param": round(steady_s / n * 1e9, 1),
-        "floor_peak_MiB": round(floor2_mb),
-        "steady_peak_minus_floor_MiB": round(steady_mb - floor2_mb),
-        "mask_ratio": round(ratio, 4),
-    }
+    rows = []
+    for device in devices:
+        shutil.rmtree(folder / ".pdt", ignore_errors=True)
+        for output in folder.glob("*.pdt.*"):
+            output.unlink()
+        hidden = extra.rename(work / extra.name)  # appears later, for the steady step
+        pdt = ["pdtcli", "predict", str(folder), "--json", "--device", device]
+        first_s, _, first_out = timed(pdt)
+        ratio = json.loads(first_out)["mask"]["totals"]["ratio"]
+        hidden.rename(extra)
+        steady_s, steady_mb, steady_out = timed(pdt)
+        assert json.loads(steady_out)["status"] == "written"
+        rows.append({
+            "params": n,
+            "tensors": len(tensor_sizes(n, shape)),
+            "dtype": dtype,
+            "device": device,
+            "checkpoint_MiB": round(extra.stat().st_size / 2**20, 1),
+            "store_MiB": round(du_mib(folder / ".pdt")),
+            "floor_s": round(floor_s, 2),
+            "first_run_s": round(first_s, 2),
+            "first_over_floor": round(first_s / floor_s, 2),
+            "steady_floor_s": round(floor2_s, 2),
+            "steady_step_s": round(steady_s, 2),
+            "steady_over_floor": round(steady_s / floor2_s, 2),
+            "steady_ns_per_param": round(steady_s / n * 1e9, 1),
+            "floor_peak_MiB": round(floor2_mb),
+            "steady_peak_minus_floor_MiB": round(steady_mb - floor2_mb),
+            "mask_ratio": round(ratio, 4),
+        })
+    row = rows[0]
     for name in peers:
         row.update(peer(name, n, paths[1:], work / "peer.safetensors", peer_limit))
         if f"{name}_s" in row and isinstance(row[f"{name}_s"], float):
-            row[f"pdt_over_{name}"] = round(steady_s / row[f"{name}_s"], 2)
+            row[f"pdt_over_{name}"] = round(row["steady_step_s"] / row[f"{name}_s"], 2)
     shutil.rmtree(folder)
-    return row
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["10M", "100M"])
     parser.add_argument("--history", type=int, default=5)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", nargs="+", default=["auto"],
+                        help="one row per device over the same window (cpu cuda: both, side by side)")
     parser.add_argument("--shape", choices=("flat", "gpt2"), default="flat",
                         help="4 tensors, or GPT-2 small's 148-tensor layout (scaled in layers)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
@@ -261,13 +267,13 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="pdt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}, h = {args.history}, "
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {' '.join(args.device)}, h = {args.history}, "
           f"{args.shape} layout, {args.dtype}")
     rows = []
     for size in args.sizes:  # each row as soon as it is measured: a long run is read while it goes
-        rows.append(run(parse_size(size), args.history, work, args.device, args.shape, args.dtype,
-                        tuple(args.peers)))
-        print(json.dumps(rows[-1]), flush=True)
+        for row in run(parse_size(size), args.history, work, args.device, args.shape, args.dtype, tuple(args.peers)):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     keys = list(dict.fromkeys(k for row in rows for k in row))
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

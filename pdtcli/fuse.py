@@ -69,7 +69,9 @@ class Window:
         for a in range(start, stop, self.block):
             b = min(stop, a + self.block)
             values = self.store.values(self.store.matrix.read(self.slots, a, b, out=self._buffer))
-            yield a, b, values.to(device=self.device, dtype=torch.float64, copy=True)
+            # moved in the store's dtype and widened on the device: torch would widen a host tensor on the
+            # host first, sending twice the bytes (the same single copy on a CPU)
+            yield a, b, values.to(self.device).to(torch.float64, copy=True)
 
     def qr_factor(self) -> np.ndarray:
         """Pass 1: R of W = QR over the whole window."""
@@ -135,9 +137,7 @@ class Predictor:
             yield a - entry.offset, b - entry.offset, w, self.steps_t @ w
 
     def _ratio(self, entry: TensorEntry) -> float:
-        counts = np.zeros(len(COUNT_COLUMNS), dtype=np.int64)
-        for _, _, w, p in self._blocks(entry):
-            counts += self._verdict(entry, w, p).counts()
+        counts = sum(self._verdict(entry, w, p).tallies() for _, _, w, p in self._blocks(entry)).cpu().numpy()
         return counts[1] / max(1, counts[0])
 
     def stream(self, entry: TensorEntry, chunks: Iterable[torch.Tensor | None], stored_bits: np.ndarray | None = None,
@@ -148,8 +148,13 @@ class Predictor:
 
         With `lineage_slot`, the fused values also go into that snapshot slot, since the
         fused state is what training resumes from (Algorithm 1, line 17).
+
+        On a GPU a block's work stays there: its counts are added up there and read once per tensor,
+        and the only transfers are the ones streaming needs (the window and the chunk in, the fused
+        values and the accepted flags out).
         """
-        counts = np.zeros(len(COUNT_COLUMNS), dtype=np.int64)
+        device = self.window.device
+        tallies = torch.zeros(len(COUNT_COLUMNS), dtype=torch.int64, device=device)
         ratio = self._ratio(entry) if self.options.random and stored_bits is None else None
         bits = BitWriter()
         drawn = 0  # elements the random mask accepted
@@ -159,26 +164,27 @@ class Predictor:
             fused = chunk.reshape(-1).clone() if chunk is not None else None
             for a, b, w, p in self._blocks(entry, position, position + width):
                 if stored_bits is not None:
-                    accepted = torch.from_numpy(unpack_range(stored_bits, a, b))
+                    accepted = torch.from_numpy(unpack_range(stored_bits, a, b)).to(device)
                 else:
                     verdict = self._verdict(entry, w, p)
-                    counts += verdict.counts()
-                    accepted = verdict.accepted.cpu()
+                    tallies += verdict.tallies()
+                    accepted = verdict.accepted
                     if ratio is not None:
                         accepted = torch.from_numpy(random_accept(entry.offset + a, entry.offset + b, ratio,
-                                                                  self.options.seed))
+                                                                  self.options.seed)).to(device)
                         if verdict.nonfinite is not None:
-                            accepted &= ~verdict.nonfinite.cpu()
+                            accepted &= ~verdict.nonfinite
                         drawn += int(accepted.sum())
-                    bits.add(accepted.numpy())
+                    bits.add(accepted.cpu().numpy())
                 if fused is not None:
                     target = fused[a - position:b - position]
+                    here = target.to(device)
                     # w_pred(tau) = w_h + move, from the checkpoint's own w_h (exact even where the store
                     # keeps a narrower dtype than the checkpoint, as float32 for a float64 model)
-                    predicted = target.to(torch.float64) + p[-2].cpu()
+                    predicted = here.to(torch.float64) + p[-2]
                     if not fused.dtype.is_floating_point:
                         predicted = predicted.round()
-                    target.copy_(torch.where(accepted, predicted.to(fused.dtype), target))
+                    target.copy_(torch.where(accepted, predicted.to(fused.dtype), here))
                     if lineage_slot is not None:
                         self.window.store.write_values(lineage_slot, entry.offset + a, target)
             position += width
@@ -186,6 +192,7 @@ class Predictor:
         if position != entry.numel:
             raise CheckpointError(f"tensor {entry.name!r} came in {position} elements, not {entry.numel}")
         packed = stored_bits if stored_bits is not None else bits.packed()
+        counts = tallies.cpu().numpy()
         if stored_bits is None and ratio is not None:
             counts[1] = drawn
         return TensorResult(counts, packed)

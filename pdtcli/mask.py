@@ -68,10 +68,16 @@ class BlockVerdict:
     fail_sign: torch.Tensor
     nonfinite: torch.Tensor | None  # None: every prediction is known to be finite
 
+    def tallies(self) -> torch.Tensor:
+        """The COUNT_COLUMNS of the block as an int64 tensor on its device: added up over a tensor's
+        blocks and read once, so that a GPU is not waited for at every block."""
+        nonfinite = self.accepted.new_zeros(0) if self.nonfinite is None else self.nonfinite
+        columns = (self.accepted, self.fail_lower, self.fail_upper, self.fail_sign, nonfinite)
+        elements = self.accepted.new_full((), self.accepted.numel(), dtype=torch.int64)
+        return torch.stack([elements] + [c.sum() for c in columns])
+
     def counts(self) -> np.ndarray:
-        columns = (self.accepted, self.fail_lower, self.fail_upper, self.fail_sign)
-        nonfinite = 0 if self.nonfinite is None else int(self.nonfinite.sum())
-        return np.array([self.accepted.numel()] + [int(c.sum()) for c in columns] + [nonfinite], dtype=np.int64)
+        return self.tallies().cpu().numpy()
 
 
 def step_matrix(coefficients: np.ndarray) -> np.ndarray:
