@@ -84,12 +84,6 @@ def window_of(store: Store, ids: list[int], device: str, block: int | None = Non
     return Window(store, [store.slot_of(i) for i in ids], chosen, block or DEFAULT_BLOCK[chosen.type])
 
 
-@dataclass
-class TensorResult:
-    counts: np.ndarray  # COUNT_COLUMNS
-    bits: np.ndarray  # packed accepted mask, uint8
-
-
 class Predictor:
     """Pass 2, one tensor at a time: P = W_b C, the mask, and the fused values."""
 
@@ -140,11 +134,14 @@ class Predictor:
         counts = sum(self._verdict(entry, w, p).tallies() for _, _, w, p in self._blocks(entry)).cpu().numpy()
         return counts[1] / max(1, counts[0])
 
-    def stream(self, entry: TensorEntry, chunks: Iterable[torch.Tensor | None], stored_bits: np.ndarray | None = None,
-               lineage_slot: int | None = None) -> Generator[torch.Tensor | None, None, TensorResult]:
+    def stream(self, entry: TensorEntry, chunks: Iterable[torch.Tensor | None], bits: np.ndarray,
+               stored_bits: np.ndarray | None = None, lineage_slot: int | None = None
+               ) -> Generator[torch.Tensor | None, None, np.ndarray]:
         """Mask (or take `stored_bits`) and fuse a tensor fed as consecutive flat chunks of the newest
         checkpoint's values, yielding each fused chunk as it is done (None chunks: mask only), so
-        that no more than a chunk of the tensor is in memory; returns the counts and packed bits.
+        that no more than a chunk of the tensor is in memory. The accepted flags go packed into `bits`
+        (ceil(numel / 8) bytes: the tensor's place in the mask of the whole model, so that the mask is
+        held once); returns the counts.
 
         With `lineage_slot`, the fused values also go into that snapshot slot, since the
         fused state is what training resumes from (Algorithm 1, line 17).
@@ -156,7 +153,7 @@ class Predictor:
         device = self.window.device
         tallies = torch.zeros(len(COUNT_COLUMNS), dtype=torch.int64, device=device)
         ratio = self._ratio(entry) if self.options.random and stored_bits is None else None
-        bits = BitWriter()
+        packer = BitWriter(bits)
         drawn = 0  # elements the random mask accepted
         position = 0
         for chunk in chunks:
@@ -175,7 +172,7 @@ class Predictor:
                         if verdict.nonfinite is not None:
                             accepted &= ~verdict.nonfinite
                         drawn += int(accepted.sum())
-                    bits.add(accepted.cpu().numpy())
+                    packer.add(accepted.cpu().numpy())
                 if fused is not None:
                     target = fused[a - position:b - position]
                     here = target.to(device)
@@ -191,11 +188,14 @@ class Predictor:
             yield fused
         if position != entry.numel:
             raise CheckpointError(f"tensor {entry.name!r} came in {position} elements, not {entry.numel}")
-        packed = stored_bits if stored_bits is not None else bits.packed()
+        if stored_bits is None:
+            packer.close()
+        elif stored_bits is not bits:
+            bits[:] = stored_bits
         counts = tallies.cpu().numpy()
         if stored_bits is None and ratio is not None:
             counts[1] = drawn
-        return TensorResult(counts, packed)
+        return counts
 
 
 def _whole(steps: Iterator[torch.Tensor | None], original: torch.Tensor | None) -> torch.Tensor | None:
@@ -207,22 +207,29 @@ def _whole(steps: Iterator[torch.Tensor | None], original: torch.Tensor | None) 
 
 
 class BitWriter:
-    """Accepted flags packed 8 to a byte as they come, in runs of any length (chunks of a tensor need
-    not end on whole bytes); the result is `np.packbits` of all of them at once."""
+    """Accepted flags packed 8 to a byte into `out` as they come, in runs of any length (chunks of a
+    tensor need not end on whole bytes); once closed, `out` holds `np.packbits` of all of them."""
 
-    def __init__(self) -> None:
-        self._bytes: list[np.ndarray] = []
+    def __init__(self, out: np.ndarray) -> None:
+        self.out = out
+        self._at = 0
         self._carry = np.zeros(0, dtype=bool)
 
     def add(self, flags: np.ndarray) -> None:
         joined = np.concatenate([self._carry, flags]) if self._carry.size else flags
         whole = joined.size - joined.size % 8
-        self._bytes.append(np.packbits(joined[:whole]))
+        self._put(np.packbits(joined[:whole]))
         self._carry = joined[whole:].copy()
 
-    def packed(self) -> np.ndarray:
-        return np.concatenate(self._bytes + [np.packbits(self._carry)]) if self._bytes or self._carry.size \
-            else np.zeros(0, np.uint8)
+    def close(self) -> None:
+        if self._carry.size:
+            self._put(np.packbits(self._carry))
+        if self._at != self.out.size:
+            raise ValueError(f"packed {self._at} bytes of flags into a place for {self.out.size}")
+
+    def _put(self, packed: np.ndarray) -> None:
+        self.out[self._at:self._at + packed.size] = packed
+        self._at += packed.size
 
 
 def unpack_range(packed: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -298,18 +305,20 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
     predictor = Predictor(window, store.coefficients, options, np.linalg.norm(store.qr_factor, axis=0))
     index_of = {entry.name: index for index, entry in enumerate(store.tensors)}
     counts = np.zeros((len(store.tensors), len(COUNT_COLUMNS)), dtype=np.int64)
-    bits: list[np.ndarray] = [np.zeros(0, np.uint8)] * len(store.tensors)
+    if stored is not None:  # the stored mask is the result: it is used in place, not copied
+        bits, offsets = stored["bits"], stored["byte_offsets"]
+    else:
+        offsets = np.concatenate([[0], np.cumsum([-(-entry.numel // 8) for entry in store.tensors])]).astype(np.int64)
+        bits = np.zeros(int(offsets[-1]), np.uint8)
     lineage_slot = write.lineage_slot if write else None
 
     with progress.task("predict + mask" + (" + write" if write else ""), store.n) as advance:
         def streamed(index: int, chunks: Iterable[torch.Tensor | None]) -> Generator[torch.Tensor | None, None, None]:
             entry = store.tensors[index]
-            given = None
-            if stored is not None:
-                given = stored["bits"][stored["byte_offsets"][index]:stored["byte_offsets"][index + 1]]
-            result = yield from predictor.stream(entry, chunks, given, lineage_slot)
-            counts[index] = result.counts if given is None else stored["counts"][index]
-            bits[index] = result.bits
+            place = bits[offsets[index]:offsets[index + 1]]
+            given = place if stored is not None else None
+            tallied = yield from predictor.stream(entry, chunks, place, given, lineage_slot)
+            counts[index] = tallied if given is None else stored["counts"][index]
             advance(entry.numel)
 
         def one(index: int, original: torch.Tensor | None) -> torch.Tensor | None:
@@ -330,5 +339,4 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
                 if missed:  # never publish (or store a mask for) an output that lacks a predicted tensor
                     raise CheckpointError(f"the writer never reached tensor {missed[0]!r} of the window", write.source)
             store.matrix.sync()
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in bits])]).astype(np.int64)
-    return PassResult(counts, np.concatenate(bits) if bits else np.zeros(0, np.uint8), offsets)
+    return PassResult(counts, bits, offsets)

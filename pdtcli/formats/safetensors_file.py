@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointError
+from ..rawio import read_into
 from . import base
 from .base import DTYPES, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, copy_bytes
 
@@ -87,10 +88,7 @@ class SafetensorsReader(CheckpointReader):
             ((name, entry) for name, entry in self._header.items() if name != "__metadata__"),
             key=lambda item: item[1]["data_offsets"][0],
         )
-        try:
-            self._file = safe_open(str(self.path), framework="pt")
-        except Exception as exc:  # the library raises its own error types
-            raise CheckpointError(f"cannot open safetensors file ({exc})", self.path) from exc
+        self._fd: int | None = None
 
     def tensors(self) -> list[TensorInfo]:
         infos = []
@@ -101,22 +99,33 @@ class SafetensorsReader(CheckpointReader):
             infos.append(TensorInfo(name, tuple(entry["shape"]), dtype))
         return infos
 
+    def _elements(self, name: str, first: int, last: int) -> torch.Tensor:
+        """Elements first..last of a tensor in its flat order, read by byte range (the header's offsets
+        were checked against the file's size when it was opened)."""
+        entry = self._header[name]
+        dtype = _DTYPES[entry["dtype"]]
+        out = torch.empty(last - first, dtype=dtype)
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read: {exc.strerror}", self.path) from exc
+        position = 8 + self._header_len + entry["data_offsets"][0] + first * dtype.itemsize
+        if out.numel() and not read_into(self._fd, memoryview(out.view(torch.uint8).numpy()), position):
+            raise CheckpointError(f"truncated: tensor {name!r} runs past the end of the file", self.path)
+        return out
+
     def read(self, name: str) -> torch.Tensor:
-        return self._file.get_tensor(name)
+        shape = tuple(int(d) for d in self._header[name]["shape"])
+        return self._elements(name, 0, math.prod(shape)).reshape(shape)
 
     def chunks(self, name: str) -> Iterator[torch.Tensor]:
-        """Runs of whole rows (safetensors slices along the first dimension), each at most about
-        CHUNK_ELEMENTS; a tensor whose one row is bigger comes whole."""
-        shape = [int(d) for d in self._header[name]["shape"]]
-        numel = math.prod(shape)
+        """Consecutive runs of at most CHUNK_ELEMENTS elements, so that memory does not grow with the
+        tensor (pass 2 and ingest take flat pieces of any length)."""
+        numel = math.prod(int(d) for d in self._header[name]["shape"])
         most = base.CHUNK_ELEMENTS  # read at the call, so a test can make it small
-        if len(shape) == 0 or numel <= most or numel // shape[0] > most:
-            yield self.read(name).reshape(-1)
-            return
-        rows = most // (numel // shape[0])
-        part = self._file.get_slice(name)
-        for start in range(0, shape[0], rows):
-            yield part[start:start + rows].reshape(-1)
+        for start in range(0, max(numel, 1), most):
+            yield self._elements(name, start, min(numel, start + most))
 
     def recorded_step(self) -> int | None:
         metadata = self._header.get("__metadata__") or {}
@@ -152,7 +161,9 @@ class SafetensorsReader(CheckpointReader):
                 position = stop
 
     def close(self) -> None:
-        self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class SafetensorsFormat(CheckpointFormat):

@@ -104,6 +104,7 @@ def checksum(records: dict[str, Any]) -> str:
         else:
             array = np.ascontiguousarray(value)
             digest.update(f"{array.dtype.str}{array.shape}".encode())
-            digest.update(array.tobytes())
+            if array.size:  # the bytes in place, not a copy of a large mask
+                digest.update(memoryview(array).cast("B"))
         digest.update(b"\0")
     return digest.hexdigest()

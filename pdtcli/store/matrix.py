@@ -14,6 +14,7 @@ import numpy as np
 
 from ..atomic import remove_path
 from ..errors import StoreError
+from ..rawio import read_into
 
 
 class SnapshotMatrix:
@@ -71,13 +72,8 @@ class SnapshotMatrix:
             out = np.empty((len(slots), width), dtype=self.dtype)
         fd = self._handle()
         for row, slot in enumerate(slots):
-            view = memoryview(out[row, :width]).cast("B")
-            position = self._position(slot, start)
-            while view:
-                got = os.preadv(fd, [view], position)
-                if got == 0:
-                    raise StoreError("snapshot matrix ended early", self.path)
-                view, position = view[got:], position + got
+            if not read_into(fd, memoryview(out[row, :width]), self._position(slot, start)):
+                raise StoreError("snapshot matrix ended early", self.path)
         return out[:, :width]
 
     def sync(self) -> None:
