@@ -22,6 +22,7 @@ import training
 from conftest import digest_tree
 from typer.testing import CliRunner
 
+from pdtcli import rawio
 from pdtcli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,3 +233,30 @@ def test_sigkill_at_any_point_leaves_inputs_store_and_outputs_valid(tmp_path, in
         assert inputs["e_6.pt"] in digest_tree(backups).values()
         assert pdt("restore", folder)[0] == 0
         assert digest_tree(folder) == inputs
+
+
+def test_disk_full_on_the_writing_thread_leaves_no_output_and_a_valid_store(safetensors_run, monkeypatch):
+    """The fused file is written by a thread beside pass 2 (`rawio.WriteBehind`): its failure must stop
+    the step as one in the main thread would."""
+    assert pdt("snapshot", safetensors_run)[0] == 0
+
+    class FillsUp:
+        def __init__(self, file) -> None:
+            self.file, self.room = file, 3000  # the header and a few rows fit, then the disk is full
+
+        def write(self, data) -> None:
+            size = memoryview(data).nbytes
+            if size > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= size
+            self.file.write(data)
+
+    start = rawio.WriteBehind.__init__
+    monkeypatch.setattr(rawio.WriteBehind, "__init__", lambda self, dst, depth=2: start(self, FillsUp(dst), depth))
+    before = digest_tree(safetensors_run)
+    code, output = pdt("predict", safetensors_run)
+    assert code == 5 and "No space left on device" in output and ".pdt.safetensors" in output
+    assert digest_tree(safetensors_run) == before  # no output, no temporary left behind
+    monkeypatch.undo()
+    code, output = pdt("predict", safetensors_run, "--json")
+    assert code == 0 and json.loads(output)["status"] == "written"

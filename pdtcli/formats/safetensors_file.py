@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..rawio import read_into
+from ..rawio import WriteBehind, read_into
 from . import base
 from .base import DTYPES, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, copy_bytes
 
@@ -136,7 +136,7 @@ class SafetensorsReader(CheckpointReader):
         return None
 
     def write_fused(self, out: Path, fuse: Fuse) -> None:
-        with open(self.path, "rb") as src, open(out, "wb") as dst:
+        with open(self.path, "rb") as src, open(out, "wb") as file, WriteBehind(file) as dst:
             copy_bytes(src, dst, 8 + self._header_len)
             base = 8 + self._header_len
             position = 0
