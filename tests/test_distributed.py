@@ -21,7 +21,10 @@ import pytest
 import torch
 import training
 from ranks import free_port, launch, save_dcp_by_ranks
+from typer.testing import CliRunner
 
+import pdtcli.formats.base as base
+from pdtcli.cli import app
 from pdtcli.formats import open_checkpoint
 from pdtcli.formats.torch_dcp import DcpReader
 from pdtcli.store import Store, parts_of
@@ -309,3 +312,35 @@ def test_a_store_held_by_another_run_stops_every_rank_before_any_part_is_taken(t
         assert result.returncode == 4, result.stderr
         assert "locked by another pdt process" in result.stderr
     assert _everything(run) == before
+
+
+def test_one_process_reads_and_fuses_a_dcp_sharded_by_rows_a_chunk_at_a_time(tmp_path, trajectory, monkeypatch):
+    """Tensors that 2 ranks saved by rows are read and fused per chunk and per piece (20 elements, ending
+    inside a byte of the mask): outputs, store and masks byte-identical to assembling each tensor whole."""
+    run = _folder(tmp_path, trajectory, "dcp", 2)
+    with DcpReader(run / "step_1") as reader:
+        assert all(reader._rows(info.name) is not None and len(reader._rows(info.name)) == 2
+                   for info in reader.tensors() if info.shape and info.shape[0] >= 2)
+    whole = tmp_path / "whole"
+    shutil.copytree(run, whole)
+    results = {}
+    for folder, by_chunks in ((run, True), (whole, False)):
+        with monkeypatch.context() as patch:
+            if by_chunks:
+                patch.setattr(base, "CHUNK_ELEMENTS", 20)
+            else:
+                patch.setattr(DcpReader, "_rows", lambda self, name: None)
+            steps = []
+            for step in ("first", "steady"):
+                if step == "steady":
+                    _reveal(tmp_path, folder)
+                result = CliRunner().invoke(app, ["predict", str(folder), "--json"])
+                assert result.exit_code == 0, result.output
+                steps.append(json.loads(result.output))
+        results[by_chunks] = steps
+    for chunked, assembled in zip(results[True], results[False], strict=True):
+        assert chunked["mask"]["totals"] == assembled["mask"]["totals"]
+        assert chunked.get("tensors") == assembled.get("tensors")
+    for name in ("step_6.pdt", f"step_{EPOCHS}.pdt"):
+        assert _everything(run / name) == _everything(whole / name)
+    assert (run / ".pdt" / "snapshots.bin").read_bytes() == (whole / ".pdt" / "snapshots.bin").read_bytes()

@@ -11,22 +11,27 @@ A tensor is the union of its chunks (one per rank that held a shard), each a `to
 record at a byte range of one `.distcp` file. The fused folder is a byte copy of the
 input with each predicted chunk's record rewritten in place; a record re-saved with the
 same shape, strides and dtype has the same length, so `.metadata` stays valid unchanged.
+A tensor sharded along its first dimension (as FSDP saves) is read and fused one chunk at a
+time, so memory holds one writer's shard of it, not the whole tensor.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import io
 import os
 import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
+from . import base
 from .base import PIECE_MARK, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, copy_bytes
 from .torch_pickle import STATE_DICT_KEYS
 
@@ -151,6 +156,41 @@ class DcpReader(CheckpointReader):
     def read(self, name: str) -> torch.Tensor:
         return self._assemble(name, self._load_chunks(name))
 
+    def _rows(self, name: str) -> list[tuple[object, object]] | None:
+        """The tensor's chunks in order when each holds whole rows (sharded along the first dimension, as
+        FSDP saves it), so that each is a run of the flat tensor and the tensor can be read and fused
+        one chunk at a time; None for other layouts (they are assembled whole)."""
+        shape = tuple(self._by_name[name].shape)
+        if not shape:
+            return None
+        ordered = sorted(self._chunks[name], key=lambda item: tuple(item[0].offsets))
+        row = 0
+        for chunk, _ in ordered:
+            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+            if len(offsets) != len(shape) or offsets[0] != row or any(offsets[1:]) or sizes[1:] != shape[1:]:
+                return None
+            row += sizes[0]
+        return ordered if row == shape[0] else None
+
+    def _chunk_record(self, name: str, chunk, storage) -> torch.Tensor:
+        tensor = self._load_record(name, storage)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes):
+            raise CheckpointError(f"the record of {name!r} is not a tensor of its chunk's size", self.path)
+        return tensor
+
+    def chunks(self, name: str) -> Iterator[torch.Tensor]:
+        """A tensor sharded by rows comes a chunk's piece at a time, so that at most one chunk (one writer
+        rank's shard) is in memory; other layouts come whole."""
+        ordered = self._rows(name)
+        if ordered is None:
+            yield self.read(name).reshape(-1)
+            return
+        most = base.CHUNK_ELEMENTS
+        for chunk, storage in ordered:
+            flat = self._chunk_record(name, chunk, storage).reshape(-1)
+            for start in range(0, flat.numel(), most):
+                yield flat[start:start + most]
+
     def recorded_step(self) -> int | None:
         """A top-level `step`/`epoch` entry, loaded as data only; the DCP bytes records are torch.save output."""
         for key in STEP_KEYS:
@@ -171,10 +211,40 @@ class DcpReader(CheckpointReader):
         wanted = [info.name for info in self._infos if fuse.wants(info.name)]
         self._copy_around(out, self.weight_files(), [storage for name in wanted for _, storage in self._chunks[name]])
         for name in wanted:
+            ordered = self._rows(name)
+            if ordered is not None and hasattr(fuse, "stream"):
+                self._fuse_by_chunks(out, name, ordered, fuse)
+                continue
             loaded = self._load_chunks(name)
             fused = fuse(name, self._assemble(name, loaded))
             for chunk, storage, stored in loaded:
-                self._rewrite(out, name, storage, stored, fused[_region(chunk)])
+                stored.copy_(fused[_region(chunk)])  # keeps the record's strides, so its length
+                self._rewrite(out, name, storage, stored)
+
+    def _fuse_by_chunks(self, out: Path, name: str, ordered: list, fuse: Fuse) -> None:
+        """Fuse a tensor sharded by rows piece by piece, rewriting each chunk's record once its last piece
+        is fused: memory holds one chunk, not the tensor."""
+        pending: collections.deque = collections.deque()
+        most = base.CHUNK_ELEMENTS
+
+        def pieces() -> Iterator[torch.Tensor]:
+            for chunk, storage in ordered:
+                stored = self._chunk_record(name, chunk, storage)
+                flat = stored.reshape(-1)  # a view, or a copy of a record saved with other strides
+                if flat.numel() == 0:
+                    self._rewrite(out, name, storage, stored)
+                for start in range(0, flat.numel(), most):
+                    stop = min(flat.numel(), start + most)
+                    pending.append((storage, stored, flat, stop))
+                    yield flat[start:stop]
+
+        for fused in fuse.stream(name, pieces()):
+            storage, stored, flat, stop = pending.popleft()
+            flat[stop - fused.numel():stop].copy_(fused)
+            if stop == flat.numel():
+                if flat.data_ptr() != stored.data_ptr():
+                    stored.copy_(flat.view(stored.shape))
+                self._rewrite(out, name, storage, stored)
 
     def _copy_around(self, out: Path, files: list[str], replaced: list) -> None:
         """Copy `files` into `out`, all but the byte ranges of the `replaced` records, which are left
@@ -197,9 +267,8 @@ class DcpReader(CheckpointReader):
                         copy_bytes(src, dst, start - position)
                     position = max(position, stop)
 
-    def _rewrite(self, out: Path, name: str, storage, stored: torch.Tensor, values: torch.Tensor) -> None:
-        """Put `values` into a chunk's record in the output, at its byte range in its `.distcp` file."""
-        stored.copy_(values)  # keeps the record's strides, so its length
+    def _rewrite(self, out: Path, name: str, storage, stored: torch.Tensor) -> None:
+        """Save a chunk's record, which now holds the fused values, at its byte range in its `.distcp` file."""
         buffer = io.BytesIO()
         torch.save(stored, buffer)
         if buffer.tell() != storage.length:
@@ -250,10 +319,7 @@ class DcpPart(CheckpointReader):
 
     def _load(self, name: str) -> torch.Tensor:
         chunk, storage = self._pieces[name]
-        tensor = self._whole._load_record(name, storage)
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes):
-            raise CheckpointError(f"the record of {name!r} is not a tensor of its chunk's size", self.path)
-        return tensor
+        return self._whole._chunk_record(name, chunk, storage)
 
     def read(self, name: str) -> torch.Tensor:
         return self._load(name)
@@ -266,7 +332,8 @@ class DcpPart(CheckpointReader):
         self._whole._copy_around(out, self._files, [self._pieces[name][1] for name in wanted])
         for name in wanted:
             stored = self._load(name)
-            self._whole._rewrite(out, name, self._pieces[name][1], stored, fuse(name, stored))
+            stored.copy_(fuse(name, stored))
+            self._whole._rewrite(out, name, self._pieces[name][1], stored)
 
     def close(self) -> None:
         self._whole.close()
