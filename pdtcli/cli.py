@@ -91,6 +91,7 @@ Order = Annotated[Optional[str], flag("order")]
 StoreDtype = Annotated[Optional[str], flag("store_dtype")]
 Device = Annotated[str, flag("device")]
 Block = Annotated[Optional[int], flag("block")]
+Threads = Annotated[Optional[int], flag("threads")]
 Wait = Annotated[float, flag("wait")]
 Backend = Annotated[str, flag("backend")]
 DistTimeout = Annotated[float, flag("dist_timeout")]
@@ -223,8 +224,9 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
             rank: Rank = None, rtol: Rtol = D["rtol"], criteria: Criteria = D["criteria"], random: Random = False,
             seed: Seed = D["seed"], include: Include = None, exclude: Exclude = None, store_dtype: StoreDtype = None,
             order: Order = None, files: Files = None, device: Device = D["device"], block: Block = D["block"],
-            wait: Wait = D["wait"], backend: Backend = D["backend"], dist_timeout: DistTimeout = D["dist_timeout"],
-            json_out: Json = False, strict: Strict = False, verbose: Verbose = False) -> None:
+            threads: Threads = None, wait: Wait = D["wait"], backend: Backend = D["backend"],
+            dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False, strict: Strict = False,
+            verbose: Verbose = False) -> None:
     """Ingest new checkpoints, fit DMD, mask, and write the fused checkpoint next to the newest.
 
     Examples:
@@ -239,10 +241,10 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
       a sharded checkpoint; see the README)
     """
     with errors_as_exit(json_out):
-        s = settings(json_out, verbose, device=device, block=block, wait=wait, history=history, include=include,
-                     exclude=exclude, store_dtype=store_dtype, order=order, files=files, tau=tau, modes=modes,
-                     rank=rank, rtol=rtol, criteria=criteria, random=random, seed=seed, start=start, every=every,
-                     backend=backend, dist_timeout=dist_timeout)
+        s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, history=history,
+                     include=include, exclude=exclude, store_dtype=store_dtype, order=order, files=files, tau=tau,
+                     modes=modes, rank=rank, rtol=rtol, criteria=criteria, random=random, seed=seed, start=start,
+                     every=every, backend=backend, dist_timeout=dist_timeout)
         result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, in_place=in_place,
                              settings=s)
         finish(result, json_out=json_out, strict=strict)
@@ -250,7 +252,8 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
 
 @app.command("mask")
 def mask_cmd(target: Target, store: Store = None, criteria: Criteria = D["criteria"], random: Random = False,
-             seed: Seed = D["seed"], device: Device = D["device"], block: Block = D["block"], wait: Wait = D["wait"],
+             seed: Seed = D["seed"], device: Device = D["device"], block: Block = D["block"], threads: Threads = None,
+             wait: Wait = D["wait"],
              backend: Backend = D["backend"], dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False,
              verbose: Verbose = False) -> None:
     """Mask again from the stored fit with other settings (the paper's ablations); no new fit.
@@ -262,22 +265,22 @@ def mask_cmd(target: Target, store: Store = None, criteria: Criteria = D["criter
     - `pdt mask runs/exp1/ckpts --random --seed 1` (random mask at the paper mask's ratio)
     """
     with errors_as_exit(json_out):
-        s = settings(json_out, verbose, device=device, block=block, wait=wait, criteria=criteria, random=random,
-                     seed=seed, backend=backend, dist_timeout=dist_timeout)
+        s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, criteria=criteria,
+                     random=random, seed=seed, backend=backend, dist_timeout=dist_timeout)
         finish(api.remask(target, store=store, settings=s), json_out=json_out, strict=False)
 
 
 @app.command("apply")
 def apply_cmd(target: Target, store: Store = None, output: Output = None, force: Force = False,
               in_place: InPlace = False, device: Device = D["device"], block: Block = D["block"],
-              wait: Wait = D["wait"], backend: Backend = D["backend"], dist_timeout: DistTimeout = D["dist_timeout"],
-              json_out: Json = False, verbose: Verbose = False) -> None:
+              threads: Threads = None, wait: Wait = D["wait"], backend: Backend = D["backend"],
+              dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False, verbose: Verbose = False) -> None:
     """Write the fused checkpoint from the stored fit and mask: the default output, or an audit copy.
 
     Examples: `pdt apply runs/exp1/ckpts --force` (after `pdt mask`), `pdt apply runs/exp1/ckpts -o /tmp/audit.pt`
     """
     with errors_as_exit(json_out):
-        s = settings(json_out, verbose, device=device, block=block, wait=wait, backend=backend,
+        s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, backend=backend,
                      dist_timeout=dist_timeout)
         result = api.apply(target, store=store, output=output, force=force, in_place=in_place, settings=s)
         finish(result, json_out=json_out, strict=False)

@@ -78,6 +78,9 @@ OPTIONS: dict[str, Option] = {
     "device": Option(("--device",), "auto", "auto | cpu | cuda.", choices=DEVICES),
     "block": Option(("--block",), None, "Elements per row block (bounds memory).", min=8,
                     shown_default=f"{DEFAULT_BLOCK['cpu']:,} on a CPU, {DEFAULT_BLOCK['cuda']:,} on CUDA"),
+    "threads": Option(("--threads",), None, "CPU threads for the arithmetic. Row blocks are small, so more threads "
+                      "gain little, and on a busy machine threads that wait for each other slow the step severalfold.",
+                      min=1, shown_default="1, or OMP_NUM_THREADS when set"),
     "wait": Option(("--wait",), DEFAULT_WAIT, "Seconds to wait for another pdt's lock.", min=0),
     "backend": Option(("--backend",), "auto", "Under torchrun: the process group's backend, auto (nccl when each "
                       "rank has a GPU, else gloo) | gloo | nccl.", choices=BACKENDS),
@@ -125,6 +128,7 @@ class Settings:
     selection: Selection | None = None
     device: str = "auto"
     block: int | None = None  # None: the device's default
+    threads: int | None = None  # None: 1, or OMP_NUM_THREADS when set
     store_dtype: str | None = None
     order: str | None = None
     files: tuple[str, ...] | None = None  # globs naming the checkpoints
@@ -137,6 +141,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name, value in (("history", self.history), ("device", self.device), ("block", self.block),
+                            ("threads", self.threads),
                             ("store_dtype", self.store_dtype), ("order", self.order), ("wait", self.lock_timeout),
                             ("start", self.start), ("every", self.every), ("backend", self.backend),
                             ("dist_timeout", self.dist_timeout)):

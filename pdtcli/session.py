@@ -136,12 +136,33 @@ def session(target: Path, store: Path | None, settings: Settings, *, ingests: bo
     damaged) and start a new one. `joins`: under torchrun, take part in the distributed step (reports
     and restores never do: they read or change one store as one process).
     """
-    with joined(settings.backend, settings.dist_timeout) if joins else contextlib.nullcontext(SINGLE) as world:
+    with cpu_threads(settings.threads), \
+            joined(settings.backend, settings.dist_timeout) if joins else contextlib.nullcontext(SINGLE) as world:
         root, folder = resolve_store_root(Path(target), store)
         part = part_root(root, world)
         with _whole_store(root, settings, world), _locked(part, folder, settings, world, ingests=ingests,
                                                              rebuild=rebuild) as state:
             yield state
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU threads for one command, put back afterwards (an in-loop call runs inside the training
+    process). One unless the user says otherwise: a row block is 2^16 elements, too little to share out,
+    and on a machine busy with other work threads that wait for each other made the 100M steady step 6x
+    slower (67 s against 11 s with one; benchmarks/RESULTS.md). Ranks on one node then also never
+    oversubscribe its cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    if count is None and "OMP_NUM_THREADS" not in os.environ:
+        count = 1
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

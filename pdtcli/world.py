@@ -149,17 +149,6 @@ def launched_size() -> int:
     return max(1, size)
 
 
-def _share_cores() -> None:
-    """The ranks on one node split its cores (LOCAL_WORLD_SIZE ranks, as torchrun sets it), unless the user
-    set OMP_NUM_THREADS: each rank's torch otherwise starts a thread per core, and their spinning threads
-    made a 2-rank step on 2 cores 8x slower than with one thread each."""
-    import torch
-
-    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    if "OMP_NUM_THREADS" not in os.environ and local.isdigit() and int(local) > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(local)))
-
-
 def _launched_for_pdt() -> bool:
     """Whether the launcher's variables are meant for this process: torchrun started it (its parent is
     torchrun), or PDT_DISTRIBUTED=1 says so (another launcher). A pdt that a training worker started
@@ -201,7 +190,6 @@ def joined(backend: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Iterator[
     import torch
     import torch.distributed as dist
 
-    _share_cores()
     made = not dist.is_initialized()
     if made:
         if backend == "auto":

@@ -255,3 +255,33 @@ def test_installed_entry_point_runs(sgd_run):
 @pytest.mark.parametrize("bad", [["--criteria", "sideways"], ["--modes", "magic"], ["--tau", "0"]])
 def test_bad_options_are_usage_errors(sgd_run, bad):
     assert pdt("predict", sgd_run, *bad)[0] == 2
+
+
+def test_the_arithmetic_runs_on_one_thread_unless_told_and_the_caller_keeps_its_own(sgd_run, monkeypatch):
+    """One torch thread by default (threads waiting on each other made a step 6x slower on a busy machine),
+    `--threads N` or OMP_NUM_THREADS otherwise; the caller's count is back afterwards, since an in-loop call
+    runs inside training."""
+    import pdtcli.fuse as fuse
+
+    seen = []
+    fit = fuse.accumulate_r
+
+    def counting(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(fuse, "accumulate_r", counting)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for extra, expected in (([], 1), (["--threads", "3"], 3)):
+            result = CliRunner().invoke(app, ["predict", str(sgd_run), "--dry-run", *extra])
+            assert result.exit_code == 0, result.output
+            assert seen[-1] == expected and torch.get_num_threads() == 2
+            (sgd_run / ".pdt").rename(sgd_run.parent / f"store-{expected}")  # the next run fits again
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert CliRunner().invoke(app, ["predict", str(sgd_run), "--dry-run"]).exit_code == 0
+        assert seen[-1] == 2
+    finally:
+        torch.set_num_threads(before)
