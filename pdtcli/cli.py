@@ -195,7 +195,7 @@ def _fail(message: str, code: int, json_out: bool, path: str | None) -> None:
 def snapshot(target: Target, store: Store = None, history: History = None, start: Start = None, every: Every = None,
              include: Include = None,
              exclude: Exclude = None, store_dtype: StoreDtype = None, order: Order = None, files: Files = None,
-             rebuild: Rebuild = False, wait: Wait = D["wait"], backend: Backend = D["backend"],
+             rebuild: Rebuild = False, threads: Threads = None, wait: Wait = D["wait"], backend: Backend = D["backend"],
              dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False, strict: Strict = False,
              verbose: Verbose = False) -> None:
     """Ingest the checkpoints the store has not seen (only the newest h are kept).
@@ -208,7 +208,7 @@ def snapshot(target: Target, store: Store = None, history: History = None, start
     - `pdt snapshot runs/exp1/ckpts --rebuild` (after `pdt` reported a damaged store)
     """
     with errors_as_exit(json_out):
-        s = settings(json_out, verbose, wait=wait, history=history, include=include, exclude=exclude,
+        s = settings(json_out, verbose, threads=threads, wait=wait, history=history, include=include, exclude=exclude,
                      store_dtype=store_dtype, order=order, files=files, start=start, every=every, backend=backend,
                      dist_timeout=dist_timeout)
         result = api.snapshot(target, store=store, rebuild=rebuild, settings=s)

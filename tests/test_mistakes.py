@@ -128,6 +128,18 @@ def test_a_malformed_safetensors_header_is_a_bad_checkpoint(safetensors_run, ent
     assert code == 3 and "epoch_7.safetensors" in line and "corrupt safetensors header" in line
 
 
+def test_overlapping_safetensors_tensors_are_a_bad_checkpoint_not_a_shifted_output(safetensors_run):
+    """Each entry is sound alone, but two share bytes: the fused copy would write both in full under the
+    same header, shifting every later tensor; pdt refuses the file instead."""
+    newest = safetensors_run / "epoch_7.safetensors"
+    header = {"0.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+              "0.bias": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}, "__metadata__": {"epoch": "7"}}
+    _safetensors_with_header(newest, header, bytes(24))
+    code, output = pdt("predict", safetensors_run)
+    line = one_error_line(output)
+    assert code == 3 and "epoch_7.safetensors" in line and "overlap" in line
+
+
 def test_a_deeply_nested_msgpack_says_what_is_wrong(tmp_path):
     (tmp_path / "state_1.msgpack").write_bytes(b"\x81\xa6params" + b"\x91" * 100_000 + b"\x00")
     code, output = pdt("predict", tmp_path)

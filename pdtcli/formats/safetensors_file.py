@@ -7,10 +7,12 @@ order, replacing predicted ones. Memory stays at one tensor, whatever the file s
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import struct
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,12 +49,18 @@ def read_header(path: Path) -> tuple[int, dict]:
     if not isinstance(header, dict):
         raise CheckpointError("corrupt safetensors header (not a JSON object)", path)
     data_size = size - 8 - length
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             if entry is not None and not isinstance(entry, dict):
                 raise CheckpointError("corrupt safetensors header (__metadata__ is not an object)", path)
             continue
         _check_entry(name, entry, data_size, path)
+        spans.append((*entry["data_offsets"], name))
+    spans.sort()
+    for (_, stop, first), (start, _, second) in itertools.pairwise(spans):
+        if start < stop:  # the fused copy would write both in full, shifting every later byte
+            raise CheckpointError(f"corrupt safetensors header (tensors {first!r} and {second!r} overlap)", path)
     return length, header
 
 
@@ -110,6 +118,7 @@ class SafetensorsReader(CheckpointReader):
                 self._fd = os.open(self.path, os.O_RDONLY)
             except OSError as exc:
                 raise CheckpointError(f"cannot read: {exc.strerror}", self.path) from exc
+            self._closer = weakref.finalize(self, os.close, self._fd)  # a reader dropped without close()
         position = 8 + self._header_len + entry["data_offsets"][0] + first * dtype.itemsize
         if out.numel() and not read_into(self._fd, memoryview(out.view(torch.uint8).numpy()), position):
             raise CheckpointError(f"truncated: tensor {name!r} runs past the end of the file", self.path)
@@ -162,7 +171,7 @@ class SafetensorsReader(CheckpointReader):
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            self._closer()
             self._fd = None
 
 
