@@ -112,12 +112,18 @@ def test_disk_full_while_writing_leaves_no_output_and_a_valid_store(sgd_run, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    before = digest_tree(sgd_run)
-    code, output = pdt("predict", sgd_run)
-    assert code == 5 and "No space left on device" in output and "epoch_8.pdt.pt" in output
-    assert digest_tree(sgd_run) == before  # no output, no temporary left behind
+    _disk_full_then_free(sgd_run, monkeypatch, "epoch_8.pdt.pt")
+
+
+def _disk_full_then_free(run: Path, monkeypatch, output_name: str) -> None:
+    """`predict` with the disk full (as patched): exit 5 naming the output, and nothing changed; with the
+    disk free again, the step goes on."""
+    before = digest_tree(run)
+    code, output = pdt("predict", run)
+    assert code == 5 and "No space left on device" in output and output_name in output
+    assert digest_tree(run) == before  # no output, no temporary left behind
     monkeypatch.undo()
-    code, output = pdt("predict", sgd_run, "--json")
+    code, output = pdt("predict", run, "--json")
     assert code == 0 and json.loads(output)["status"] == "written"
 
 
@@ -253,10 +259,4 @@ def test_disk_full_on_the_writing_thread_leaves_no_output_and_a_valid_store(safe
 
     start = rawio.WriteBehind.__init__
     monkeypatch.setattr(rawio.WriteBehind, "__init__", lambda self, dst, depth=2: start(self, FillsUp(dst), depth))
-    before = digest_tree(safetensors_run)
-    code, output = pdt("predict", safetensors_run)
-    assert code == 5 and "No space left on device" in output and ".pdt.safetensors" in output
-    assert digest_tree(safetensors_run) == before  # no output, no temporary left behind
-    monkeypatch.undo()
-    code, output = pdt("predict", safetensors_run, "--json")
-    assert code == 0 and json.loads(output)["status"] == "written"
+    _disk_full_then_free(safetensors_run, monkeypatch, ".pdt.safetensors")
