@@ -143,13 +143,14 @@ class Predictor:
         return counts[1] / max(1, counts[0])
 
     def stream(self, entry: TensorEntry, chunks: Iterable[torch.Tensor | None], bits: np.ndarray,
-               stored_bits: np.ndarray | None = None, lineage_slot: int | None = None
+               stored: bool = False, lineage_slot: int | None = None
                ) -> Generator[torch.Tensor | None, None, np.ndarray]:
-        """Mask (or take `stored_bits`) and fuse a tensor fed as consecutive flat chunks of the newest
-        checkpoint's values, yielding each fused chunk as it is done (None chunks: mask only), so
-        that no more than a chunk of the tensor is in memory. The accepted flags go packed into `bits`
-        (ceil(numel / 8) bytes: the tensor's place in the mask of the whole model, so that the mask is
-        held once); returns the counts.
+        """Mask and fuse a tensor fed as consecutive flat chunks of the newest checkpoint's values,
+        yielding each fused chunk as it is done (None chunks: mask only), so that no more than a chunk
+        of the tensor is in memory. The accepted flags go packed into `bits` (ceil(numel / 8) bytes:
+        the tensor's place in the mask of the whole model, so that the mask is held once); `stored`:
+        `bits` already holds a stored mask, which is applied instead. Returns the counts (of the
+        criteria, when `stored`: zeros, the caller has the stored ones).
 
         With `lineage_slot`, the fused values also go into that snapshot slot, since the
         fused state is what training resumes from (Algorithm 1, line 17).
@@ -160,7 +161,7 @@ class Predictor:
         """
         device = self.window.device
         tallies = torch.zeros(len(COUNT_COLUMNS), dtype=torch.int64, device=device)
-        ratio = self._ratio(entry) if self.options.random and stored_bits is None else None
+        ratio = self._ratio(entry) if self.options.random and not stored else None
         packer = BitWriter(bits)
         drawn = 0  # elements the random mask accepted
         position = 0
@@ -168,8 +169,8 @@ class Predictor:
             width = entry.numel - position if chunk is None else chunk.numel()
             fused = chunk.reshape(-1).clone() if chunk is not None else None
             for a, b, w, p in self._blocks(entry, position, position + width):
-                if stored_bits is not None:
-                    accepted = torch.from_numpy(unpack_range(stored_bits, a, b)).to(device)
+                if stored:
+                    accepted = torch.from_numpy(unpack_range(bits, a, b)).to(device)
                 else:
                     verdict = self._verdict(entry, w, p)
                     tallies += verdict.tallies()
@@ -196,12 +197,10 @@ class Predictor:
             yield fused
         if position != entry.numel:
             raise CheckpointError(f"tensor {entry.name!r} came in {position} elements, not {entry.numel}")
-        if stored_bits is None:
+        if not stored:
             packer.close()
-        elif stored_bits is not bits:
-            bits[:] = stored_bits
         counts = tallies.cpu().numpy()
-        if stored_bits is None and ratio is not None:
+        if ratio is not None:
             counts[1] = drawn
         return counts
 
@@ -324,9 +323,8 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
         def streamed(index: int, chunks: Iterable[torch.Tensor | None]) -> Generator[torch.Tensor | None, None, None]:
             entry = store.tensors[index]
             place = bits[offsets[index]:offsets[index + 1]]
-            given = place if stored is not None else None
-            tallied = yield from predictor.stream(entry, chunks, place, given, lineage_slot)
-            counts[index] = tallied if given is None else stored["counts"][index]
+            tallied = yield from predictor.stream(entry, chunks, place, stored is not None, lineage_slot)
+            counts[index] = tallied if stored is None else stored["counts"][index]
             advance(entry.numel)
 
         def one(index: int, original: torch.Tensor | None) -> torch.Tensor | None:

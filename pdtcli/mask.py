@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .formats.base import PIECE_MARK
+from .formats.base import split_piece
 from .selection import LAYER_TYPES
 
 CRITERIA = ("lower", "upper", "sign")
@@ -217,11 +217,9 @@ def join_pieces(rows: list[dict], summed: tuple[str, ...] = ()) -> list[dict]:
     tensors: the `summed` columns added up, the shape the extent of the pieces; first-seen order."""
     merged: dict[str, dict] = {}
     for row in rows:
-        name, _, at = row["name"].rpartition(PIECE_MARK)
-        words = at.split(",")
-        if not name or len(words) != len(row["shape"]) or not all(w.isascii() and w.isdigit() for w in words):
-            name, words = row["name"], ["0"] * len(row["shape"])  # a whole tensor (whose name may hold the mark)
-        offsets = [int(w) for w in words]
+        name, offsets = split_piece(row["name"])
+        if offsets is None or len(offsets) != len(row["shape"]):
+            name, offsets = row["name"], [0] * len(row["shape"])  # a whole tensor (whose name may hold the mark)
         extent = [o + d for o, d in zip(offsets, row["shape"], strict=True)]
         if name not in merged:
             merged[name] = {**row, "name": name, "shape": extent}

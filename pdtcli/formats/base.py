@@ -85,10 +85,19 @@ class _Limited:
         return data
 
 
-def whole_name(name: str) -> str:
-    """The tensor a piece belongs to (a whole tensor's own name, even one that holds the mark)."""
+def split_piece(name: str) -> tuple[str, list[int] | None]:
+    """(the tensor, the piece's offsets) of a piece's name `tensor@o1,o2`; (name, None) for a whole
+    tensor, even one whose own name holds the mark."""
     whole, _, at = name.rpartition(PIECE_MARK)
-    return whole if whole and at and all(w.isascii() and w.isdigit() for w in at.split(",")) else name
+    words = at.split(",")
+    if whole and all(w.isascii() and w.isdigit() for w in words):
+        return whole, [int(w) for w in words]
+    return name, None
+
+
+def whole_name(name: str) -> str:
+    """The tensor a piece belongs to (a whole tensor's own name)."""
+    return split_piece(name)[0]
 
 
 def torch_dtype(dtype: np.dtype, name: str, path: Path) -> torch.dtype:

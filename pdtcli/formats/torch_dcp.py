@@ -178,6 +178,18 @@ class DcpReader(CheckpointReader):
             raise CheckpointError(f"the record of {name!r} is not a tensor of its chunk's size", self.path)
         return tensor
 
+    def _row_pieces(self, name: str, ordered: list) -> Iterator[tuple[object, torch.Tensor, torch.Tensor, int, int]]:
+        """(storage, record, its flat values, start, stop) for each piece of at most CHUNK_ELEMENTS of the
+        chunks in `ordered`, loading one chunk's record at a time; a chunk with no elements gives one
+        empty piece, so that its record is still visited. The flat values are a view of the record, or
+        a copy where it was saved with other strides."""
+        most = base.CHUNK_ELEMENTS
+        for chunk, storage in ordered:
+            stored = self._chunk_record(name, chunk, storage)
+            flat = stored.reshape(-1)
+            for start in range(0, max(flat.numel(), 1), most):
+                yield storage, stored, flat, start, min(flat.numel(), start + most)
+
     def chunks(self, name: str) -> Iterator[torch.Tensor]:
         """A tensor sharded by rows comes a chunk's piece at a time, so that at most one chunk (one writer
         rank's shard) is in memory; other layouts come whole."""
@@ -185,11 +197,8 @@ class DcpReader(CheckpointReader):
         if ordered is None:
             yield self.read(name).reshape(-1)
             return
-        most = base.CHUNK_ELEMENTS
-        for chunk, storage in ordered:
-            flat = self._chunk_record(name, chunk, storage).reshape(-1)
-            for start in range(0, flat.numel(), most):
-                yield flat[start:start + most]
+        for _, _, flat, start, stop in self._row_pieces(name, ordered):
+            yield flat[start:stop]
 
     def recorded_step(self) -> int | None:
         """A top-level `step`/`epoch` entry, loaded as data only; the DCP bytes records are torch.save output."""
@@ -225,22 +234,15 @@ class DcpReader(CheckpointReader):
         """Fuse a tensor sharded by rows piece by piece, rewriting each chunk's record once its last piece
         is fused: memory holds one chunk, not the tensor."""
         pending: collections.deque = collections.deque()
-        most = base.CHUNK_ELEMENTS
 
         def pieces() -> Iterator[torch.Tensor]:
-            for chunk, storage in ordered:
-                stored = self._chunk_record(name, chunk, storage)
-                flat = stored.reshape(-1)  # a view, or a copy of a record saved with other strides
-                if flat.numel() == 0:
-                    self._rewrite(out, name, storage, stored)
-                for start in range(0, flat.numel(), most):
-                    stop = min(flat.numel(), start + most)
-                    pending.append((storage, stored, flat, stop))
-                    yield flat[start:stop]
+            for storage, stored, flat, start, stop in self._row_pieces(name, ordered):
+                pending.append((storage, stored, flat, start, stop))
+                yield flat[start:stop]
 
         for fused in fuse.stream(name, pieces()):
-            storage, stored, flat, stop = pending.popleft()
-            flat[stop - fused.numel():stop].copy_(fused)
+            storage, stored, flat, start, stop = pending.popleft()
+            flat[start:stop].copy_(fused)
             if stop == flat.numel():
                 if flat.data_ptr() != stored.data_ptr():
                     stored.copy_(flat.view(stored.shape))
