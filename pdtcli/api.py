@@ -29,7 +29,7 @@ from .live import Live
 from .mask import MaskOptions, summary_of, tensor_rows, type_totals, whole_rows
 from .options import DEFAULT_WAIT, Settings
 from .session import Session, resolve_store_root, session
-from .store import Store, merge_states, parts_of
+from .store import Store, complete_parts, merge_states, parts_of
 from .store.records import Mask, Snapshot
 from .world import current
 
@@ -213,7 +213,8 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
     made = parts_of(root)
     if len(made) == 1 and not Store.exists(root):
         states, order = [], None
-        for part in next(iter(made.values())):
+        size, parts = next(iter(made.items()))
+        for part in complete_parts(root, size, parts):
             with session(part, None, settings, joins=False) as s:
                 states.append(s.require_store().describe())
                 order = order or _tensor_order(s.require_store())  # the same checkpoint for every part

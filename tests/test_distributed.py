@@ -344,3 +344,24 @@ def test_one_process_reads_and_fuses_a_dcp_sharded_by_rows_a_chunk_at_a_time(tmp
     for name in ("step_6.pdt", f"step_{EPOCHS}.pdt"):
         assert _everything(run / name) == _everything(whole / name)
     assert (run / ".pdt" / "snapshots.bin").read_bytes() == (whole / ".pdt" / "snapshots.bin").read_bytes()
+
+
+@pytest.mark.parametrize("lost", ["folder", "records"])
+def test_a_distributed_store_missing_a_part_is_refused_by_the_report(tmp_path, trajectory, lost):
+    """A part of a 2-rank store that is gone (its folder, or only its store.h5) would make the report show the
+    other rank's half of the model as the whole: it is a store error naming the missing part."""
+    run = _folder(tmp_path, trajectory, "dcp", 2)
+    _ranks(2, run)
+    part1 = parts_of(run / ".pdt")[2][1]
+    if lost == "folder":
+        shutil.rmtree(part1)
+    else:
+        (part1 / "store.h5").unlink()
+    before = _everything(run)
+    proc = subprocess.run([sys.executable, "-m", "pdtcli", "report", str(run), "--json"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 4, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rank-00001-of-00002" in lines[0] and "is missing" in lines[0], lines
+    assert json.loads(proc.stdout)["exit_code"] == 4
+    assert _everything(run) == before

@@ -70,6 +70,21 @@ def parts_of(root: Path) -> dict[int, list[Path]]:
     return found
 
 
+def complete_parts(root: Path, size: int, parts: list[Path]) -> list[Path]:
+    """The `size` parts of a distributed store (`parts`, as `parts_of` found them), in rank order.
+
+    A part that is gone (its folder or its records) would leave a report of the rest looking like the
+    whole model: StoreError naming the first missing one instead.
+    """
+    expected = [Path(root) / part_name(World(rank, size)) for rank in range(size)]
+    missing = [path for path in expected if path not in parts]
+    if missing:
+        raise StoreError(f"this store was made by {size} ranks and its part {missing[0].name} is missing (or has "
+                         f"no {META_NAME}), so it holds only part of the model: put that part back, or remove "
+                         f"{root} and run pdt again with {size} ranks", missing[0])
+    return expected
+
+
 def roll_forward(root: Path, world: World) -> None:
     """Finish a distributed commit that a rank did not (killed after every rank had written its next
     records, before it put its own in place): its part takes them, so all parts are at the same
