@@ -244,7 +244,7 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
         store = s.store
         _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path,
                       store.dtype_name if store.dtype_name in LOSSLESS_16 else None)
-        slot = store.ingest_slot()
+        slot, evicted = store.ingest_slot()
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:
                 position = 0
@@ -263,6 +263,8 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
     if isinstance(digest, Future):
         digest = digest.result()
         if note := _duplicate(store, cand, digest):
+            if evicted is not None and evicted.sha256 == digest:  # its values, just written again
+                store.reinstate(evicted)
             return note
     store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
     if not created:  # a store made by this run is committed once, when all its checkpoints are in

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +34,36 @@ DTYPES = {
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool,
 }
+
+
+T = TypeVar("T")
+
+
+def unique_names(entries: Iterator[tuple[str, str, T]], joined: str, path: Path) -> dict[str, T]:
+    """`{name: value}` of a checkpoint's (name, where it stands in the file, value) entries.
+
+    Formats that flatten nested keys into one name (`joined`: how) can meet two entries that flatten
+    to the same name (a key "a.b" beside a nested {"a": {"b"}}, the key 1 beside "1", a member listed
+    twice). pdt could read only one of them and would write its fused values into both places, so such
+    a file is refused (CheckpointError, exit 3) with both entries shown.
+    """
+    found: dict[str, T] = {}
+    where: dict[str, str] = {}
+    for name, shown, value in entries:
+        if name in found:
+            raise CheckpointError(f"tensor names collide: {where[name]} and {shown} are both {name!r} once "
+                                  f"{joined}; pdt cannot tell them apart and refuses the file rather than merge "
+                                  "them", path)
+        found[name], where[name] = value, shown
+    return found
+
+
+def no_duplicate_keys(path: Path, what: str):
+    """A `json.loads` `object_pairs_hook` that refuses an object naming a key twice (JSON keeps the last
+    silently; `what` is the part of the file the error names)."""
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        return unique_names(((key, f"{key!r}", value) for key, value in items), f"read from {what}", path)
+    return pairs
 
 
 # Elements of a tensor read (and written) at a time by formats that can read part of a tensor:

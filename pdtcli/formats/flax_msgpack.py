@@ -19,7 +19,7 @@ import msgpack
 import torch
 
 from ..errors import CheckpointError
-from .base import DTYPES, CheckpointFormat, CheckpointReader, Fuse, TensorInfo
+from .base import DTYPES, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, unique_names
 
 EXT_NDARRAY = 1
 EXT_NPSCALAR = 3
@@ -41,15 +41,16 @@ class Leaf:
         return list(shape), dtype, raw
 
 
-def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(key path, leaf) in file order; iterative, so a deeply nested file cannot exhaust the stack."""
-    stack = [(prefix, node)]
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+    """(key path joined by '/', key path as written in Python, leaf) in file order; iterative, so a
+    deeply nested file cannot exhaust the stack."""
+    stack = [(prefix, f"[{prefix[:-1]!r}]" if prefix else "", node)]
     while stack:
-        path, item = stack.pop()
+        path, shown, item = stack.pop()
         if isinstance(item, dict):
-            stack.extend(reversed([(f"{path}{key}/", value) for key, value in item.items()]))
+            stack.extend(reversed([(f"{path}{key}/", f"{shown}[{key!r}]", value) for key, value in item.items()]))
         else:
-            yield path[:-1], item
+            yield path[:-1], shown, item
 
 
 class FlaxReader(CheckpointReader):
@@ -68,13 +69,16 @@ class FlaxReader(CheckpointReader):
             raise CheckpointError("not a Flax state (the top level is not a map)", self.path)
         root = self._tree.get(PARAMS_KEY)
         prefix = f"{PARAMS_KEY}/" if isinstance(root, dict) else ""
-        self._leaves: dict[str, Leaf] = {}
-        for name, leaf in _walk(root if prefix else self._tree, prefix):
+        self._leaves = unique_names(self._arrays(root if prefix else self._tree, prefix), "key paths are joined "
+                                    "with '/'", self.path)
+        self._infos = [self._describe(name, leaf) for name, leaf in self._leaves.items()]
+
+    def _arrays(self, node: Any, prefix: str) -> Iterator[tuple[str, str, Leaf]]:
+        for name, shown, leaf in _walk(node, prefix):
             if name.endswith(CHUNKED_MARK) or (isinstance(leaf, dict) and CHUNKED_MARK in leaf):
                 raise CheckpointError(f"array {name!r} is chunked (over 1 GiB); not supported yet", self.path)
             if isinstance(leaf, Leaf) and leaf.code == EXT_NDARRAY:
-                self._leaves[name] = leaf
-        self._infos = [self._describe(name, leaf) for name, leaf in self._leaves.items()]
+                yield name, shown, leaf
 
     def _describe(self, name: str, leaf: Leaf) -> TensorInfo:
         shape, dtype, raw = leaf.array_header()

@@ -19,7 +19,7 @@ import torch
 
 from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
-from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo
+from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo, no_duplicate_keys
 from .safetensors_file import SafetensorsReader
 from .torch_pickle import TorchReader
 
@@ -36,7 +36,8 @@ def weight_files(folder: Path) -> tuple[list[str], type[CheckpointReader]] | Non
     for single, index, reader in WEIGHT_LAYOUTS:
         if (folder / index).is_file():
             try:
-                weight_map = json.loads((folder / index).read_text())["weight_map"]
+                weight_map = json.loads((folder / index).read_text(),
+                                        object_pairs_hook=no_duplicate_keys(folder / index, index))["weight_map"]
                 shards = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"corrupt shard index {index} ({exc})", folder) from exc

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, torch_dtype
+from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, torch_dtype, unique_names
 
 
 def _as_torch(array: np.ndarray) -> torch.Tensor:
@@ -27,7 +27,8 @@ class NpzReader(CheckpointReader):
         super().__init__(path)
         try:
             self._zip = zipfile.ZipFile(self.path)
-            self._members = {info.filename: info for info in self._zip.infolist()}
+            self._members = unique_names(((info.filename, f"member {info.filename!r}", info)
+                                          for info in self._zip.infolist()), "read from the archive", self.path)
             self._infos = [self._describe(info) for info in self._zip.infolist()]
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
             raise CheckpointError(f"corrupt or truncated .npz archive ({exc})", self.path) from exc

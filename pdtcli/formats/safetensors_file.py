@@ -21,7 +21,16 @@ import torch
 from ..errors import CheckpointError
 from ..rawio import WriteBehind, read_into
 from . import base
-from .base import DTYPES, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, copy_bytes
+from .base import (
+    DTYPES,
+    STEP_KEYS,
+    CheckpointFormat,
+    CheckpointReader,
+    Fuse,
+    TensorInfo,
+    copy_bytes,
+    no_duplicate_keys,
+)
 
 # safetensors' dtype codes, by the names of the shared table
 _DTYPES = {code: DTYPES[name] for code, name in (
@@ -41,7 +50,7 @@ def read_header(path: Path) -> tuple[int, dict]:
             (length,) = struct.unpack("<Q", raw)
             if length > min(_MAX_HEADER, size - 8):
                 raise CheckpointError("not a safetensors file (header length out of range)", path)
-            header = json.loads(handle.read(length))
+            header = json.loads(handle.read(length), object_pairs_hook=no_duplicate_keys(path, "its header"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"corrupt safetensors header ({type(exc).__name__})", path) from exc
     except OSError as exc:

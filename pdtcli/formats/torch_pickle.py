@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CheckpointError, NotACheckpoint
-from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo
+from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, unique_names
 
 # Where training code usually keeps the model's weights inside a checkpoint dict.
 STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "module", "model_state", "net", "network")
@@ -55,15 +55,19 @@ def find_state_dict(obj: Any) -> tuple[str, ...]:
                          + ", ".join(STATE_DICT_KEYS) + ")")
 
 
-def _flatten(mapping: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def _entries(mapping: Mapping, prefix: str = "", shown: str = "") -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(name, key path as written in Python, tensor) of every tensor, nested dicts joined with '.'."""
     for key, value in mapping.items():
-        name = f"{prefix}{key}"
+        name, where = f"{prefix}{key}", f"{shown}[{key!r}]"
         if isinstance(value, torch.Tensor):
-            out[name] = value
+            yield name, where, value
         elif isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
-    return out
+            yield from _entries(value, f"{name}.", where)
+
+
+def _flatten(mapping: Mapping, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict's tensors by flat name; names that two entries flatten to are refused."""
+    return unique_names(_entries(mapping), "nested keys are joined with '.'", path)
 
 
 def _rebuild(mapping: Mapping, fused: dict[str, torch.Tensor], prefix: str = "") -> Mapping:
@@ -90,7 +94,7 @@ class TorchReader(CheckpointReader):
             self._key_path = find_state_dict(self._obj)
         except NotACheckpoint as exc:
             raise NotACheckpoint(str(exc), self.path) from None
-        self._tensors = _flatten(self._state_dict())
+        self._tensors = _flatten(self._state_dict(), self.path)
 
     def _state_dict(self) -> Mapping:
         node = self._obj

@@ -426,9 +426,10 @@ class Store:
                 return index
         return next((index for index, held in enumerate(self.slots) if held not in keep), None)
 
-    def ingest_slot(self) -> int:
-        """Where the next checkpoint's values go: a slot the committed window does not use (there
-        is always one: the ring has h + 1 slots and the window at most h).
+    def ingest_slot(self) -> tuple[int, Snapshot | None]:
+        """Where the next checkpoint's values go, and the snapshot given up for it (see `reinstate`):
+        a slot the committed window does not use (there is always one: the ring has h + 1 slots and
+        the window at most h).
 
         That slot may still hold a snapshot the stored fit reads (the checkpoint a fused state
         came from). It is given up first, in a commit of its own, so that a run that fails or is
@@ -436,9 +437,17 @@ class Store:
         fit reads half-overwritten values.
         """
         slot = self.free_slot(set(self.window))
-        if self._evict(slot):
+        evicted = self._evict(slot)
+        if evicted is not None:
             self.commit()
-        return slot
+        return slot, evicted
+
+    def reinstate(self, snapshot: Snapshot) -> None:
+        """Put back a snapshot that `ingest_slot` gave up, once its slot holds its values again: the new
+        checkpoint written there turned out to be a copy of it (a user's `cp` of the newest checkpoint).
+        Without this, the checkpoint a fused state came from would be lost to the next fit."""
+        self.slots[snapshot.slot] = snapshot.id
+        self.snapshots[snapshot.id] = snapshot
 
     def write_values(self, slot: int, offset: int, values: torch.Tensor) -> None:
         """Values of a snapshot being written to `slot` (not yet in the window until committed),
@@ -462,14 +471,13 @@ class Store:
         """Note (or clear) an in-place write about to be published (`backups.note_in_place`)."""
         self.pending = pending
 
-    def _evict(self, slot: int) -> bool:
-        """Forget the snapshot `slot` holds, if any; True when there was one."""
+    def _evict(self, slot: int) -> Snapshot | None:
+        """Forget the snapshot `slot` holds, if any, and return it."""
         evicted = self.slots[slot]
         if evicted is None:
-            return False
-        self.snapshots.pop(evicted, None)
+            return None
         self.slots[slot] = None
-        return True
+        return self.snapshots.pop(evicted, None)
 
     def _place(self, slot: int, **fields: Any) -> Snapshot:
         snapshot_id = self.next_id
