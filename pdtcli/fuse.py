@@ -20,6 +20,7 @@ from .atomic import atomic_path, shared_atomic_path
 from .dmd import accumulate_r
 from .errors import CheckpointError, UsageError
 from .formats import open_checkpoint, open_share, own_files
+from .identity import HeldStill
 from .live import Live
 from .mask import (
     COUNT_COLUMNS,
@@ -339,10 +340,12 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
             store.matrix.sync()
         else:
             fuser = _Fuser(index_of, streamed)
+            held = HeldStill(write.source)
             with _output(write) as tmp, open_share(write.source, current()) as reader:
                 reader.write_fused(tmp, fuser)
                 missed = [name for name in index_of if name not in fuser.done]
                 if missed:  # never publish (or store a mask for) an output that lacks a predicted tensor
                     raise CheckpointError(f"the writer never reached tensor {missed[0]!r} of the window", write.source)
+                held.check()  # what the output carries over is of one version of the checkpoint
             store.matrix.sync()
     return PassResult(counts, bits, offsets)

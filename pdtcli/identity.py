@@ -13,6 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Union
 
+from .errors import CheckpointError
+
 _CHUNK = 8 << 20
 Digest = Union[str, Future, None]  # a SHA-256, one being computed (`Hashes`), or none (not hashed)
 
@@ -43,6 +45,41 @@ def unchanged(path: Path, size: int, mtime: float) -> bool:
     """Whether `path` still has the size and modification time a store record noted for it."""
     path = Path(path)
     return path.exists() and stat_of(path) == (size, mtime)
+
+
+def version_of(path: Path) -> list[tuple[str, int, int, int]]:
+    """What tells one version of a checkpoint from another without reading it: each file's name in the
+    checkpoint, size, modification time (ns) and inode. A file saved over, cut short, replaced by a
+    rename, added or removed changes it."""
+    path = Path(path)
+    versions = []
+    for child in files_of(path):
+        stat = child.stat()
+        name = child.relative_to(path).as_posix() if child != path else ""
+        versions.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return versions
+
+
+class HeldStill:
+    """A checkpoint that must stay one version while pdt reads it: what is taken from it (a snapshot,
+    the carried-over content of an output) is kept only if `check()` finds it as it was when reading
+    began, and, given the `size` and `mtime` a listing noted (its hash may date from then), as it was
+    then. Training saving over a checkpoint pdt is reading is an ordinary event; a snapshot mixing two
+    saves is not a state training was ever in."""
+
+    def __init__(self, path: Path, size: int | None = None, mtime: float | None = None) -> None:
+        self.path = Path(path)
+        self.before = version_of(self.path)
+        if size is not None and stat_of(self.path) != (size, mtime):
+            self._changed()
+
+    def check(self) -> None:
+        if version_of(self.path) != self.before:
+            self._changed()
+
+    def _changed(self) -> None:
+        raise CheckpointError("changed while pdt read it (is training still saving it?); nothing read from it was "
+                              "kept: run pdt again once it is saved", self.path)
 
 
 def sha256_path(path: Path, only: list[Path] | None = None) -> str:

@@ -22,7 +22,7 @@ from .discover import Candidate, list_checkpoints, located, order_key, resolve_o
 from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError
 from .formats import CheckpointReader, TensorInfo, checkpoint_digest, open_share
 from .formats.base import PIECE_MARK
-from .identity import Digest, Hashes
+from .identity import Digest, Hashes, HeldStill
 from .live import Live
 from .options import DEFAULT_HISTORY
 from .progress import Progress
@@ -235,6 +235,7 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
     path = cand.path
     if isinstance(digest, str) and (note := _duplicate(s.store, cand, digest)):
         return note
+    held = HeldStill(path, cand.size, cand.mtime)
     with open_share(path, current()) as reader:
         if s.store is None:
             selection = settings.selection or Selection()
@@ -260,12 +261,14 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
                     position += stored.numel()
                     advance(stored.numel())
         step = reader.recorded_step()
-    if isinstance(digest, Future):
+    hashed_meanwhile = isinstance(digest, Future)
+    if hashed_meanwhile:
         digest = digest.result()
-        if note := _duplicate(store, cand, digest):
-            if evicted is not None and evicted.sha256 == digest:  # its values, just written again
-                store.reinstate(evicted)
-            return note
+    held.check()  # the values (and the hash) are of one version of the file, the one listed
+    if hashed_meanwhile and (note := _duplicate(store, cand, digest)):
+        if evicted is not None and evicted.sha256 == digest:  # its values, just written again
+            store.reinstate(evicted)
+        return note
     store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
     if not created:  # a store made by this run is committed once, when all its checkpoints are in
         store.commit()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -137,3 +139,91 @@ def test_a_copy_of_the_newest_checkpoint_after_a_fused_step_is_a_duplicate(sgd_r
     # the window still knows the optimizer's own epoch 8: a fit made now is the one made before
     code, output = pdt("predict", sgd_run, "--dry-run", "--json")
     assert code == 0 and json.loads(output)["fit"]["window"] == result["fit"]["window"], output
+
+
+# ---- a checkpoint saved over or cut short while pdt reads it --------------------------------------
+
+
+def _saving_over_on_first_read(monkeypatch, victim: Path, replacement: Path, method: str = "read") -> None:
+    """Training saves over `victim` (with `replacement`'s content, as its next torch.save would) the first
+    time pdt's torch reader reads a tensor of it (or, `write_fused`, once the fused copy is written)."""
+    from pdtcli.formats import torch_pickle
+
+    original = getattr(torch_pickle.TorchReader, method)
+    done = []
+
+    def wrapped(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if self.path == victim and not done:
+            done.append(True)
+            torch.save(torch.load(replacement, weights_only=True), victim)
+        return result
+
+    monkeypatch.setattr(torch_pickle.TorchReader, method, wrapped)
+
+
+def test_a_checkpoint_saved_over_while_ingested_leaves_no_snapshot(sgd_run, tmp_path, monkeypatch):
+    """The snapshot would mix the tensors read before the save with those after: not a state training was
+    ever in. It is not committed; the next run takes the new version whole, as a run on it alone does."""
+    held_back = tmp_path / "epoch_8.pt"
+    shutil.move(sgd_run / "epoch_8.pt", held_back)
+    clean = tmp_path / "clean"  # the same run with nobody saving over anything
+    shutil.copytree(sgd_run, clean)
+    for folder in (sgd_run, clean):
+        code, output = pdt("snapshot", folder)
+        assert code == 0, output
+    store_before = (sgd_run / ".pdt" / "store.h5").read_bytes()
+    shutil.copy2(held_back, sgd_run / "epoch_8.pt")
+    victim = sgd_run / "epoch_8.pt"
+    _saving_over_on_first_read(monkeypatch, victim, sgd_run / "epoch_2.pt")
+    code, output = pdt("predict", sgd_run)
+    assert code == 3, output
+    line = one_error_line(output)
+    assert str(victim) in line and "changed while pdt read it" in line, line
+    assert (sgd_run / ".pdt" / "store.h5").read_bytes() == store_before
+    assert not list(sgd_run.glob("*.pdt.*"))
+    monkeypatch.undo()
+    torch.save(torch.load(sgd_run / "epoch_2.pt", weights_only=True), clean / "epoch_8.pt")  # what training left
+    for folder in (sgd_run, clean):
+        code, output = pdt("predict", folder)
+        assert code == 0, output
+    assert (sgd_run / "epoch_8.pdt.pt").read_bytes() == (clean / "epoch_8.pdt.pt").read_bytes()
+
+
+def test_a_checkpoint_saved_over_while_the_fused_copy_is_written_publishes_nothing(sgd_run, monkeypatch):
+    """The output carries the newest checkpoint's optimizer state: a save over it mid-write would give a
+    fused file whose parts come from two saves, with exit 0."""
+    newest = sgd_run / "epoch_8.pt"
+    _saving_over_on_first_read(monkeypatch, newest, sgd_run / "epoch_2.pt", "write_fused")
+    code, output = pdt("predict", sgd_run)
+    assert code == 3, output
+    assert "changed while pdt read it" in one_error_line(output)
+    assert not list(sgd_run.glob("*.pdt.*")) and not list(sgd_run.glob(".*pdt-tmp*"))
+
+
+TRUNCATE_ON_FIRST_READ = """
+import os, sys
+from pdtcli.formats import torch_pickle
+from pdtcli.cli import run
+victim, original = sys.argv[1], torch_pickle.TorchReader.read
+def read(self, name):
+    if str(self.path) == victim:
+        os.truncate(victim, 1024)  # cut short under pdt, as a torch.save over it does first
+    return original(self, name)
+torch_pickle.TorchReader.read = read
+sys.argv = ["pdt", "predict", os.path.dirname(victim)]
+run()
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_cut_short_while_read_is_one_error_not_a_crash(sgd_run):
+    """torch.load(mmap=True) maps the file; touching a mapped page past a new end of file is SIGBUS, which
+    kills pdt with no message. Values are read by byte range instead: a short read is one error, exit 3."""
+    victim = sgd_run / "epoch_8.pt"
+    proc = subprocess.run([sys.executable, "-c", TRUNCATE_ON_FIRST_READ, str(victim)], capture_output=True,
+                          text=True, timeout=300, cwd=HERE)
+    assert proc.returncode == 3, (proc.returncode, proc.stderr[-2000:])
+    line = one_error_line(proc.stderr)
+    assert str(victim) in line and "truncated while pdt read it" in line, line
+    assert not (sgd_run / ".pdt").exists()
