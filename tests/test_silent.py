@@ -227,3 +227,21 @@ def test_a_checkpoint_cut_short_while_read_is_one_error_not_a_crash(sgd_run):
     line = one_error_line(proc.stderr)
     assert str(victim) in line and "truncated while pdt read it" in line, line
     assert not (sgd_run / ".pdt").exists()
+
+
+def test_a_failed_ingest_after_a_fused_step_never_fits_from_the_fused_state_alone(sgd_run):
+    """A new checkpoint takes the slot of the one the fused state came from before its values are checked;
+    when it then fails (NaN), the window's newest is the fused state with nothing to fit it from. That is
+    not a step to take again (it wrote `epoch_8.pdt.pdt.pt`): pdt waits for the next checkpoint."""
+    code, output = pdt("predict", sgd_run)
+    assert code == 0, output
+    bad = torch.load(sgd_run / "epoch_8.pt", weights_only=True)
+    bad["model"]["0.bias"][0] = float("nan")
+    torch.save(bad, sgd_run / "epoch_9.pt")
+    code, output = pdt("predict", sgd_run)
+    assert code == 3 and "NaN" in one_error_line(output), output
+    (sgd_run / "epoch_9.pt").unlink()
+    code, output = pdt("predict", sgd_run, "--json")
+    assert code == 0, output
+    assert json.loads(output)["status"] in ("waiting", "up-to-date"), output
+    assert sorted(p.name for p in sgd_run.glob("*.pdt.*")) == ["epoch_8.pdt.pt"]

@@ -510,13 +510,16 @@ class Store:
         """The window the next fit uses: a trailing fused state is replaced by the checkpoint it came from.
 
         After a write, the newest snapshot is the fused state (training resumes from it), but
-        a refit before the next checkpoint arrives must see the optimizer's own trajectory.
+        a refit before the next checkpoint arrives must see the optimizer's own trajectory. When
+        that checkpoint's slot was given up (to a new checkpoint that then failed), the fused state
+        is left out: fitting from it would predict again from a state no training has moved since,
+        so the window waits for the next checkpoint instead.
         """
         window = list(self.window)
         if window:
             last = self.snapshots[window[-1]]
-            if last.kind == "fused" and self.readable(last.parent):
-                window[-1] = last.parent
+            if last.kind == "fused":
+                window[-1:] = [last.parent] if self.readable(last.parent) else []
         return window
 
     def fit_of(self, ids: list[int], options: dict) -> Fit | None:
