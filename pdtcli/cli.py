@@ -316,7 +316,7 @@ def report(target: Target, store: Store = None, top: Annotated[
     `pdt report runs/exp1/ckpts --plot pdt.png`
     """
     with errors_as_exit(json_out):
-        data = build_report(api.load_state(target, store=store, lock_timeout=wait))
+        data = build_report(api.load_state(target, store=store, lock_timeout=wait, writes=plot))
         if plot is not None:
             from .plot import plot_report  # matplotlib only when a picture is asked for
 
