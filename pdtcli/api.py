@@ -93,8 +93,9 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         raise UsageError("a live model takes the fused values itself; it takes no output, --in-place or --dry-run")
     with session(target, store, settings, ingests=True) as s:
         _single_only(in_place, live)
-        if output is not None:  # refused before the store takes anything in
-            check_output(Path(output), guard_of(s.folder, s.root, s.store), force=force)
+        if output is not None:  # what no --force allows is refused before the store takes anything in; an
+            # existing output pdt wrote may still be up to date, so --force is asked for only when writing it
+            check_output(Path(output), guard_of(s.folder, s.root, s.store), force=True)
         ingested, skipped = ingest(s, live)                                    # line 17: the optimizer's states
         st = s.store
         if len(st.base_window()) < st.history_len:

@@ -108,7 +108,7 @@ def check_output(out: Path, guard: Guard, *, force: bool, default: bool = False)
         raise OutputError(f"{problem}; {NEVER}", out)
     try:
         mode = out.lstat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there: the write says if its folder is missing
         return
     kind = _KINDS.get(stat.S_IFMT(mode))
     if kind:
