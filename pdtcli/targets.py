@@ -17,9 +17,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import TMP_TAG
 from .discover import list_checkpoints, located
 from .errors import OutputError, UsageError
-from .store import PART_PREFIX, Store
+from .store import LOCK_NAME, PART_PREFIX, Store, parts_of
 
 NEVER = ("pdt never writes over its inputs or its store, --force or not (--in-place, with its backup, "
          "is the way to replace the newest checkpoint); choose another path")
@@ -122,8 +123,22 @@ def check_output(out: Path, guard: Guard, *, force: bool, default: bool = False)
 
 def check_store_place(store: Path, folder: Path) -> None:
     """Refuse (UsageError, exit 2) a `--store` folder that is the checkpoint folder, holds it or an
-    input checkpoint, or lies inside one: the store's files would be written among the checkpoints."""
+    input checkpoint, or lies inside one: the store's files would be written among the checkpoints.
+    Refuse too an existing folder that holds no store but other files: pdt writes `snapshots.bin`
+    and `store.h5` there, and prunes what `backups/` holds."""
     problem = Guard(tuple(_inputs(folder, None, set()))).conflict(store)
     if problem:
         raise UsageError(f"--store {problem}: the store's files would be written among the checkpoints; "
                          f"keep it apart from them (the default is {Path(folder) / '.pdt'})", store)
+    other = _foreign_entry(Path(store))
+    if other:
+        raise UsageError(f"--store names a folder that holds {other} and no pdt store; pdt writes and removes "
+                         "files in its store folder, so give a new or empty folder, or one that holds a store", store)
+
+
+def _foreign_entry(store: Path) -> str | None:
+    """The first entry of an existing folder that holds no store which is not pdt's (its lock, a
+    temporary of a killed run), or None."""
+    if not store.is_dir() or Store.exists(store) or parts_of(store):
+        return None
+    return next((p.name for p in sorted(store.iterdir()) if p.name != LOCK_NAME and TMP_TAG not in p.name), None)

@@ -60,7 +60,7 @@ def run(_trainer_run, tmp_path) -> Path:
     return run
 
 
-def files_of(folder: Path) -> dict[str, tuple[bytes, int]]:
+def state_of(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Bytes and times of every file under `folder`, the store's included (its lock aside: taking
     it is not a write of pdt's data), and the kind of every other entry."""
     found = {k: v for k, v in snapshot_of(folder).items() if Path(k).name != "lock"}
@@ -97,30 +97,30 @@ def test_an_output_on_the_inputs_or_the_store_is_refused_even_with_force(run, co
     given, says = OVER_INPUTS[case]
     (run.parent / "link").symlink_to(run, target_is_directory=True)
     out = run.parent / given
-    before = files_of(run.parent)
+    before = state_of(run.parent)
     code, output = pdt(command, run, "-o", out, "--force")
     _refused(code, output, out, says, "never writes over its inputs", "--in-place")
-    assert files_of(run.parent) == before
+    assert state_of(run.parent) == before
     assert pdt("apply", run, "--force")[0] == 0  # the store still works
 
 
 def test_a_relative_output_path_is_compared_resolved(run, monkeypatch):
     monkeypatch.chdir(run / "checkpoint-5")
-    before = files_of(run)
+    before = state_of(run)
     code, output = pdt("apply", "..", "-o", "../checkpoint-30", "--force")
     _refused(code, output, Path("../checkpoint-30"), "is the input checkpoint")
-    assert files_of(run) == before
+    assert state_of(run) == before
 
 
 def test_a_folder_pdt_did_not_write_is_never_replaced(run, tmp_path):
     kept = tmp_path / "results"
     kept.mkdir()
     (kept / "notes.txt").write_text("a week of measurements")
-    before = files_of(tmp_path)
+    before = state_of(tmp_path)
     for command in ("apply", "predict"):
         code, output = pdt(command, run, "-o", kept, "--force")
         _refused(code, output, kept, "is a folder pdt did not write")
-    assert files_of(tmp_path) == before
+    assert state_of(tmp_path) == before
 
 
 def _char_device(path: Path) -> None:
@@ -138,10 +138,10 @@ def _socket(path: Path) -> None:
 def test_a_device_pipe_or_socket_is_never_replaced(run, tmp_path, make, kind, command):
     node = tmp_path / "node"
     make(node)
-    before = files_of(tmp_path)
+    before = state_of(tmp_path)
     code, output = pdt(command, run, "-o", node, "--force")
     _refused(code, output, node, f"is {kind}")
-    assert files_of(tmp_path) == before
+    assert state_of(tmp_path) == before
 
 
 def test_the_default_output_is_never_a_checkpoint_the_store_ingested(sgd_run):
@@ -155,11 +155,11 @@ def test_the_default_output_is_never_a_checkpoint_the_store_ingested(sgd_run):
         state["ingested"].append(Seen(str(theirs), size, mtime, 8, None, None, "ingested", "now").as_dict())
 
     _edit_store(sgd_run, ingested_theirs)
-    before = files_of(sgd_run)
+    before = state_of(sgd_run)
     for args in (["predict"], ["apply", "--force"]):
         code, output = pdt(args[0], sgd_run, *args[1:])
         _refused(code, output, theirs, "is the input checkpoint")
-    assert files_of(sgd_run) == before
+    assert state_of(sgd_run) == before
 
 
 # ---- what --force still replaces --------------------------------------------------------------------
@@ -212,20 +212,20 @@ PLOTS = {
 def test_a_plot_on_the_inputs_or_the_store_is_refused(run, case):
     given, says = PLOTS[case]
     path = run.parent / given
-    before = files_of(run.parent)
+    before = state_of(run.parent)
     code, output = pdt("report", run, "--plot", path)
     _refused(code, output, path, says)
-    assert files_of(run.parent) == before
+    assert state_of(run.parent) == before
 
 
 def test_a_plot_replaces_a_file_never_a_pipe(run, tmp_path):
     pytest.importorskip("matplotlib")
     pipe = tmp_path / "pipe.png"
     os.mkfifo(pipe)
-    before = files_of(tmp_path)
+    before = state_of(tmp_path)
     code, output = pdt("report", run, "--plot", pipe)
     _refused(code, output, pipe, "is a pipe")
-    assert files_of(tmp_path) == before
+    assert state_of(tmp_path) == before
     old = tmp_path / "old.png"
     old.write_bytes(b"last week's picture")
     code, output = pdt("report", run, "--plot", old)
@@ -250,18 +250,31 @@ def test_a_store_among_the_checkpoints_is_refused(_trainer_run, tmp_path, case, 
     run = shutil.copytree(_trainer_run, tmp_path / "run")
     given, says = STORES[case]
     store = tmp_path / given
-    before = files_of(tmp_path)
+    before = state_of(tmp_path)
     code, output = pdt(command, run, "--store", store)
     line = one_error_line(output)
     assert code == 2, output
     assert line.startswith(f"pdt: error: {store}: --store {says}") and "(the default is" in line, line
-    assert files_of(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert state_of(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_store_in_a_folder_of_other_files_is_refused(_trainer_run, tmp_path):
+    run = shutil.copytree(_trainer_run, tmp_path / "run")
+    theirs = tmp_path / "results"
+    (theirs / "backups").mkdir(parents=True)
+    (theirs / "backups" / "week1.csv").write_text("a week of measurements")
+    (theirs / "snapshots.bin").write_bytes(b"a camera's frames")
+    before = state_of(tmp_path)
+    code, output = pdt("predict", run, "--store", theirs)
+    line = one_error_line(output)
+    assert code == 2 and line.startswith(f"pdt: error: {theirs}: --store names a folder that holds backups"), output
+    assert state_of(tmp_path) == before
 
 
 def test_a_store_apart_from_the_checkpoints_works(_trainer_run, tmp_path):
     run = shutil.copytree(_trainer_run, tmp_path / "run")
-    for store in (tmp_path / "stores" / "run", run / "pdt-store"):
+    (tmp_path / "empty").mkdir()
+    for store in (tmp_path / "stores" / "run", run / "pdt-store", tmp_path / "empty"):
         code, output = pdt("predict", run, "--store", store)
         assert code == 0, output
-        assert (store / "store.h5").is_file()
-        shutil.rmtree(run / "checkpoint-30.pdt")
+        assert (store / "store.h5").is_file() and (run / "checkpoint-30.pdt" / "model.safetensors").is_file()
