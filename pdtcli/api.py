@@ -31,6 +31,7 @@ from .options import DEFAULT_WAIT, Settings
 from .session import Session, resolve_store_root, session
 from .store import Store, complete_parts, merge_states, parts_of
 from .store.records import Mask, Snapshot
+from .targets import check_output, guard_of
 from .world import current
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         raise UsageError("a live model takes the fused values itself; it takes no output, --in-place or --dry-run")
     with session(target, store, settings, ingests=True) as s:
         _single_only(in_place, live)
+        if output is not None:  # what no --force allows is refused before the store takes anything in; an
+            # existing output pdt wrote may still be up to date, so --force is asked for only when writing it
+            check_output(Path(output), guard_of(s.folder, s.root, s.store), force=True)
         ingested, skipped = ingest(s, live)                                    # line 17: the optimizer's states
         st = s.store
         if len(st.base_window()) < st.history_len:
@@ -202,11 +206,14 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
         return StepResult("restored", f"restored {final} from {backup}", str(s.root), output=str(final))
 
 
-def load_state(target: Path, *, store: Path | None = None, lock_timeout: float = DEFAULT_WAIT) -> dict[str, Any]:
+def load_state(target: Path, *, store: Path | None = None, lock_timeout: float = DEFAULT_WAIT,
+               writes: Path | None = None) -> dict[str, Any]:
     """What the store holds (fit, mask, per-tensor counts, window, history) for reports, read under the lock.
 
     A store made by the ranks of a distributed step is read part by part, each under its own lock,
-    and shown as the one model it is.
+    and shown as the one model it is. `writes`: a file the caller will write (`report --plot`),
+    checked under the same lock to be none of the folder's checkpoints, the store, or a folder
+    (OutputError, exit 5); an existing regular file there is replaced.
     """
     settings = Settings(lock_timeout=lock_timeout)
     root, _ = resolve_store_root(Path(target), store)
@@ -216,11 +223,18 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
         size, parts = next(iter(made.items()))
         for part in complete_parts(root, size, parts):
             with session(part, None, settings, joins=False) as s:
+                _check_writes(s, writes)
                 states.append(s.require_store().describe())
                 order = order or _tensor_order(s.require_store())  # the same checkpoint for every part
         return merge_states(states, root, order)
     with session(target, store, settings, joins=False) as s:
+        _check_writes(s, writes)
         return s.require_store().describe()
+
+
+def _check_writes(s: Session, path: Path | None) -> None:
+    if path is not None:
+        check_output(Path(path), guard_of(s.folder, s.root, s.store), force=True)
 
 
 # ---- the steps the plans share ------------------------------------------------------------------
@@ -324,11 +338,11 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
         out, backup = path, backup_path(store, newest)
     else:
         out = Path(output) if output else output_name(path)
-    # `predict` renews its own default output (a new fit of the same newest checkpoint, or a run
-    # killed after publishing it); anything else is replaced only with --force.
-    renewable = command == "predict" and output is None and is_pdt_output(out)
-    if (out.exists() or out.is_symlink()) and not (force or in_place or renewable):
-        raise OutputError("exists; pass --force to replace it", out)
+    if not in_place:
+        # `predict` renews its own default output (a new fit of the same newest checkpoint, or a run
+        # killed after publishing it); anything else is replaced only with --force.
+        renewable = command == "predict" and output is None and is_pdt_output(out)
+        check_output(out, guard_of(s.folder, s.root, store), force=force or renewable, default=output is None)
     destination = Destination(out, _source_of(store, newest))
     if in_place or output is None:  # training resumes from it: its values go into the window too
         destination.lineage_slot = store.claim_lineage_slot(ids)  # may commit, to free a slot safely

@@ -33,7 +33,8 @@ EXIT_INTERRUPTED = 130
 EPILOG = """Exit codes: 0 done (also 'nothing new' and 'waiting for checkpoints', unless --strict);
 1 unexpected error; 2 bad usage (a path that does not exist, a folder with no checkpoints);
 3 bad checkpoint; 4 store problem (other folder, newer pdt, damaged, locked);
-5 output exists or cannot be written; 6 a stage is missing (apply before predict);
+5 output exists, cannot be written, or is an input, the store or not pdt's to replace;
+6 a stage is missing (apply before predict);
 7 under torchrun: another rank failed or died, the ranks see different folders, or the store was
 made by another number of ranks (nothing committed or published);
 with --strict: 10 waiting for more checkpoints, 11 nothing new; 130 interrupted."""
@@ -316,7 +317,7 @@ def report(target: Target, store: Store = None, top: Annotated[
     `pdt report runs/exp1/ckpts --plot pdt.png`
     """
     with errors_as_exit(json_out):
-        data = build_report(api.load_state(target, store=store, lock_timeout=wait))
+        data = build_report(api.load_state(target, store=store, lock_timeout=wait, writes=plot))
         if plot is not None:
             from .plot import plot_report  # matplotlib only when a picture is asked for
 

@@ -42,12 +42,14 @@ class Option:
 
 
 OPTIONS: dict[str, Option] = {
-    "store": Option(("--store",), None, "Store folder.", metavar="PATH", shown_default="DIR/.pdt"),
+    "store": Option(("--store",), None, "Store folder; never the checkpoint folder, above it, or at or inside a "
+                    "checkpoint.", metavar="PATH", shown_default="DIR/.pdt"),
     "output": Option(("--output", "-o"), None, "Write an audit copy here instead; training is taken to resume from "
                      "the default output, NAME.pdt.EXT beside the newest checkpoint, which alone enters the window.",
                      metavar="PATH"),
     "dry_run": Option(("--dry-run",), False, "Fit and mask; write no checkpoint."),
-    "force": Option(("--force",), False, "Replace an existing output."),
+    "force": Option(("--force",), False, "Replace an existing output: a regular file, or a folder pdt wrote; never "
+                    "an input checkpoint, the checkpoint folder or the store."),
     "in_place": Option(("--in-place",), False, "Write over the newest checkpoint (for scripts that resume from one "
                        "path); a backup is kept, and `pdt restore` puts it back. Refused when that checkpoint is a "
                        "symbolic link."),

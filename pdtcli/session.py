@@ -28,13 +28,13 @@ from .store import (
     BACKUP_DIRNAME,
     LOCK_NAME,
     META_NAME,
-    PART_PREFIX,
     STORE_DIRNAME,
     Store,
     part_name,
     parts_of,
     roll_forward,
 )
+from .targets import check_store_place, whole_store
 from .world import SINGLE, World, joined
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def resolve_store_root(target: Path, store: Path | None) -> tuple[Path, Path | N
     if not target.is_dir():
         raise UsageError("not a checkpoint folder or a pdt store", target)
     if store:
+        check_store_place(Path(store), target)
         return Path(store), target
     root = target / STORE_DIRNAME
     if root.is_symlink():
@@ -120,8 +121,7 @@ def _default_store_of(root: Path, folder: Path) -> bool:
     """Whether `root` is `folder/.pdt`. Only then may a store opened by its own path say which
     folder it serves: otherwise a store.h5 planted in any folder could name any other folder,
     and pdt would write outputs (and restore backups) there."""
-    if root.name.startswith(PART_PREFIX):  # one rank's part of a distributed store: .pdt/rank-R-of-K
-        root = root.parent
+    root = whole_store(root)  # one rank's part of a distributed store: .pdt/rank-R-of-K
     return root.name == STORE_DIRNAME and root.resolve().parent == folder.resolve()
 
 
