@@ -206,20 +206,22 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
     """What the store holds (fit, mask, per-tensor counts, window, history) for reports, read under the lock.
 
     A store made by the ranks of a distributed step is read part by part, each under its own lock,
-    and shown as the one model it is.
+    and shown as the one model it is. A store pdt may read but not lock (read-only media, another
+    user's store) is read without the lock: `unlocked` says so (None when the lock was held).
     """
     settings = Settings(lock_timeout=lock_timeout)
     root, _ = resolve_store_root(Path(target), store)
     made = parts_of(root)
     if len(made) == 1 and not Store.exists(root):
-        states, order = [], None
+        states, order, unlocked = [], None, None
         for part in next(iter(made.values())):
-            with session(part, None, settings, joins=False) as s:
+            with session(part, None, settings, joins=False, reads_only=True) as s:
                 states.append(s.require_store().describe())
                 order = order or _tensor_order(s.require_store())  # the same checkpoint for every part
-        return merge_states(states, root, order)
-    with session(target, store, settings, joins=False) as s:
-        return s.require_store().describe()
+                unlocked = unlocked or s.unlocked
+        return dict(merge_states(states, root, order), unlocked=unlocked)
+    with session(target, store, settings, joins=False, reads_only=True) as s:
+        return dict(s.require_store().describe(), unlocked=s.unlocked)
 
 
 # ---- the steps the plans share ------------------------------------------------------------------

@@ -119,7 +119,10 @@ class TorchReader(CheckpointReader):
         if self._key_path:
             obj = dict(self._obj) if type(self._obj) is dict else type(self._obj)(self._obj)
             obj[self._key_path[0]] = state
-        torch.save(obj, out)
+        # through a Python file: given a path, torch's zip writer reports a full disk as a RuntimeError
+        # ("unexpected pos" in inline_container.cc) without its errno; Python's file raises the OSError
+        with open(out, "wb") as handle:
+            torch.save(obj, handle)
 
     def close(self) -> None:
         self._obj = None
