@@ -32,7 +32,7 @@ EXIT_INTERRUPTED = 130
 
 EPILOG = """Exit codes: 0 done (also 'nothing new' and 'waiting for checkpoints', unless --strict);
 1 unexpected error; 2 bad usage (a path that does not exist, a folder with no checkpoints);
-3 bad checkpoint; 4 store problem (other folder, newer pdt, damaged, locked);
+3 bad checkpoint (also unreadable); 4 store problem (other folder, newer pdt, damaged, locked, cannot be written);
 5 output exists or cannot be written; 6 a stage is missing (apply before predict);
 7 under torchrun: another rank failed or died, the ranks see different folders, or the store was
 made by another number of ranks (nothing committed or published);
