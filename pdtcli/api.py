@@ -20,7 +20,7 @@ from typing import Any
 from .backups import backup_path, copy_back, in_backups, note_in_place, prune_backups, recorded_backup
 from .discover import is_pdt_output, located, output_name
 from .dmd import combine_r, solve
-from .errors import CheckpointError, OutputError, PdtError, StageMissing, UsageError
+from .errors import CheckpointError, OutputError, PdtError, StageMissing, UsageError, os_errors_as
 from .formats import checkpoint_digest, open_checkpoint
 from .fuse import Destination, second_pass, window_of
 from .identity import stat_of, unchanged
@@ -299,7 +299,9 @@ def _source_of(store: Store, newest: Snapshot) -> Path:
                               "cannot be carried over", source)
     # one decision for all ranks (each sees the file's times through its own filesystem client)
     changed = any(current().gather(not unchanged(source, newest.size, newest.mtime), "checking the newest checkpoint"))
-    if changed and checkpoint_digest(source, current()) != newest.sha256:
+    with os_errors_as(CheckpointError, "cannot read"):
+        same = not changed or checkpoint_digest(source, current()) == newest.sha256
+    if not same:
         raise CheckpointError("the newest checkpoint changed since it was ingested; run `pdt snapshot` again", source)
     return source
 

@@ -223,20 +223,29 @@ def test_a_store_of_another_user_is_reported_but_not_changed(sgd_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first_run", [True, False], ids=["hashed-first", "hashed-behind"])
-def test_an_unreadable_checkpoint_is_a_checkpoint_error(sgd_run, first_run):
+@pytest.mark.parametrize("when", ["hashed-first", "hashed-behind", "carried-over"])
+def test_an_unreadable_checkpoint_is_a_checkpoint_error(sgd_run, when):
     """More new checkpoints than the window holds are hashed before any is opened; one new checkpoint is
-    opened first and hashed on a thread beside the read: both meet the unreadable file."""
-    if not first_run:
+    opened first and hashed on a thread beside the read; the newest of the window, touched since it was
+    ingested, is hashed again before its content is carried over into the output: each meets the
+    unreadable file."""
+    newest = sgd_run / "epoch_8.pt"
+    if when != "hashed-first":
         assert pdt("snapshot", sgd_run)[0] == 0
+    if when == "hashed-behind":
         new_checkpoint(sgd_run)
-    newest = sgd_run / ("epoch_8.pt" if first_run else "epoch_9.pt")
+        newest = sgd_run / "epoch_9.pt"
+    if when == "carried-over":
+        os.utime(newest, (1, 1))
     newest.chmod(0)
     before = files_bytes(sgd_run)
     done = as_a_user("predict", sgd_run)
     line = one_error_line(done.stderr, done.returncode, 3)
     assert f"{newest}: cannot read: Permission denied" in line
-    assert files_bytes(sgd_run) == before and (sgd_run / ".pdt").exists() != first_run
+    after = files_bytes(sgd_run)
+    if when == "carried-over":  # the touched file was noted as passed over (a commit of its own) before the fit
+        del before[".pdt/store.h5"], after[".pdt/store.h5"]
+    assert after == before and (sgd_run / ".pdt").exists() == (when != "hashed-first")
 
 
 @pytest.mark.slow
