@@ -88,14 +88,11 @@ WAY_OUT = {
 UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})  # no writing here, whatever is tried
 
 
-def os_reason(exc: BaseException) -> str:
+def os_reason(exc: OSError) -> str:
     """One line for an operating-system error: the errno's own text (not a library's message around it,
     such as HDF5's, which spans lines and names a temporary file) and the way out, when there is one."""
-    code = getattr(exc, "errno", None)
-    if isinstance(code, int) and code:
-        text = os.strerror(code)
-    else:
-        text = " ".join(str(exc).split())[:200] or type(exc).__name__
+    code = exc.errno  # h5py's OSError carries one too, its text being HDF5's whole message
+    text = os.strerror(code) if code else " ".join(str(exc).split())[:200] or type(exc).__name__
     way_out = WAY_OUT.get(code)
     return f"{text}; {way_out}" if way_out else text
 
