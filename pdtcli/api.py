@@ -20,7 +20,7 @@ from typing import Any
 from .backups import backup_path, copy_back, in_backups, note_in_place, prune_backups, recorded_backup
 from .discover import is_pdt_output, located, output_name
 from .dmd import combine_r, solve
-from .errors import CheckpointError, OutputError, PdtError, StageMissing, UsageError
+from .errors import CheckpointError, OutputError, PdtError, StageMissing, UsageError, os_errors_as
 from .formats import checkpoint_digest, open_checkpoint
 from .fuse import Destination, second_pass, window_of
 from .identity import stat_of, unchanged
@@ -211,25 +211,28 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
     """What the store holds (fit, mask, per-tensor counts, window, history) for reports, read under the lock.
 
     A store made by the ranks of a distributed step is read part by part, each under its own lock,
-    and shown as the one model it is. `writes`: a file the caller will write (`report --plot`),
-    checked under the same lock to be none of the folder's checkpoints, the store, or a folder
-    (OutputError, exit 5); an existing regular file there is replaced.
+    and shown as the one model it is. A store pdt may read but not lock (read-only media, another
+    user's store) is read without the lock: `unlocked` says so (None when the lock was held).
+    `writes`: a file the caller will write (`report --plot`), checked in the same session to be none
+    of the folder's checkpoints, the store, or a folder (OutputError, exit 5); an existing regular
+    file there is replaced.
     """
     settings = Settings(lock_timeout=lock_timeout)
     root, _ = resolve_store_root(Path(target), store)
     made = parts_of(root)
     if len(made) == 1 and not Store.exists(root):
-        states, order = [], None
+        states, order, unlocked = [], None, None
         size, parts = next(iter(made.items()))
         for part in complete_parts(root, size, parts):
-            with session(part, None, settings, joins=False) as s:
+            with session(part, None, settings, joins=False, reads_only=True) as s:
                 _check_writes(s, writes)
                 states.append(s.require_store().describe())
                 order = order or _tensor_order(s.require_store())  # the same checkpoint for every part
-        return merge_states(states, root, order)
-    with session(target, store, settings, joins=False) as s:
+                unlocked = unlocked or s.unlocked
+        return dict(merge_states(states, root, order), unlocked=unlocked)
+    with session(target, store, settings, joins=False, reads_only=True) as s:
         _check_writes(s, writes)
-        return s.require_store().describe()
+        return dict(s.require_store().describe(), unlocked=s.unlocked)
 
 
 def _check_writes(s: Session, path: Path | None) -> None:
@@ -312,7 +315,9 @@ def _source_of(store: Store, newest: Snapshot) -> Path:
                               "cannot be carried over", source)
     # one decision for all ranks (each sees the file's times through its own filesystem client)
     changed = any(current().gather(not unchanged(source, newest.size, newest.mtime), "checking the newest checkpoint"))
-    if changed and checkpoint_digest(source, current()) != newest.sha256:
+    with os_errors_as(CheckpointError, "cannot read"):
+        same = not changed or checkpoint_digest(source, current()) == newest.sha256
+    if not same:
         raise CheckpointError("the newest checkpoint changed since it was ingested; run `pdt snapshot` again", source)
     return source
 

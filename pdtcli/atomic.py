@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import OutputError, PdtError, os_error, os_errors_as
 from .identity import files_of
 from .world import World
 
@@ -48,20 +48,24 @@ def fsync_file(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = None,
-                before_publish: Callable[[Path], None] | None = None) -> Iterator[Path]:
+                before_publish: Callable[[Path], None] | None = None,
+                error: type[PdtError] = OutputError) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success it is synced and renamed over it.
 
     With `force=False` an existing `final` is refused before anything is written. With
     `backup_to`, what `final` held is kept there (see `keep_copy`) once the new content is
     complete and just before it replaces the old. `before_publish(tmp)` runs when the
     content is complete and on disk, just before the rename, so a caller can note what is
-    about to appear under `final` (and recognise it after a crash in between).
+    about to appear under `final` (and recognise it after a crash in between). An operating-system
+    error (disk full, no permission, a file-size limit) is one `error` naming `final` (an OutputError,
+    or a StoreError for the store's own files).
     """
     final = Path(final)
-    folder = _writable_folder(final, force)
+    with os_errors_as(error, "cannot write", final):  # a path pdt may not even look at
+        folder = _writable_folder(final, force, error)
     tmp = folder / f".{final.name}{TMP_TAG}{os.getpid()}"
-    remove_path(tmp)  # whatever sits under the name (a planted link, a dead run's file) is not written through
     try:
+        remove_path(tmp)  # whatever sits under the name (a planted link, a dead run's file) is not written through
         yield tmp
         if backup_to is not None and final.exists():
             keep_copy(final, backup_to)
@@ -74,20 +78,26 @@ def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = Non
     except BaseException as exc:
         remove_path(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            raise OutputError(f"cannot write: {exc.strerror or exc}", final) from exc
+            raise os_error(exc, error, "cannot write", final) from exc
         raise
 
 
-def _writable_folder(final: Path, force: bool) -> Path:
-    """The folder `final` is written in, checked before anything is."""
+def _writable_folder(final: Path, force: bool, error: type[PdtError] = OutputError) -> Path:
+    """The folder `final` is written in, checked before anything is (an `error` if it cannot be)."""
     if not force and final.exists():
-        raise OutputError("exists; pass --force to replace it", final)
+        raise error("exists; pass --force to replace it", final)
     folder = final.parent
     if not folder.is_dir():
-        raise OutputError("the folder for this output does not exist", final)
+        raise error("the folder for this output does not exist", final)
     if not os.access(folder, os.W_OK):
-        raise OutputError("no permission to write in this folder", final)
+        raise error("no permission to write in this folder" + (" (it is mounted read-only)" if _read_only(folder)
+                                                               else ""), final)
     return folder
+
+
+def _read_only(folder: Path) -> bool:
+    """Whether `folder` lies on a file system mounted read-only (where no permission helps)."""
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
 
 
 @contextlib.contextmanager
@@ -121,7 +131,7 @@ def shared_atomic_path(final: Path, world: World, prepare: Callable[[Path], None
         if world.leader:
             remove_path(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            raise OutputError(f"cannot write: {exc.strerror or exc}", final) from exc
+            raise os_error(exc, OutputError, "cannot write", final) from exc
         raise
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from .atomic import atomic_path, copy_path, remove_path
 from .confine import is_inside
 from .discover import located
-from .errors import StoreError
+from .errors import StoreError, os_errors_as
 from .identity import stat_of
 from .store import BACKUP_DIRNAME, Store
 from .store.records import Pending, Snapshot
@@ -28,7 +28,8 @@ def _folder(store: Store) -> Path:
 
 def backup_path(store: Store, snapshot: Snapshot) -> Path:
     folder = _folder(store)
-    folder.mkdir(exist_ok=True)
+    with os_errors_as(StoreError, "cannot make the backups folder", folder):
+        folder.mkdir(exist_ok=True)
     return folder / f"{snapshot.id}-{Path(snapshot.path).name}"
 
 
@@ -54,10 +55,11 @@ def prune_backups(store: Store) -> list[Path]:
         return []
     wanted = store.recorded_backups()
     removed = []
-    for path in folder.iterdir():
-        if located(path) not in wanted:
-            remove_path(path)
-            removed.append(path)
+    with os_errors_as(StoreError, "cannot prune the backups"):
+        for path in folder.iterdir():
+            if located(path) not in wanted:
+                remove_path(path)
+                removed.append(path)
     return removed
 
 

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, api
-from .errors import PdtError
+from .errors import PdtError, os_error
 from .options import OPTIONS, Settings
 from .report import build_report, render_report, render_summary
 from .world import launched_rank
@@ -32,7 +32,7 @@ EXIT_INTERRUPTED = 130
 
 EPILOG = """Exit codes: 0 done (also 'nothing new' and 'waiting for checkpoints', unless --strict);
 1 unexpected error; 2 bad usage (a path that does not exist, a folder with no checkpoints);
-3 bad checkpoint; 4 store problem (other folder, newer pdt, damaged, locked);
+3 bad checkpoint (also unreadable); 4 store problem (other folder, newer pdt, damaged, locked, cannot be written);
 5 output exists, cannot be written, or is an input, the store or not pdt's to replace;
 6 a stage is missing (apply before predict);
 7 under torchrun: another rank failed or died, the ranks see different folders, or the store was
@@ -177,6 +177,9 @@ def errors_as_exit(json_out: bool = False) -> Iterator[None]:
         _fail(INTERRUPTED, EXIT_INTERRUPTED, json_out, None)
     except (typer.Exit, typer.Abort, typer.BadParameter):
         raise
+    except OSError as exc:  # the system refused where no boundary named the stake: one line, not a traceback
+        error = os_error(exc, PdtError, "the operating system refused")
+        _fail(str(error), error.exit_code, json_out, None if error.path is None else str(error.path))
     except Exception as exc:  # a bug: keep the traceback for the report, and still end with one line
         traceback.print_exc()
         _fail(f"unexpected {type(exc).__name__}: {exc} (a bug in pdt; the traceback above helps to fix it)", 1,
@@ -318,6 +321,8 @@ def report(target: Target, store: Store = None, top: Annotated[
     """
     with errors_as_exit(json_out):
         data = build_report(api.load_state(target, store=store, lock_timeout=wait, writes=plot))
+        if data["unlocked"]:
+            typer.echo(f"pdt: note: {data['store']}: {data['unlocked']}", err=True)
         if plot is not None:
             from .plot import plot_report  # matplotlib only when a picture is asked for
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .discover import Candidate, list_checkpoints, located, order_key, resolve_order
-from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError
+from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError, os_errors_as
 from .formats import CheckpointReader, TensorInfo, checkpoint_digest, open_share
 from .formats.base import PIECE_MARK
 from .identity import Digest, Hashes, HeldStill
@@ -308,7 +308,9 @@ def ingest(s: Session, live: Live | None = None) -> tuple[list[str], list[dict]]
         raise StoreError("the checkpoint folder of this store is gone", s.folder or s.root)
     _check_selection(s)
     _check_store_dtype(s)
-    with Hashes() as hashes:
+    # what the system refuses here and the store's own files do not name (those are StoreErrors) is
+    # reading the folder or a checkpoint: listing it, hashing, opening, reading values
+    with Hashes() as hashes, os_errors_as(CheckpointError, "cannot read"):
         return _ingest_all(s, live, hashes)
 
 

@@ -51,6 +51,7 @@ def build_report(data: dict[str, Any]) -> dict:
         "mask": data["mask"],
         "history": data["history"],
         "note": OVERLAP_NOTE,
+        "unlocked": data.get("unlocked"),  # why the store was read without its lock, if it was
     }
     if data["counts"] is not None and data["mask"]:
         counts = np.asarray(data["counts"])

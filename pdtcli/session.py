@@ -5,7 +5,9 @@ ingest from a folder in which nothing is a checkpoint fails before `.pdt` is mad
 a store folder made by a run that ended without a store is removed again, so a wrong path in
 a cron line creates nothing. The store's folder, lock and records are checked before they
 are trusted: a linked store folder or lock file is refused, and a store opened by its own
-path must be the `.pdt` folder of the checkpoint folder it names.
+path must be the `.pdt` folder of the checkpoint folder it names. An operating-system error on the
+store's folder, lock or leftovers is a StoreError naming the file; a command that only reads (`pdt
+report`) reads a store it may not lock (read-only media, another user's store) without the lock.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ import filelock
 from .atomic import remove_path, sweep_temporaries
 from .backups import finish_in_place
 from .discover import no_checkpoints_here
-from .errors import DistributedError, StageMissing, StoreError, UsageError
+from .errors import (
+    UNWRITABLE,
+    CheckpointError,
+    DistributedError,
+    StageMissing,
+    StoreError,
+    UsageError,
+    os_error,
+    os_errors_as,
+)
 from .options import Settings
 from .store import (
     BACKUP_DIRNAME,
@@ -47,6 +58,7 @@ class Session:
     store: Store | None
     settings: Settings
     order: str = "name"
+    unlocked: str | None = None  # why a command that only reads holds no lock, when it does not
 
     def require_store(self) -> Store:
         if self.store is None:
@@ -59,9 +71,13 @@ def resolve_store_root(target: Path, store: Path | None) -> tuple[Path, Path | N
     """(store folder, checkpoint folder or None) for a command's target argument.
 
     The target may be a checkpoint folder (its store is `<folder>/.pdt` unless `--store`
-    names another), a store folder, or a store's `store.h5`.
+    names another), a store folder, or a store's `store.h5`. A path pdt may not look at is a UsageError.
     """
-    target = Path(target)
+    with os_errors_as(UsageError, "cannot look at this path", target):
+        return _store_root_of(Path(target), store)
+
+
+def _store_root_of(target: Path, store: Path | None) -> tuple[Path, Path | None]:
     if not target.exists():
         raise UsageError("does not exist", target)
     if target.is_file() and target.name == META_NAME:
@@ -84,7 +100,7 @@ def lock_for(root: Path, timeout: float) -> filelock.BaseFileLock:
     """The store's lock: a second pdt waits up to `timeout` seconds, then fails clearly.
 
     filelock opens the lock file for writing, so a lock file that is a link (planted to make
-    pdt write another file) is refused rather than opened.
+    pdt write another file) is refused rather than opened. OSError when the folder cannot be made.
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
@@ -99,13 +115,25 @@ def lock_for(root: Path, timeout: float) -> filelock.BaseFileLock:
 _LOCKED = "locked by another pdt process (waited {wait:g}s; --wait to wait longer)"
 
 
-def _acquired(root: Path, timeout: float) -> filelock.BaseFileLock:
-    """The store folder's lock, held; a clear error when another pdt holds it past `timeout`."""
-    lock = lock_for(root, timeout)
+def _acquired(root: Path, timeout: float, *, reads_only: bool = False) -> filelock.BaseFileLock | str:
+    """The store folder's lock, held; a clear error when another pdt holds it past `timeout`, or
+    when the folder or lock file cannot be made (no permission, read-only, a file in the path).
+
+    `reads_only` (a command that changes nothing): where no lock can be made at all (read-only
+    media, another user's store), the reason, as a note, instead of an error: the store is read as
+    last committed, which the atomic replacement of `store.h5` keeps whole.
+    """
+    what = "cannot make the store folder (--store DIR keeps it elsewhere)"
     try:
+        lock = lock_for(root, timeout)
+        what = "cannot lock the store (--store DIR keeps it elsewhere)"
         lock.acquire()
     except filelock.Timeout as exc:
         raise StoreError(_LOCKED.format(wait=timeout), root) from exc
+    except OSError as exc:
+        if reads_only and exc.errno in UNWRITABLE:
+            return f"read without the lock ({os.strerror(exc.errno)}); it shows the store as last committed"
+        raise os_error(exc, StoreError, what) from exc
     return lock
 
 
@@ -127,21 +155,23 @@ def _default_store_of(root: Path, folder: Path) -> bool:
 
 @contextlib.contextmanager
 def session(target: Path, store: Path | None, settings: Settings, *, ingests: bool = False,
-            rebuild: bool = False, joins: bool = True) -> Iterator[Session]:
+            rebuild: bool = False, joins: bool = True, reads_only: bool = False) -> Iterator[Session]:
     """Hold the store's lock for the whole command; under torchrun, joined to the ranks' process group
     (`world.joined`), each rank holding its own part of the store.
 
     `ingests`: the command reads checkpoints from the folder, so a folder with none is a usage
     error when there is no store yet. `rebuild`: set the store aside unread (it may be
     damaged) and start a new one. `joins`: under torchrun, take part in the distributed step (reports
-    and restores never do: they read or change one store as one process).
+    and restores never do: they read or change one store as one process). `reads_only`: the command
+    changes nothing (reports), so a store it may read but not lock is read without the lock
+    (`Session.unlocked` says why), and nothing is cleaned up or finished in it.
     """
     with cpu_threads(settings.threads), \
             joined(settings.backend, settings.dist_timeout) if joins else contextlib.nullcontext(SINGLE) as world:
         root, folder = resolve_store_root(Path(target), store)
         part = part_root(root, world)
         with _whole_store(root, settings, world), _locked(part, folder, settings, world, ingests=ingests,
-                                                             rebuild=rebuild) as state:
+                                                             rebuild=rebuild, reads_only=reads_only) as state:
             yield state
 
 
@@ -210,37 +240,42 @@ def part_root(root: Path, world: World) -> Path:
 
 @contextlib.contextmanager
 def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *, ingests: bool,
-            rebuild: bool) -> Iterator[Session]:
+            rebuild: bool, reads_only: bool = False) -> Iterator[Session]:
     fresh = not Store.exists(root) or rebuild
     if ingests and fresh and folder is not None:
-        problem = no_checkpoints_here(folder, settings.files)
+        with os_errors_as(CheckpointError, "cannot list the checkpoint folder", folder):
+            problem = no_checkpoints_here(folder, settings.files)
         if problem:
             raise UsageError(problem, folder)
     made_root = not root.exists()
     aside = None
-    lock = _acquired(root, settings.lock_timeout)
+    lock = _acquired(root, settings.lock_timeout, reads_only=reads_only)
+    unlocked = lock if isinstance(lock, str) else None
     try:
-        clean_leftovers(root, folder if world.leader else None)
-        if rebuild:
-            if folder is None:
-                raise UsageError("--rebuild needs the checkpoint folder, not the store", root)
-            aside = Store.set_aside(root)
-            log.info("store set aside in %s for --rebuild", aside)
-        if world.active:
-            roll_forward(root, world)
-        opened = Store.open(root) if Store.exists(root) else None
-        if opened is not None and folder is not None and opened.folder.resolve() != folder.resolve():
-            raise StoreError(f"this store belongs to another folder ({opened.folder})", root)
-        if opened is not None and folder is None and not _default_store_of(root, opened.folder):
-            raise StoreError(f"is not the .pdt folder of the checkpoint folder it names ({opened.folder}); "
-                             f"run pdt on that folder with --store {root}", root)
-        pending = opened.pending.path if opened is not None and opened.pending else None
-        if opened is not None and finish_in_place(opened):
-            log.info("an in-place write killed before the store recorded it was undone: %s is the original again",
-                     pending)
+        with os_errors_as(StoreError, "cannot use the store"):  # what no narrower boundary below names
+            if unlocked is None:  # leftovers and an unfinished in-place write wait for a run that may write
+                clean_leftovers(root, folder if world.leader else None)
+            if rebuild:
+                if folder is None:
+                    raise UsageError("--rebuild needs the checkpoint folder, not the store", root)
+                aside = Store.set_aside(root)
+                log.info("store set aside in %s for --rebuild", aside)
+            if world.active:
+                roll_forward(root, world)
+            opened = Store.open(root) if Store.exists(root) else None
+            if opened is not None and folder is not None and opened.folder.resolve() != folder.resolve():
+                raise StoreError(f"this store belongs to another folder ({opened.folder})", root)
+            if opened is not None and folder is None and not _default_store_of(root, opened.folder):
+                raise StoreError(f"is not the .pdt folder of the checkpoint folder it names ({opened.folder}); "
+                                 f"run pdt on that folder with --store {root}", root)
+            pending = opened.pending.path if opened is not None and opened.pending else None
+            if opened is not None and unlocked is None and finish_in_place(opened):
+                log.info("an in-place write killed before the store recorded it was undone: %s is the original "
+                         "again", pending)
         # every rank must go on from the same records (a part killed while the others committed does not)
         world.same(opened.fingerprint() if opened else None, "store records")
-        state = Session(root, folder if folder is not None else (opened.folder if opened else None), opened, settings)
+        state = Session(root, folder if folder is not None else (opened.folder if opened else None), opened, settings,
+                        unlocked=unlocked)
         try:
             yield state
         finally:
@@ -251,7 +286,8 @@ def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *
             Store.keep_aside(aside)
         elif aside is not None:
             Store.put_back(root, aside)
-        lock.release()
+        if unlocked is None:
+            lock.release()
         if made_root and not Store.exists(root):
             remove_path(root)
             if world.active and root.parent.is_dir() and not any(root.parent.iterdir()):

@@ -182,7 +182,10 @@ class TorchReader(CheckpointReader):
         if self._key_path:
             obj = dict(whole) if type(whole) is dict else type(whole)(whole)
             obj[self._key_path[0]] = state
-        torch.save(obj, out)
+        # through a Python file: given a path, torch's zip writer reports a full disk as a RuntimeError
+        # ("unexpected pos" in inline_container.cc) without its errno; Python's file raises the OSError
+        with open(out, "wb") as handle:
+            torch.save(obj, handle)
 
     def close(self) -> None:
         self._obj = None

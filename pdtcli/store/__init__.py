@@ -30,7 +30,7 @@ import torch
 
 from .. import __version__
 from ..atomic import fsync_dir, remove_path
-from ..errors import StoreError, UsageError
+from ..errors import StoreError, UsageError, os_errors_as
 from ..identity import unchanged
 from ..mask import COUNT_COLUMNS, join_pieces, tensor_rows, whole_rows
 from ..selection import LayoutPlan, Selection, layer_type
@@ -61,12 +61,13 @@ def part_name(world: World) -> str:
 def parts_of(root: Path) -> dict[int, list[Path]]:
     """The parts a distributed step made in a store folder, by the number of ranks that made them."""
     found: dict[int, list[Path]] = {}
-    if Path(root).is_dir():
-        for path in sorted(Path(root).iterdir()):
-            words = path.name.removeprefix(PART_PREFIX).split("-of-")
-            if path.name.startswith(PART_PREFIX) and len(words) == 2 and all(w.isdigit() for w in words) \
-                    and (path / META_NAME).is_file():
-                found.setdefault(int(words[1]), []).append(path)
+    with os_errors_as(StoreError, "cannot read the store folder", root):
+        entries = sorted(Path(root).iterdir()) if Path(root).is_dir() else []
+    for path in entries:
+        words = path.name.removeprefix(PART_PREFIX).split("-of-")
+        if path.name.startswith(PART_PREFIX) and len(words) == 2 and all(w.isdigit() for w in words) \
+                and (path / META_NAME).is_file():
+            found.setdefault(int(words[1]), []).append(path)
     return found
 
 
@@ -346,7 +347,8 @@ class Store:
         except BaseException:
             remove_path(self.root / NEXT_NAME)  # a commit the ranks did not agree on (a killed rank's: next run)
             raise
-        os.replace(self.root / NEXT_NAME, self.meta_path)
+        with os_errors_as(StoreError, "cannot commit the store", self.meta_path):
+            os.replace(self.root / NEXT_NAME, self.meta_path)
         fsync_dir(self.root)
 
     def close(self) -> None:

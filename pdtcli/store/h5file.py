@@ -20,7 +20,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import atomic_path
 from ..confine import stored_outside
-from ..errors import StoreError
+from ..errors import StoreError, os_error
 
 FORMAT_VERSION = 2  # 2: records carry a checksum
 JSON_RECORDS = ("state", "layout", "history")
@@ -56,6 +56,8 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     except StoreError:
         raise
     except Exception as exc:  # HDF5 on damaged bytes fails in many ways; each means the same here
+        if isinstance(exc, OSError) and exc.errno:  # but the system refused (no permission, EIO): it may be sound
+            raise os_error(exc, StoreError, "cannot read", path) from exc
         raise StoreError(f"unreadable store ({type(exc).__name__}: {str(exc)[:200]})" + advice, path) from exc
     return texts, records
 
@@ -67,7 +69,7 @@ def write(path: Path, texts: dict[str, Any], arrays: dict[str, np.ndarray],
     records: dict[str, Any] = {name: json.dumps(texts[name]) for name in JSON_RECORDS}
     records.update(arrays)
     data_name, shape, dtype, holds = matrix
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_path(path, error=StoreError) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["pdt_version"] = __version__
         f.attrs["checksum"] = checksum(records)
