@@ -13,9 +13,7 @@ whose condition this machine cannot make is skipped with the reason.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,9 +29,10 @@ from pdtcli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_USER = 65534  # nobody
-PR_CAPBSET_DROP = 24
-# CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID: what lets root ignore file modes
-FILE_CAPABILITIES = (0, 1, 2, 3, 4)
+# What lets root ignore file modes, dropped from the bounding set of the pdt process (util-linux's
+# setpriv, as its own exec: no fork of this multi-threaded test process runs Python code)
+WITHOUT_FILE_CAPABILITIES = ("setpriv", "--bounding-set", "-chown,-dac_override,-dac_read_search,-fowner,-fsetid",
+                             "--")
 
 
 def pdt(*args) -> tuple[int, str]:
@@ -47,9 +46,10 @@ def pdt_fails(expected: int, *args) -> str:
     return one_error_line(output, code, expected)
 
 
-def pdt_process(*args, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pdtcli", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, preexec_fn=preexec_fn)
+def pdt_process(*args, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`pdt` in a process of its own, started through `prefix` (a command that sets a limit, then execs)."""
+    return subprocess.run([*prefix, sys.executable, "-m", "pdtcli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
 
 
 def one_error_line(output: str, code: int, expected: int) -> str:
@@ -106,20 +106,11 @@ def read_only(folder: Path) -> Iterator[None]:
         subprocess.run(["umount", str(folder)], check=True)
 
 
-def _without_file_capabilities() -> None:
-    """In the child before exec: drop root's power over file modes from the bounding set, so the pdt
-    process that exec starts has none of it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in FILE_CAPABILITIES:
-        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
 def as_a_user(*args) -> subprocess.CompletedProcess:
     """`pdt` in a process that file modes and owners bind (see the module's docstring)."""
     if os.geteuid() != 0:
         pytest.skip("dropping root's file capabilities needs root")
-    return pdt_process(*args, preexec_fn=_without_file_capabilities)
+    return pdt_process(*args, prefix=WITHOUT_FILE_CAPABILITIES)
 
 
 def owned_by_another_user(path: Path) -> None:
@@ -183,11 +174,7 @@ def test_a_full_disk_inside_torch_save_is_an_output_error(small_disk, sgd_run, t
 def test_a_file_size_limit_is_one_line(sgd_run):
     """`ulimit -f`: CPython ignores SIGXFSZ, so the write fails with EFBIG instead of killing pdt."""
     before = digest_tree(sgd_run)
-
-    def limited() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))  # below the 17760-byte snapshot matrix
-
-    done = pdt_process("predict", sgd_run, preexec_fn=limited)
+    done = pdt_process("predict", sgd_run, prefix=("prlimit", "--fsize=16384", "--"))  # below the 17760-byte matrix
     line = one_error_line(done.stderr, done.returncode, 4)
     assert "snapshots.bin: cannot make the snapshot matrix: File too large" in line and "ulimit -f" in line
     assert digest_tree(sgd_run) == before and not (sgd_run / ".pdt").exists()
