@@ -9,8 +9,8 @@ and every chunk of a slot that has digests is compared with its digest once its 
 has been read, by a running hash per slot. A read that is not contiguous with the slot's
 previous one leaves the chunks it cut into unchecked; `finish_reads` checks those by reading
 them whole, and every pass calls it before anything computed from the values is used. A chunk
-checked once is not hashed again by the same open store until its slot is written again (pass
-2 of `pdt predict` re-reads the window pass 1 checked; its values are still checked finite).
+checked once is not checked again by the same open store until its slot is written again: pass
+2 of `pdt predict` re-reads the window that pass 1 checked, in the same process, and trusts it.
 Writes are hashed as they go (ingest and the fused state write a slot in increasing order);
 chunks written out of order are hashed from the file when the store commits (`seal`).
 """
@@ -162,15 +162,18 @@ class SnapshotMatrix:
 
     def _check(self, slot: int, start: int, values: np.ndarray) -> None:
         """Refuse NaN or Inf (pdt stores none), then feed the slot's running digest: a chunk is compared
-        when its last value has been read. Slots without digests (written by an older pdt) get only the
-        first check."""
+        when its last value has been read. Values of chunks this store checked already pass; slots without
+        digests (written by an older pdt) get only the first check, at every read."""
+        chunk = self.sums.chunk
+        verified = self._verified.setdefault(slot, set())
+        if self.sums.known[slot] and verified.issuperset(range(start // chunk, -(-(start + values.size) // chunk))):
+            return
         bad = nonfinite_at(values)
         if bad is not None:
             raise self._damaged(slot, f"value {start + bad:,} is NaN or Inf, which pdt never stores: the file was "
                                       "damaged")
         if not self.sums.known[slot]:
             return
-        verified = self._verified.setdefault(slot, set())
         stream = self._reading.get(slot)
         if stream is None or stream.position != start:
             if stream is not None:
