@@ -82,9 +82,16 @@ class Window:
             # host first, sending twice the bytes (the same single copy on a CPU)
             yield a, b, widened(values.to(self.device))
 
+    def checked(self) -> None:
+        """Every value this pass read has passed its checksum (StoreError if not): the chunks a read cut
+        into are checked whole now. Called before anything computed from the values is used."""
+        self.store.matrix.finish_reads()
+
     def qr_factor(self) -> np.ndarray:
         """Pass 1: R of W = QR over the whole window."""
-        return accumulate_r((w for _, _, w in self.blocks(0, self.store.n)), len(self.slots))
+        r = accumulate_r((w for _, _, w in self.blocks(0, self.store.n)), len(self.slots))
+        self.checked()
+        return r
 
 
 def window_of(store: Store, ids: list[int], device: str, block: int | None = None) -> Window:
@@ -334,9 +341,11 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
         if write is None:
             for index in range(len(store.tensors)):
                 one(index, None)
+            window.checked()
         elif isinstance(write, Live):
             for index, entry in enumerate(store.tensors):
                 write.fused[entry.name] = one(index, write.values(entry.name))
+            window.checked()
             store.matrix.sync()
         else:
             fuser = _Fuser(index_of, streamed)
@@ -346,6 +355,7 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
                 missed = [name for name in index_of if name not in fuser.done]
                 if missed:  # never publish (or store a mask for) an output that lacks a predicted tensor
                     raise CheckpointError(f"the writer never reached tensor {missed[0]!r} of the window", write.source)
+                window.checked()  # before the output is published
                 held.check()  # what the output carries over is of one version of the checkpoint
             store.matrix.sync()
     return PassResult(counts, bits, offsets)

@@ -273,7 +273,7 @@ def _edit_store(folder: Path, edit) -> None:
     path = folder / ".pdt" / "store.h5"
     with h5py.File(path, "r+") as f:
         records = {name: f[name][()] for name in ("state", "layout", "history")}
-        records.update({f"{g}/{n}": f[g][n][()] for g in ("fit", "mask") if g in f for n in f[g]})
+        records.update({f"{g}/{n}": f[g][n][()] for g in ("fit", "mask", "matrix") if g in f for n in f[g]})
         state = json.loads(records["state"])
         edit(state)
         records["state"] = json.dumps(state)
@@ -389,7 +389,7 @@ def test_a_store_whose_records_lack_a_field_is_a_store_error(sgd_run):
 def _store_records(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         records = {name: f[name][()] for name in ("state", "layout", "history")}
-        records.update({f"{g}/{n}": f[g][n][()] for g in ("fit", "mask") if g in f for n in f[g]})
+        records.update({f"{g}/{n}": f[g][n][()] for g in ("fit", "mask", "matrix") if g in f for n in f[g]})
     return records
 
 

@@ -36,6 +36,7 @@ from ..mask import COUNT_COLUMNS, join_pieces, tensor_rows, whole_rows
 from ..selection import LayoutPlan, Selection, layer_type
 from ..world import World, current
 from . import h5file
+from .checksums import SlotSums
 from .matrix import SnapshotMatrix
 from .records import Fit, HistoryEntry, Layout, Mask, Output, Pending, Seen, Snapshot, TensorEntry
 
@@ -202,8 +203,9 @@ class Store:
         self.outputs = [Output.from_dict(o) for o in state["outputs"]]
         self.history = history
         self.pending = Pending.from_dict(state["pending_in_place"]) if state.get("pending_in_place") else None
-        self._arrays = arrays
-        self.matrix = SnapshotMatrix(self.root / DATA_NAME, self.capacity, self.n, self.dtype)
+        sums = SlotSums.from_records(state.get("checksums"), arrays.pop(h5file.SUMS, None), self.capacity, self.n)
+        self._arrays = arrays  # the fit's and the mask's; the matrix keeps its own digests
+        self.matrix = SnapshotMatrix(self.root / DATA_NAME, self.capacity, self.n, self.dtype, sums, self.holding)
         self._check()
 
     def _check(self) -> None:
@@ -316,9 +318,11 @@ class Store:
         """Replace store.h5 atomically with the current records; the matrix is synced first.
 
         In a distributed step every rank commits its part at the same point, and only once all
-        have synced their values: a rank that failed (or died) makes the others stop here.
+        have synced their values: a rank that failed (or died) makes the others stop here. The
+        digests of the slots written since the last commit go in with the records that name them.
         """
         self.matrix.sync()
+        self.matrix.seal([held is not None for held in self.slots])
         self.generation += 1
         state = {
             "format_version": h5file.FORMAT_VERSION, "pdt_version": __version__, "created": self.created,
@@ -331,17 +335,19 @@ class Store:
             "ingested": [r.as_dict() for r in self.seen], "fit": self.fit.as_dict() if self.fit else None,
             "mask": self.mask.as_dict() if self.mask else None, "outputs": [o.as_dict() for o in self.outputs],
             "pending_in_place": self.pending.as_dict() if self.pending else None,
+            "checksums": self.matrix.sums.state(),
         }
         texts = {"state": state, "layout": self.layout.as_dict(), "history": [h.as_dict() for h in self.history]}
+        arrays = {**self._arrays, h5file.SUMS: self.matrix.sums.digests}
         world = current()
         matrix = (DATA_NAME, (self.capacity, self.n), self.dtype, self.dtype_name)
         if not world.active:
-            h5file.write(self.meta_path, texts, self._arrays, matrix)
+            h5file.write(self.meta_path, texts, arrays, matrix)
             return
         # two phases: every rank writes (and syncs) its next records beside the current ones; only when all
         # have does each put them in place. A rank killed between the two finds them there on the next run
         # (`roll_forward`), so the parts never stay a commit apart.
-        h5file.write(self.root / NEXT_NAME, texts, self._arrays, matrix)
+        h5file.write(self.root / NEXT_NAME, texts, arrays, matrix)
         try:
             world.agree(True, "committing the store")
         except BaseException:
@@ -386,6 +392,13 @@ class Store:
 
     def snapshot(self, snapshot_id: int) -> Snapshot:
         return self.snapshots[snapshot_id]
+
+    def holding(self, slot: int) -> str:
+        """What a slot of the matrix holds, as error messages name it."""
+        held = self.snapshots.get(self.slots[slot]) if 0 <= slot < self.capacity else None
+        if held is None:
+            return "no snapshot"
+        return f"{'fused ' if held.kind == 'fused' else ''}checkpoint {held.path}"
 
     def slot_of(self, snapshot_id: int) -> int:
         return self.slots.index(snapshot_id)
