@@ -4,8 +4,9 @@ Training order is one of three rules, fixed when the store is made:
 `name`, the last number in the name (natural order: epoch_9 before epoch_10);
 `step`, the step the checkpoint records inside (Lightning's `global_step`, Trainer's
 `trainer_state.json`, a `step` entry); `mtime`, the modification time. `auto` takes the
-first that every checkpoint in the folder has. pdt's own outputs (`*.pdt.*`, and any path
-the store recorded as an output) are never training checkpoints. A file with a checkpoint
+strongest evidence that settles the order (`resolve_order`), and is an error otherwise.
+pdt's own outputs (`*.pdt.*`, and any path the store recorded as an output) are never
+training checkpoints. A file with a checkpoint
 suffix that holds no tensors (`hparams.pt`) is passed over with a note, and `--files` globs
 say which names are checkpoints when a folder holds other files with the same suffixes.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from .errors import CheckpointError, NotACheckpoint
+from .errors import CheckpointError, NotACheckpoint, UsageError
 from .formats import CHECKPOINT_SUFFIXES, OUTPUT_SUFFIXES, folder_format, open_checkpoint
 from .identity import stat_of
 
@@ -62,30 +63,33 @@ def located(path: Path) -> str:
     return str(path.parent.resolve() / path.name)
 
 
-def holds_tensors(cand: Candidate) -> bool:
-    """False for a file that opens cleanly but holds no state dict (hparams, a config)."""
-    try:
-        with open_checkpoint(cand.path):
-            return True
-    except NotACheckpoint:
-        return False
-
-
 def resolve_order(rule: str, candidates: list[Candidate]) -> tuple[str, list[Candidate], list[Candidate]]:
-    """The concrete rule for `auto` (name numbers, else recorded steps, else mtime), the candidates
-    with their recorded steps read when the rule needs them, and the files found to hold no state
-    dict on the way (they must not decide the order for the real checkpoints)."""
+    """The concrete rule for `auto`, the candidates with their recorded steps read when the rule needs
+    them, and the files found to hold no state dict on the way (they must not decide the order for the
+    real checkpoints).
+
+    `auto` takes the strongest evidence: the step every checkpoint records inside (Lightning's
+    `global_step`, the Trainer's `trainer_state.json`, an optimizer's step count), else the number in
+    every name, else modification times when no name has a number. Evidence that does not settle
+    the order is a UsageError naming `--order`, never a guess: names whose numbers disagree with the
+    steps recorded inside, or (without steps) a name with several numbers (`epoch=5-val_loss=0.3099`)
+    or two names with the same number.
+    """
     dropped: list[Candidate] = []
     if rule == "auto":
-        unnamed = [c for c in candidates if c.name_step is None]
-        dropped = [c for c in unnamed if not holds_tensors(c)]
-        candidates = [c for c in candidates if c not in dropped]
-        if all(c.name_step is not None for c in candidates):
-            return "name", candidates, dropped
-        try:
-            return "step", [with_recorded_step(c) for c in candidates], dropped
-        except CheckpointError:
-            return "mtime", candidates, dropped
+        stepped = []
+        for cand in candidates:
+            try:
+                stepped.append(_recorded(cand))
+            except NotACheckpoint:
+                dropped.append(cand)
+        if all(c.recorded_step is not None for c in stepped):
+            _names_agree(stepped)
+            return "step", stepped, dropped
+        if all(c.name_step is None for c in stepped):
+            return "mtime", stepped, dropped
+        _names_settle(stepped)
+        return "name", stepped, dropped
     if rule == "step":
         kept = []
         for cand in candidates:
@@ -97,9 +101,48 @@ def resolve_order(rule: str, candidates: list[Candidate]) -> tuple[str, list[Can
     return rule, candidates, dropped
 
 
+def _recorded(cand: Candidate) -> Candidate:
+    """The candidate with the step its file records, if it records one (NotACheckpoint: it holds no tensors)."""
+    with open_checkpoint(cand.path) as reader:
+        return replace(cand, recorded_step=reader.recorded_step())
+
+
+_WAY_OUT = "pass --order step, --order name (the last number in each name) or --order mtime"
+
+
+def _names_agree(candidates: list[Candidate]) -> None:
+    """Names that each hold one number must order the checkpoints as the steps recorded inside do."""
+    named = [c for c in candidates if len(_NUMBER.findall(_stem(c.path))) == 1]
+    by_step = sorted(named, key=lambda c: (c.recorded_step, c.name_step))
+    for before, after in zip(by_step, by_step[1:], strict=False):
+        if before.name_step > after.name_step and before.recorded_step < after.recorded_step:
+            raise UsageError(f"the names and the steps recorded inside disagree on the training order: "
+                             f"{before.path.name} records step {before.recorded_step}, {after.path.name} step "
+                             f"{after.recorded_step}; pass --order step or --order name", before.path.parent)
+
+
+def _names_settle(candidates: list[Candidate]) -> None:
+    """Without steps inside, every name must hold exactly one number, each a different one."""
+    numbers: dict[int, Candidate] = {}
+    for cand in candidates:
+        found = _NUMBER.findall(_stem(cand.path))
+        if len(found) != 1:
+            what = "holds no number" if not found else f"holds several numbers ({', '.join(found)})"
+            raise UsageError(f"cannot tell the training order: {cand.path.name} {what} and records no step inside; "
+                             + _WAY_OUT, cand.path.parent)
+        other = numbers.setdefault(cand.name_step, cand)
+        if other is not cand:
+            raise UsageError(f"cannot tell the training order: {other.path.name} and {cand.path.name} hold the same "
+                             f"number and record no step inside; " + _WAY_OUT, cand.path.parent)
+
+
+def _stem(path: Path) -> str:
+    return path.name if path.is_dir() else path.stem
+
+
 def name_step(path: Path) -> int | None:
     """The last number in the name (a file's stem), which is the step or epoch by convention."""
-    numbers = _NUMBER.findall(path.name if path.is_dir() else path.stem)
+    numbers = _NUMBER.findall(_stem(path))
     return int(numbers[-1]) if numbers else None
 
 

@@ -73,8 +73,9 @@ OPTIONS: dict[str, Option] = {
                       metavar="GLOB"),
     "files": Option(("--files",), None, "Only names matching this glob are checkpoints (repeatable; kept in the "
                     "store for later runs).", metavar="GLOB"),
-    "order": Option(("--order",), None, "Training order: auto | name (step number in the name) | step (recorded "
-                    "inside) | mtime; fixed when the store is made.", choices=ORDERS, shown_default="auto"),
+    "order": Option(("--order",), None, "Training order: auto (the step recorded inside when every checkpoint has "
+                    "one, else the number in the names; an error when they do not settle it) | step | name (the last "
+                    "number in the name) | mtime; fixed when the store is made.", choices=ORDERS, shown_default="auto"),
     "store_dtype": Option(("--store-dtype",), None, "float32 | float64 | bfloat16 | float16; fixed when the store is "
                           "made.", choices=tuple(STORE_DTYPES), shown_default="the model's bf16 or fp16, else float32"),
     "device": Option(("--device",), "auto", "auto | cpu | cuda.", choices=DEVICES),

@@ -209,8 +209,10 @@ def test_a_missing_shard_on_one_rank_stops_every_rank(tmp_path, trajectory):
     (run / f"step_{EPOCHS}" / "__1_0.distcp").unlink()  # rank 1's file of the new checkpoint
     before = _everything(run)
     results = launch(2, ["predict", str(run)], timeout=120)
-    assert results[1].returncode == 3 and "__1_0.distcp" in results[1].stderr  # the rank that owns it says what
-    assert results[0].returncode == 7 and "another rank stopped" in results[0].stderr
+    # every rank reads the step the new checkpoint records (its training order), which lies in that very
+    # file: each stops on it and says what, before any agreement
+    for result in results:
+        assert result.returncode == 3 and "__1_0.distcp" in result.stderr, result.stderr
     for result in results:
         assert len(result.stderr.strip().splitlines()) == 1
     assert _everything(run) == before  # the store parts as they were; no output, no temporary

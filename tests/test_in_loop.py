@@ -199,7 +199,7 @@ def test_values_in_memory_are_never_fused_into_a_model_they_did_not_come_from(tm
 
     def each(epoch, net):
         if epoch == 4:  # a newer checkpoint is already there (saved by another process)
-            torch.save({"model": net.state_dict()}, folder / "epoch_5.pt")
+            torch.save({"model": net.state_dict(), "epoch": 5}, folder / "epoch_5.pt")
             messages.append(_unchanged_after(net, lambda: steps.step(net, folder / "epoch_4.pt")))
             (folder / "epoch_5.pt").unlink()
         elif epoch == 3:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -57,3 +58,78 @@ def test_step_order_needs_a_step_in_every_checkpoint(sgd_run):
     assert "epoch_3.pt" in line and "records no step" in line
     assert json.loads(error)["exit_code"] == 3 and json.loads(error)["path"].endswith("epoch_3.pt")
     assert (sgd_run / "epoch_3.pt").read_bytes() == before and not (sgd_run / ".pdt" / "store.h5").exists()
+
+
+def _lightning_run(folder, epochs: int = 6):
+    """A real Lightning run whose ModelCheckpoint names files by epoch and validation loss, as Lightning's
+    and Keras's docs show (`{epoch}-{val_loss:.4f}`): every name holds two numbers."""
+    import lightning as L
+    import training
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    x, y = training.data()
+    Base = training.lightning_module(lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9))
+
+    class Module(Base):
+        def validation_step(self, batch, _):
+            self.log("val_loss", torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1]))
+
+    def loader():
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+
+    checkpoints = ModelCheckpoint(dirpath=folder, filename="{epoch}-{val_loss:.4f}", save_top_k=-1)
+    L.Trainer(max_epochs=epochs, callbacks=[checkpoints], logger=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", deterministic=True).fit(Module(), loader(), loader())
+    return sorted(folder.glob("*.ckpt"), key=lambda p: torch.load(p, weights_only=True)["global_step"])
+
+
+@pytest.mark.slow
+def test_checkpoints_named_by_epoch_and_loss_are_ordered_by_the_step_inside(tmp_path):
+    run = tmp_path / "run"
+    saved = _lightning_run(run)
+    assert len(saved) == 6
+    result = CliRunner().invoke(app, ["predict", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    newest = saved[-1]
+    assert payload["output"] == str(newest.with_name(newest.name.removesuffix(".ckpt") + ".pdt.ckpt"))
+    report = json.loads(CliRunner().invoke(app, ["report", str(run), "--json"]).output)
+    steps = [torch.load(p, weights_only=True)["global_step"] for p in saved[1:]]
+    assert [w["step"] for w in report["fit_window"]] == steps  # the step of every window checkpoint
+
+
+def _strip_steps(folder, rename) -> None:
+    """The run's checkpoints renamed by `rename(epoch)`, with nothing inside that records a step."""
+    for epoch in range(1, 9):
+        state = torch.load(folder / f"epoch_{epoch}.pt", weights_only=True)
+        del state["epoch"]
+        (folder / f"epoch_{epoch}.pt").unlink()
+        torch.save(state, folder / rename(epoch))
+
+
+@pytest.mark.parametrize("rename,problem", [
+    (lambda e: f"epoch{e}-loss{9 - e}.pt", "holds several numbers"),
+    (lambda e: f"run{(e + 1) // 2}-{'ab'[e % 2]}.pt", "the same number"),
+])
+def test_names_that_do_not_settle_the_order_are_an_error_naming_order(sgd_run, rename, problem):
+    _strip_steps(sgd_run, rename)
+    code, output = snapshot(sgd_run)
+    assert code == 2, output
+    line = output.strip().splitlines()[0]
+    assert problem in line and "--order" in line, line
+    assert not (sgd_run / ".pdt" / "store.h5").exists()
+    code, payload = snapshot(sgd_run, "--order", "mtime")  # the way out it names
+    assert code == 0, payload
+
+
+def test_names_and_recorded_steps_that_disagree_are_an_error(sgd_run):
+    for epoch in range(1, 9):  # names count down while the epochs recorded inside count up
+        os.rename(sgd_run / f"epoch_{epoch}.pt", sgd_run / f"tmp_{epoch}.pt")
+    for epoch in range(1, 9):
+        os.rename(sgd_run / f"tmp_{epoch}.pt", sgd_run / f"ckpt_{9 - epoch}.pt")
+    code, output = snapshot(sgd_run)
+    assert code == 2, output
+    line = output.strip().splitlines()[0]
+    assert "disagree" in line and "--order step" in line and "--order name" in line, line
+    code, payload = snapshot(sgd_run, "--order", "step")
+    assert code == 0 and names(payload) == [f"ckpt_{9 - e}.pt" for e in range(4, 9)], payload

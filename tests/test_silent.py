@@ -175,7 +175,10 @@ def test_a_checkpoint_saved_over_while_ingested_leaves_no_snapshot(sgd_run, tmp_
     store_before = (sgd_run / ".pdt" / "store.h5").read_bytes()
     shutil.copy2(held_back, sgd_run / "epoch_8.pt")
     victim = sgd_run / "epoch_8.pt"
-    _saving_over_on_first_read(monkeypatch, victim, sgd_run / "epoch_2.pt")
+    resaved = torch.load(held_back, weights_only=True)  # epoch 8 saved again, with other values
+    resaved["model"]["0.weight"] *= 1.01
+    torch.save(resaved, tmp_path / "resaved.pt")
+    _saving_over_on_first_read(monkeypatch, victim, tmp_path / "resaved.pt")
     code, output = pdt("predict", sgd_run)
     assert code == 3, output
     line = one_error_line(output)
@@ -183,7 +186,7 @@ def test_a_checkpoint_saved_over_while_ingested_leaves_no_snapshot(sgd_run, tmp_
     assert (sgd_run / ".pdt" / "store.h5").read_bytes() == store_before
     assert not list(sgd_run.glob("*.pdt.*"))
     monkeypatch.undo()
-    torch.save(torch.load(sgd_run / "epoch_2.pt", weights_only=True), clean / "epoch_8.pt")  # what training left
+    shutil.copy2(tmp_path / "resaved.pt", clean / "epoch_8.pt")  # what training left
     for folder in (sgd_run, clean):
         code, output = pdt("predict", folder)
         assert code == 0, output

@@ -208,8 +208,10 @@ class DcpReader(CheckpointReader):
                     continue
                 try:
                     value = self._load_record(key, storage)
-                except CheckpointError:  # an entry that is not plain data is not a step
-                    return None
+                except CheckpointError as exc:  # an entry that is not plain data is not a step; a file that is
+                    if isinstance(exc.__cause__, pickle.UnpicklingError):  # gone or cut short is said as such
+                        return None
+                    raise
                 if isinstance(value, torch.Tensor) and value.numel() == 1:
                     value = value.item()
                 return value if isinstance(value, int) and not isinstance(value, bool) else None
