@@ -515,10 +515,13 @@ class Store:
         return snapshot.id
 
     def owned_outputs(self) -> set[str]:
-        """Output paths that still hold what pdt wrote. An in-place output that training has since
-        saved over is a checkpoint again (the same path, the next epoch)."""
+        """Output paths that still hold what pdt wrote. An output that training has since saved over
+        (in place, or an `-o` copy given a checkpoint's name in the folder, `-o DIR/epoch_7.pt`) is a
+        checkpoint again, never passed over as pdt's. Outputs of stores made before outputs were
+        identified (size -1) were in-place ones only when compared."""
         latest = {o.path: o for o in self.outputs if not o.live}  # a live output's path is a checkpoint's
-        return {path for path, o in latest.items() if not o.in_place or unchanged(Path(path), o.size, o.mtime)}
+        return {path for path, o in latest.items()
+                if (o.size < 0 and not o.in_place) or unchanged(Path(path), o.size, o.mtime)}
 
     # ---- fit and mask -----------------------------------------------------------------------------
     def base_window(self) -> list[int]:

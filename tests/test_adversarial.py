@@ -1,0 +1,46 @@
+"""Breaks found by an adversarial pass over the "nothing lost" work (issue 20), one test each.
+
+Each builds its condition for real (real checkpoints from a tiny training run, real file modes, real
+processes) and checks what the user sees: the exit code, the one error line, and the files kept.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import training
+from test_oserrors import as_a_user, one_error_line, pdt
+
+
+def test_an_audit_copy_named_as_the_next_checkpoint_is_ingested_once_training_saves_over_it(sgd_run):
+    """`pdt apply -o DIR/epoch_9.pt` puts an audit copy where training saves its next checkpoint; once
+    training has saved over it, the file is training's checkpoint, never passed over as pdt's output
+    (which left the window without epoch 9: a gap in the trajectory, or 'up-to-date' for ever)."""
+    assert pdt("predict", sgd_run)[0] == 0
+    audit = sgd_run / "epoch_9.pt"
+    assert pdt("apply", sgd_run, "-o", audit)[0] == 0
+    code, output = pdt("predict", sgd_run, "--json")
+    assert code == 0 and json.loads(output)["status"] == "up-to-date", output  # the audit itself is pdt's
+    training.train(sgd_run, 1, resume=sgd_run / "epoch_8.pt")  # saves epoch_9.pt over the audit
+    code, output = pdt("predict", sgd_run, "--json")
+    assert code == 0 and json.loads(output)["status"] == "written", output
+    assert (sgd_run / "epoch_9.pdt.pt").is_file()
+    code, output = pdt("apply", sgd_run, "-o", audit, "--force")  # now an input: refused, --force or not
+    assert "is the input checkpoint" in one_error_line(output, code, 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["sgd_run", "safetensors_run"])
+def test_an_unreadable_checkpoint_of_the_window_names_the_way_out(fixture, request):
+    """`pdt apply` (the window's newest checkpoint opened by its format's reader, not by ingest) on a
+    checkpoint this user may not read: the line says what to do, as every other OS error does."""
+    run = request.getfixturevalue(fixture)
+    assert pdt("predict", run)[0] == 0
+    newest = max((p for p in run.glob("epoch_*") if ".pdt" not in p.name),
+                 key=lambda p: int(p.name.split("_")[1].split(".")[0]))
+    newest.chmod(0)
+    done = as_a_user("apply", run, "-o", run.parent / f"audit{newest.suffix}")
+    line = one_error_line(done.stderr, done.returncode, 3)
+    assert line.endswith(f"{newest}: cannot read: Permission denied; run pdt as a user who may, or give this "
+                         "user access"), line
