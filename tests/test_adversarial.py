@@ -7,10 +7,12 @@ processes) and checks what the user sees: the exit code, the one error line, and
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import training
 from test_oserrors import as_a_user, one_error_line, pdt
+from test_safety import killed_at
 
 
 def test_an_audit_copy_named_as_the_next_checkpoint_is_ingested_once_training_saves_over_it(sgd_run):
@@ -44,3 +46,25 @@ def test_an_unreadable_checkpoint_of_the_window_names_the_way_out(fixture, reque
     line = one_error_line(done.stderr, done.returncode, 3)
     assert line.endswith(f"{newest}: cannot read: Permission denied; run pdt as a user who may, or give this "
                          "user access"), line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["rebuild-killed", "store.h5-deleted"])
+def test_backups_no_store_records_are_kept_not_pruned(sgd_run, how):
+    """`--in-place` replaced epoch_9.pt, whose only other copy is `.pdt/backups/`. A rebuild killed just after
+    it moved store.h5 aside (SIGKILL, before it moved backups/), or a store.h5 deleted by hand, leaves backups
+    no store records: the next run must keep them aside as a rebuild does, never prune them as strangers."""
+    training.train(sgd_run, 1, resume=sgd_run / "epoch_8.pt")
+    original = (sgd_run / "epoch_9.pt").read_bytes()
+    assert pdt("predict", sgd_run, "--in-place")[0] == 0
+    if how == "rebuild-killed":  # the first rename of Store.set_aside moves store.h5
+        killed = killed_at(("pdtcli.store:os.replace", 1, "after"), "snapshot", sgd_run, "--rebuild")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert (sgd_run / ".pdt" / "backups").is_dir() and not (sgd_run / ".pdt" / "store.h5").exists()
+    else:
+        (sgd_run / ".pdt" / "store.h5").unlink()
+    training.train(sgd_run, 1, resume=sgd_run / "epoch_9.pt")  # training goes on, pdt with it
+    code, output = pdt("predict", sgd_run, "--in-place")
+    assert code == 0, output
+    kept = [p.read_bytes() for p in (sgd_run / ".pdt").glob("before-rebuild-*/backups/*")]
+    assert original in kept

@@ -294,6 +294,14 @@ class Store:
         return aside
 
     @staticmethod
+    def orphaned_backups(root: Path) -> bool:
+        """Whether `root` holds backups of `--in-place` writes but no store records them (a rebuild killed
+        after it set store.h5 aside, store.h5 deleted by hand): the only copies of the checkpoints those
+        writes replaced, which a new store, recording none, would prune."""
+        folder = Path(root) / BACKUP_DIRNAME
+        return not Store.exists(root) and folder.is_dir() and not folder.is_symlink() and any(folder.iterdir())
+
+    @staticmethod
     def keep_aside(aside: Path) -> None:
         for name in (META_NAME, DATA_NAME):
             remove_path(aside / name)

@@ -33,7 +33,10 @@ MATRIX = "snapshots"
 
 
 def hint(root: Path) -> str:
-    return f"; `pdt snapshot --rebuild` makes it afresh from the checkpoints (or delete {root})"
+    """The way out of a damaged store. Deleting the store's two files, not its folder, keeps `backups/`,
+    the only copies of checkpoints `--in-place` replaced (the next run sets them aside, never prunes)."""
+    return (f"; `pdt snapshot --rebuild` makes it afresh from the checkpoints (or delete {root / 'store.h5'} "
+            "and snapshots.bin)")
 
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
