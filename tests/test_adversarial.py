@@ -7,11 +7,13 @@ processes) and checks what the user sees: the exit code, the one error line, and
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 import pytest
+import test_oserrors
 import training
-from test_oserrors import as_a_user, one_error_line, pdt
+from test_oserrors import as_a_user, files_bytes, leave_free, one_error_line, pdt, pdt_process
 from test_safety import killed_at
 
 
@@ -68,3 +70,23 @@ def test_backups_no_store_records_are_kept_not_pruned(sgd_run, how):
     assert code == 0, output
     kept = [p.read_bytes() for p in (sgd_run / ".pdt").glob("before-rebuild-*/backups/*")]
     assert original in kept
+
+
+disk = test_oserrors.small_disk  # the 1 MiB tmpfs fixture, under a name of this module
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_while_hdf5_writes_store_h5_is_one_line_not_a_crash(disk, sgd_run):
+    """With a few KiB free, store.h5's temporary starts but HDF5 meets the full disk while flushing in its
+    object destructors: it printed a traceback per object, then the process crashed (SIGSEGV, or exit 1).
+    Each amount of free space is the one documented line, and the store stays as it was."""
+    run = shutil.copytree(sgd_run, disk / "ckpts")
+    assert pdt("predict", run)[0] == 0
+    before = files_bytes(run)
+    for kib in range(0, (run / ".pdt" / "store.h5").stat().st_size // 1024, 4):  # too little for a new store.h5
+        filler = leave_free(disk, kib)
+        done = pdt_process("mask", run, "--criteria", "sign")
+        line = one_error_line(done.stderr, done.returncode, 4)
+        assert line.startswith(f"pdt: error: {run / '.pdt' / 'store.h5'}: cannot write: No space left on device")
+        assert files_bytes(run) == before, kib
+        filler.unlink()
