@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -286,8 +287,10 @@ class Store:
         the move when the rebuild itself fails, so a rebuild never leaves less than it found.
         """
         root = Path(root)
-        aside = root / f"before-rebuild-{now().replace(':', '')}"
-        aside.mkdir()
+        stamp = root / f"before-rebuild-{now().replace(':', '')}"
+        tried = itertools.chain([stamp], (Path(f"{stamp}-{i}") for i in itertools.count(2)))
+        aside = next(p for p in tried if not p.exists())
+        aside.mkdir()  # a second set-aside within the second (after a killed rebuild) gets a name of its own
         for name in (META_NAME, DATA_NAME, BACKUP_DIRNAME):
             if (root / name).exists() or (root / name).is_symlink():
                 os.replace(root / name, aside / name)
