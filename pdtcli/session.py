@@ -260,6 +260,10 @@ def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *
                     raise UsageError("--rebuild needs the checkpoint folder, not the store", root)
                 aside = Store.set_aside(root)
                 log.info("store set aside in %s for --rebuild", aside)
+            elif ingests and folder is not None and Store.orphaned_backups(root):  # kept as a rebuild keeps them
+                aside = Store.set_aside(root)
+                log.warning("%s: backups of checkpoints --in-place replaced, recorded by no store, kept in %s",
+                            root / BACKUP_DIRNAME, aside / BACKUP_DIRNAME)
             if world.active:
                 roll_forward(root, world)
             opened = Store.open(root) if Store.exists(root) else None

@@ -6,7 +6,7 @@ import struct
 from pathlib import Path
 
 from .. import identity
-from ..errors import CheckpointError, NotACheckpoint
+from ..errors import CheckpointError, NotACheckpoint, os_reason
 from ..world import World
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 from .flax_msgpack import FlaxFormat
@@ -46,7 +46,7 @@ def detect(path: Path) -> CheckpointFormat:
         with open(path, "rb") as handle:
             head = handle.read(16)
     except OSError as exc:
-        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path) from exc
+        raise CheckpointError(f"cannot read: {os_reason(exc)}", path) from exc
     if not head:
         raise CheckpointError("empty file", path)
     by_suffix = [fmt for fmt in FORMATS if path.suffix.lower() in fmt.suffixes]

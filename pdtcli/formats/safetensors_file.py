@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, os_reason
 from ..rawio import WriteBehind, read_into
 from . import base
 from .base import (
@@ -54,7 +54,7 @@ def read_header(path: Path) -> tuple[int, dict]:
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"corrupt safetensors header ({type(exc).__name__})", path) from exc
     except OSError as exc:
-        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path) from exc
+        raise CheckpointError(f"cannot read: {os_reason(exc)}", path) from exc
     if not isinstance(header, dict):
         raise CheckpointError("corrupt safetensors header (not a JSON object)", path)
     data_size = size - 8 - length
@@ -126,7 +126,7 @@ class SafetensorsReader(CheckpointReader):
             try:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except OSError as exc:
-                raise CheckpointError(f"cannot read: {exc.strerror}", self.path) from exc
+                raise CheckpointError(f"cannot read: {os_reason(exc)}", self.path) from exc
             self._closer = weakref.finalize(self, os.close, self._fd)  # a reader dropped without close()
         position = 8 + self._header_len + entry["data_offsets"][0] + first * dtype.itemsize
         if out.numel() and not read_into(self._fd, memoryview(out.view(torch.uint8).numpy()), position):

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, NotACheckpoint
+from ..errors import CheckpointError, NotACheckpoint, os_reason
 from ..rawio import read_into
 from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, unique_names
 
@@ -114,7 +114,7 @@ class TorchReader(CheckpointReader):
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:
-            raise CheckpointError(f"cannot read: {exc.strerror or exc}", self.path) from exc
+            raise CheckpointError(f"cannot read: {os_reason(exc)}", self.path) from exc
         try:
             self._obj = load_pickle(self.path)
             try:
@@ -156,7 +156,7 @@ class TorchReader(CheckpointReader):
         try:
             complete = read_into(self._fd, memoryview(raw.numpy()), where)
         except OSError as exc:
-            raise CheckpointError(f"cannot read tensor {name!r}: {exc.strerror or exc}", self.path) from exc
+            raise CheckpointError(f"cannot read tensor {name!r}: {os_reason(exc)}", self.path) from exc
         if not complete:
             raise CheckpointError(f"truncated while pdt read it: tensor {name!r} runs past the end of the file "
                                   "(is training still saving it?)", self.path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -286,12 +287,22 @@ class Store:
         the move when the rebuild itself fails, so a rebuild never leaves less than it found.
         """
         root = Path(root)
-        aside = root / f"before-rebuild-{now().replace(':', '')}"
-        aside.mkdir()
+        stamp = root / f"before-rebuild-{now().replace(':', '')}"
+        tried = itertools.chain([stamp], (Path(f"{stamp}-{i}") for i in itertools.count(2)))
+        aside = next(p for p in tried if not p.exists())
+        aside.mkdir()  # a second set-aside within the second (after a killed rebuild) gets a name of its own
         for name in (META_NAME, DATA_NAME, BACKUP_DIRNAME):
             if (root / name).exists() or (root / name).is_symlink():
                 os.replace(root / name, aside / name)
         return aside
+
+    @staticmethod
+    def orphaned_backups(root: Path) -> bool:
+        """Whether `root` holds backups of `--in-place` writes but no store records them (a rebuild killed
+        after it set store.h5 aside, store.h5 deleted by hand): the only copies of the checkpoints those
+        writes replaced, which a new store, recording none, would prune."""
+        folder = Path(root) / BACKUP_DIRNAME
+        return not Store.exists(root) and folder.is_dir() and not folder.is_symlink() and any(folder.iterdir())
 
     @staticmethod
     def keep_aside(aside: Path) -> None:
@@ -515,10 +526,13 @@ class Store:
         return snapshot.id
 
     def owned_outputs(self) -> set[str]:
-        """Output paths that still hold what pdt wrote. An in-place output that training has since
-        saved over is a checkpoint again (the same path, the next epoch)."""
+        """Output paths that still hold what pdt wrote. An output that training has since saved over
+        (in place, or an `-o` copy given a checkpoint's name in the folder, `-o DIR/epoch_7.pt`) is a
+        checkpoint again, never passed over as pdt's. Outputs of stores made before outputs were
+        identified (size -1) were in-place ones only when compared."""
         latest = {o.path: o for o in self.outputs if not o.live}  # a live output's path is a checkpoint's
-        return {path for path, o in latest.items() if not o.in_place or unchanged(Path(path), o.size, o.mtime)}
+        return {path for path, o in latest.items()
+                if (o.size < 0 and not o.in_place) or unchanged(Path(path), o.size, o.mtime)}
 
     # ---- fit and mask -----------------------------------------------------------------------------
     def base_window(self) -> list[int]:

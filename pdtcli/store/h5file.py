@@ -10,6 +10,7 @@ could otherwise read any file into itself). A SHA-256 over the records catches a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,10 @@ MATRIX = "snapshots"
 
 
 def hint(root: Path) -> str:
-    return f"; `pdt snapshot --rebuild` makes it afresh from the checkpoints (or delete {root})"
+    """The way out of a damaged store. Deleting the store's two files, not its folder, keeps `backups/`,
+    the only copies of checkpoints `--in-place` replaced (the next run sets them aside, never prunes)."""
+    return (f"; `pdt snapshot --rebuild` makes it afresh from the checkpoints (or delete {root / 'store.h5'} "
+            "and snapshots.bin)")
 
 
 def read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -72,7 +76,11 @@ def write(path: Path, texts: dict[str, Any], arrays: dict[str, np.ndarray],
     records: dict[str, Any] = {name: json.dumps(texts[name]) for name in JSON_RECORDS}
     records.update(arrays)
     data_name, shape, dtype, holds = matrix
-    with atomic_path(path, error=StoreError) as tmp, h5py.File(tmp, "w") as f:
+    # Built in memory, then written by plain writes: HDF5 writing to the disk itself meets a full disk
+    # while it flushes its caches in object destructors, where the error is only printed (a traceback per
+    # object) and the process may then crash; a plain write's OSError is one StoreError (atomic_path).
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["pdt_version"] = __version__
         f.attrs["checksum"] = checksum(records)
@@ -80,6 +88,8 @@ def write(path: Path, texts: dict[str, Any], arrays: dict[str, np.ndarray],
             f.create_dataset(key, data=value)
         external = f.create_dataset(MATRIX, shape=shape, dtype=dtype, external=[(data_name, 0, h5py.h5f.UNLIMITED)])
         external.attrs["holds"] = holds  # "bfloat16": view the int16 values as torch.bfloat16
+    with atomic_path(path, error=StoreError) as tmp, open(tmp, "xb") as out:
+        out.write(image.getbuffer())
 
 
 def _record(file: h5py.File, name: str) -> Any:
