@@ -14,6 +14,7 @@ say which names are checkpoints when a folder holds other files with the same su
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -75,14 +76,8 @@ def resolve_order(rule: str, candidates: list[Candidate]) -> tuple[str, list[Can
     steps recorded inside, or (without steps) a name with several numbers (`epoch=5-val_loss=0.3099`)
     or two names with the same number.
     """
-    dropped: list[Candidate] = []
     if rule == "auto":
-        stepped = []
-        for cand in candidates:
-            try:
-                stepped.append(_recorded(cand))
-            except NotACheckpoint:
-                dropped.append(cand)
+        stepped, dropped = _with_steps(candidates, _recorded)
         if all(c.recorded_step is not None for c in stepped):
             _names_agree(stepped)
             return "step", stepped, dropped
@@ -91,14 +86,20 @@ def resolve_order(rule: str, candidates: list[Candidate]) -> tuple[str, list[Can
         _names_settle(stepped)
         return "name", stepped, dropped
     if rule == "step":
-        kept = []
-        for cand in candidates:
-            try:
-                kept.append(with_recorded_step(cand))
-            except NotACheckpoint:
-                dropped.append(cand)
-        return rule, kept, dropped
-    return rule, candidates, dropped
+        return (rule, *_with_steps(candidates, with_recorded_step))
+    return rule, candidates, []
+
+
+def _with_steps(candidates: list[Candidate], read: Callable[[Candidate], Candidate]
+                ) -> tuple[list[Candidate], list[Candidate]]:
+    """(the candidates with the steps `read` found in them, those that hold no state dict)."""
+    kept, dropped = [], []
+    for cand in candidates:
+        try:
+            kept.append(read(cand))
+        except NotACheckpoint:
+            dropped.append(cand)
+    return kept, dropped
 
 
 def _recorded(cand: Candidate) -> Candidate:
