@@ -29,7 +29,7 @@ from .live import Live
 from .mask import MaskOptions, summary_of, tensor_rows, type_totals, whole_rows
 from .options import DEFAULT_WAIT, Settings
 from .session import Session, resolve_store_root, session
-from .store import Store, complete_parts, merge_states, parts_of
+from .store import Store, complete_parts, lineage, merge_states, parts_of, schedule
 from .store.records import Mask, Snapshot
 from .targets import check_output, guard_of
 from .world import current
@@ -68,7 +68,7 @@ def snapshot(target: Path, *, store: Path | None = None, rebuild: bool = False,
     with session(target, store, settings, ingests=True, rebuild=rebuild) as s:
         ingested, skipped = ingest(s)
         st = s.require_store()
-        have = len(st.base_window())
+        have = len(lineage.base_window(st))
         message = (f"ingested {len(ingested)} checkpoint(s); window holds {have} of {st.history_len}"
                    if ingested else f"nothing new; window holds {have} of {st.history_len}")
         return StepResult("ingested" if ingested else "up-to-date", message, str(s.root), ingested, skipped,
@@ -98,15 +98,15 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
             check_output(Path(output), guard_of(s.folder, s.root, s.store), force=True)
         ingested, skipped = ingest(s, live)                                    # line 17: the optimizer's states
         st = s.store
-        if len(st.base_window()) < st.history_len:
-            need = st.history_len - len(st.base_window())
+        if len(lineage.base_window(st)) < st.history_len:
+            need = st.history_len - len(lineage.base_window(st))
             return StepResult("waiting", f"need {need} more checkpoint(s) before DMD can fit (window holds "
                               f"{st.history_len - need} of {st.history_len})", str(s.root), ingested, skipped,
                               needed=need)
-        not_due = st.not_due() if not dry_run and (output is None or in_place) else None
+        not_due = schedule.not_due(st) if not dry_run and (output is None or in_place) else None
         if not_due:                                                            # line 3
             return StepResult("not-due", not_due, str(s.root), ingested, skipped)
-        ids = st.base_window()
+        ids = lineage.base_window(st)
         if live is not None and not live.saved_as(st.snapshot(ids[-1])):  # before any work for it
             raise UsageError(f"the newest checkpoint of the window is {Path(st.snapshot(ids[-1]).path).name}, not "
                              "the one the live model was saved to; nothing loaded", s.folder)
@@ -116,7 +116,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
             log.info("mask %d (%s) reused: made on this fit with these criteria", mask.id, mask.label)
         done = None
         if mask is not None:
-            done = st.written_already() if output is None else st.written_to(located(Path(output)))
+            done = lineage.written_already(st) if output is None else lineage.written_to(st, located(Path(output)))
         if done and not ingested:
             return _result(st, "up-to-date", f"nothing new since {Path(done).name}; no checkpoint to add", s,
                            ingested, skipped, output=done)
@@ -187,7 +187,7 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
     settings = settings or Settings()
     with session(target, store, settings, joins=False) as s:
         st = s.require_store()
-        entry = st.latest_in_place(located(Path(path)) if path else None)
+        entry = lineage.latest_in_place(st, located(Path(path)) if path else None)
         if entry is None:
             raise StageMissing("no in-place write to undo" + (f" at {path}" if path else ""), s.root)
         final = st.in_folder(entry.path)
@@ -201,7 +201,7 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
             raise OutputError("changed since pdt wrote it (training saved over it?); pass --force to restore anyway",
                               final)
         copy_back(backup, final)
-        st.undo(entry)
+        lineage.undo(st, entry)
         st.commit()
         return StepResult("restored", f"restored {final} from {backup}", str(s.root), output=str(final))
 
@@ -350,13 +350,13 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
         check_output(out, guard_of(s.folder, s.root, store), force=force or renewable, default=output is None)
     destination = Destination(out, _source_of(store, newest))
     if in_place or output is None:  # training resumes from it: its values go into the window too
-        destination.lineage_slot = store.claim_lineage_slot(ids)  # may commit, to free a slot safely
+        destination.lineage_slot = lineage.claim_slot(store, ids)  # may commit, to free a slot safely
     if backup is not None:
         destination.backup_to = None if recorded_backup(newest, backup) else backup
         destination.before_publish = lambda tmp: note_in_place(store, out, backup, tmp)
     _masked_pass(s, ids, options, write=destination, use_stored=use_stored)
     size, mtime = current().gather(stat_of(out) if current().leader else None, "the output's size")[0]
-    store.record_output(ids, located(out), size, mtime, destination.lineage_slot,
+    lineage.record_output(store, ids, located(out), size, mtime, destination.lineage_slot,
                         located(backup) if backup is not None else None)
     store.append_history(command, located(out))
     store.set_pending(None)
@@ -371,9 +371,9 @@ def _load_live(s: Session, ids: list[int], options: MaskOptions, live: Live, use
     the live model takes it. A failure before that leaves the model as it was."""
     store = s.store
     newest = store.snapshot(ids[-1])
-    live.lineage_slot = store.claim_lineage_slot(ids)
+    live.lineage_slot = lineage.claim_slot(store, ids)
     _masked_pass(s, ids, options, write=live, use_stored=use_stored)
-    store.record_output(ids, newest.path, newest.size, newest.mtime, live.lineage_slot, None, live=True)
+    lineage.record_output(store, ids, newest.path, newest.size, newest.mtime, live.lineage_slot, None, live=True)
     store.append_history("in-loop", LIVE_OUTPUT)
     store.commit()
     return live.load_fused()

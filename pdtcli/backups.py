@@ -15,7 +15,7 @@ from .confine import is_inside
 from .discover import located
 from .errors import StoreError, os_errors_as
 from .identity import stat_of
-from .store import BACKUP_DIRNAME, Store
+from .store import BACKUP_DIRNAME, Store, lineage
 from .store.records import Pending, Snapshot
 
 
@@ -53,7 +53,7 @@ def prune_backups(store: Store) -> list[Path]:
     folder = _folder(store)
     if not folder.is_dir():
         return []
-    wanted = store.recorded_backups()
+    wanted = lineage.recorded_backups(store)
     removed = []
     with os_errors_as(StoreError, "cannot prune the backups"):
         for path in folder.iterdir():

@@ -18,17 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .discover import Candidate, list_checkpoints, located, order_key, resolve_order
+from .discover import Candidate, list_checkpoints, located
 from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError, os_errors_as
 from .formats import CheckpointReader, TensorInfo, checkpoint_digest, open_share
 from .formats.base import PIECE_MARK
 from .identity import Digest, Hashes, HeldStill
 from .live import Live
 from .options import DEFAULT_HISTORY
+from .order import order_key, resolve_order
 from .progress import Progress
 from .selection import Selection, plan_layout
 from .session import Session
-from .store import LOSSLESS_16, Store, now
+from .store import LOSSLESS_16, Store, lineage, now
 from .store.records import Seen
 from .world import current
 
@@ -69,7 +70,7 @@ def schedule(s: Session) -> tuple[int | None, int]:
     if s.store is None:
         return start, every or 0
     changed = start is not None and start != s.store.start or every is not None and every != s.store.every
-    if changed and s.store.fused_yet():
+    if changed and lineage.fused_yet(s.store):
         since = "as soon as the window is full" if s.store.start is None else f"from step {s.store.start}"
         raise UsageError(f"this store writes {since} with T_i = {s.store.every} (--every); it has written a fused "
                          f"checkpoint under that schedule: remove {s.root} to change --start or --every")
@@ -100,7 +101,7 @@ def _new_candidates(s: Session, files: tuple[str, ...] | None
     with why; and files found to hold no state dict."""
     store = s.store
     rule = order_rule(s)
-    known = store.owned_outputs() if store else set()
+    known = lineage.owned_outputs(store) if store else set()
     seen = {cand: store.last_seen(located(cand.path)) if store else None
             for cand in list_checkpoints(s.folder, known, files)}
     unseen = [cand for cand, rec in seen.items() if not (rec and rec.size == cand.size and rec.mtime == cand.mtime)]
@@ -267,7 +268,7 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
     held.check()  # the values (and the hash) are of one version of the file, the one listed
     if hashed_meanwhile and (note := _duplicate(store, cand, digest)):
         if evicted is not None and evicted.sha256 == digest:  # its values, just written again
-            store.reinstate(evicted)
+            lineage.reinstate(store, evicted)
         return note
     store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
     if not created:  # a store made by this run is committed once, when all its checkpoints are in

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .discover import Candidate, located, with_recorded_step
+from .discover import Candidate, located
 from .errors import CheckpointError, UsageError
+from .order import with_recorded_step
 from .store.records import Snapshot
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .discover import ORDERS
 from .dmd import MODES, FitOptions
 from .errors import UsageError
 from .fuse import DEFAULT_BLOCK
 from .mask import CRITERIA, DEFAULT_CRITERIA, MaskOptions
+from .order import ORDERS
 from .progress import NoProgress, Progress
 from .selection import Selection
 from .store import STORE_DTYPES

@@ -20,7 +20,7 @@ from pathlib import Path
 from .atomic import TMP_TAG
 from .discover import list_checkpoints, located
 from .errors import OutputError, UsageError
-from .store import LOCK_NAME, PART_PREFIX, Store, parts_of
+from .store import LOCK_NAME, PART_PREFIX, Store, lineage, parts_of
 
 NEVER = ("pdt never writes over its inputs or its store, --force or not (--in-place, with its backup, "
          "is the way to replace the newest checkpoint); choose another path")
@@ -79,7 +79,8 @@ def guard_of(folder: Path | None, root: Path, store: Store | None) -> Guard:
         recorded |= {r.path for r in store.seen}
         recorded |= {s.path for s in store.snapshots.values() if s.kind == "checkpoint"}
         recorded |= {o.path for o in store.outputs if o.in_place or o.live}  # a checkpoint's own path
-        recorded |= store.recorded_backups() | ({store.pending.path, store.pending.backup} if store.pending else set())
+        recorded |= lineage.recorded_backups(store)
+        recorded |= {store.pending.path, store.pending.backup} if store.pending else set()
         owned = {o.path for o in store.outputs if not (o.in_place or o.live)}
     kept = _inputs(folder, store, recorded) + [(p, "the store") for p in _forms(whole_store(root))]
     return Guard(tuple(kept), frozenset(owned))
@@ -89,7 +90,7 @@ def _inputs(folder: Path | None, store: Store | None, recorded: set[str]) -> lis
     """The checkpoint folder, then every checkpoint in it (pdt's own outputs aside) and `recorded`."""
     if folder is None:
         return [(p, "the input checkpoint") for path in sorted(recorded) for p in _forms(path)]
-    known = store.owned_outputs() if store is not None else frozenset()
+    known = lineage.owned_outputs(store) if store is not None else frozenset()
     found = {str(c.path) for c in list_checkpoints(Path(folder), known)}
     return [(p, FOLDER) for p in _forms(folder)] + [
         (p, "the input checkpoint") for path in sorted(found | recorded) for p in _forms(path)]

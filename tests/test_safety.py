@@ -191,7 +191,7 @@ KILL_POINTS = [
     ("pdtcli.fuse:Window.qr_factor", 1, "before"),
     ("torch:save", 1, "half"),
     ("pdtcli.atomic:keep_copy", 1, "after"),
-    ("pdtcli.store:Store.record_output", 1, "before"),
+    ("pdtcli.store.lineage:record_output", 1, "before"),
     ("pdtcli.store:Store.append_history", 1, "after"),
     ("pdtcli.api:prune_backups", 1, "before"),
 ]

@@ -18,7 +18,6 @@ Callers change the store only through these methods, and publish with `commit()`
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import itertools
 import json
@@ -32,14 +31,13 @@ import torch
 from .. import __version__
 from ..atomic import fsync_dir, remove_path
 from ..errors import StoreError, UsageError, os_errors_as
-from ..identity import unchanged
 from ..mask import COUNT_COLUMNS, join_pieces, tensor_rows, whole_rows
 from ..selection import LayoutPlan, Selection, layer_type
 from ..world import World, current
-from . import h5file
+from . import h5file, lineage, schedule
 from .checksums import SlotSums
 from .matrix import SnapshotMatrix
-from .records import Fit, HistoryEntry, Layout, Mask, Output, Pending, Seen, Snapshot, TensorEntry
+from .records import Fit, HistoryEntry, Layout, Mask, Output, Pending, Seen, Snapshot, TensorEntry, now
 
 STORE_DIRNAME = ".pdt"
 META_NAME = "store.h5"
@@ -55,10 +53,8 @@ STORE_DTYPES = {"float32": (torch.float32, np.float32), "float64": (torch.float6
 LOSSLESS_16 = ("bfloat16", "float16")  # kept in their own dtype when every predicted tensor has it
 ORDER_OF_OLD_STORES = "name"  # stores made before --order existed ordered by name
 
-
 def part_name(world: World) -> str:
     return f"{PART_PREFIX}{world.rank:05d}-of-{world.size:05d}"
-
 
 def parts_of(root: Path) -> dict[int, list[Path]]:
     """The parts a distributed step made in a store folder, by the number of ranks that made them."""
@@ -71,7 +67,6 @@ def parts_of(root: Path) -> dict[int, list[Path]]:
                 and (path / META_NAME).is_file():
             found.setdefault(int(words[1]), []).append(path)
     return found
-
 
 def complete_parts(root: Path, size: int, parts: list[Path]) -> list[Path]:
     """The `size` parts of a distributed store (`parts`, as `parts_of` found them), in rank order.
@@ -87,7 +82,6 @@ def complete_parts(root: Path, size: int, parts: list[Path]) -> list[Path]:
                          f"{root} and run pdt again with {size} ranks", missing[0])
     return expected
 
-
 def roll_forward(root: Path, world: World) -> None:
     """Finish a distributed commit that a rank did not (killed after every rank had written its next
     records, before it put its own in place): its part takes them, so all parts are at the same
@@ -102,7 +96,6 @@ def roll_forward(root: Path, world: World) -> None:
     else:
         remove_path(root / NEXT_NAME)
 
-
 def _generation(path: Path) -> int | None:
     """The commit count of a store file (0 for stores made before it was kept), None if it cannot be read."""
     if not path.is_file():
@@ -112,7 +105,6 @@ def _generation(path: Path) -> int | None:
         return int(texts["state"].get("generation", 0))
     except (StoreError, KeyError, ValueError, TypeError, AttributeError, OSError):
         return None
-
 
 def merge_states(states: list[dict[str, Any]], root: Path, order: list[str] | None = None) -> dict[str, Any]:
     """The `Store.describe` of the whole model from those of a distributed store's parts: the records
@@ -139,11 +131,6 @@ def merge_states(states: list[dict[str, Any]], root: Path, order: list[str] | No
         merged["history"].append(dict(entry, per_tensor_accepted=[joined.get(row["name"], 0) for row in rows]))
     return merged
 
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def snapshot_step(snapshot: Snapshot | Seen, order: str) -> int | None:
     """The step that places a snapshot in training order, as every command shows it.
 
@@ -157,7 +144,6 @@ def snapshot_step(snapshot: Snapshot | Seen, order: str) -> int | None:
         return snapshot.name_step
     return snapshot.recorded_step if snapshot.recorded_step is not None else snapshot.name_step
 
-
 def layout_from_plan(plan: LayoutPlan, selection: Selection) -> Layout:
     entries, offset = [], 0
     for info in plan.predicted:
@@ -170,7 +156,6 @@ def layout_from_plan(plan: LayoutPlan, selection: Selection) -> Layout:
     ]
     signature = json.dumps([(e.name, e.shape) for e in entries]).encode()
     return Layout(entries, skipped, selection.as_dict(), offset, hashlib.sha256(signature).hexdigest()[:16])
-
 
 class Store:
     """An open store; change it only while holding the session's lock, publish with `commit()`."""
@@ -463,17 +448,10 @@ class Store:
         fit reads half-overwritten values.
         """
         slot = self.free_slot(set(self.window))
-        evicted = self._evict(slot)
+        evicted = self.evict(slot)
         if evicted is not None:
             self.commit()
         return slot, evicted
-
-    def reinstate(self, snapshot: Snapshot) -> None:
-        """Put back a snapshot that `ingest_slot` gave up, once its slot holds its values again: the new
-        checkpoint written there turned out to be a copy of it (a user's `cp` of the newest checkpoint).
-        Without this, the checkpoint a fused state came from would be lost to the next fit."""
-        self.slots[snapshot.slot] = snapshot.id
-        self.snapshots[snapshot.id] = snapshot
 
     def write_values(self, slot: int, offset: int, values: torch.Tensor) -> None:
         """Values of a snapshot being written to `slot` (not yet in the window until committed),
@@ -489,15 +467,11 @@ class Store:
         """Algorithm 1's T_0 and T_i, while no fused checkpoint was written under other ones."""
         self.start, self.every = start, every
 
-    def fused_yet(self) -> bool:
-        """Whether a fused checkpoint training resumes from was ever written from this store."""
-        return any(o.lineage for o in self.outputs)
-
     def set_pending(self, pending: Pending | None) -> None:
         """Note (or clear) an in-place write about to be published (`backups.note_in_place`)."""
         self.pending = pending
 
-    def _evict(self, slot: int) -> Snapshot | None:
+    def evict(self, slot: int) -> Snapshot | None:
         """Forget the snapshot `slot` holds, if any, and return it."""
         evicted = self.slots[slot]
         if evicted is None:
@@ -505,10 +479,10 @@ class Store:
         self.slots[slot] = None
         return self.snapshots.pop(evicted, None)
 
-    def _place(self, slot: int, **fields: Any) -> Snapshot:
+    def place(self, slot: int, **fields: Any) -> Snapshot:
         snapshot_id = self.next_id
         self.next_id += 1
-        self._evict(slot)
+        self.evict(slot)
         self.slots[slot] = snapshot_id
         snapshot = Snapshot(id=snapshot_id, slot=slot, **fields)
         self.snapshots[snapshot_id] = snapshot
@@ -517,7 +491,7 @@ class Store:
     def add_checkpoint(self, slot: int, record: Seen) -> int:
         """A checkpoint whose values were just written to `slot` joins the window (line 17 for the
         optimizer's own states); the oldest leaves it when it holds h."""
-        snapshot = self._place(slot, kind="checkpoint", path=record.path, size=record.size, mtime=record.mtime,
+        snapshot = self.place(slot, kind="checkpoint", path=record.path, size=record.size, mtime=record.mtime,
                                name_step=record.name_step, recorded_step=record.recorded_step, at=record.at,
                                sha256=record.sha256, status=record.status)
         record.id = snapshot.id
@@ -525,31 +499,7 @@ class Store:
         self.window = (self.window + [snapshot.id])[-self.history_len:]
         return snapshot.id
 
-    def owned_outputs(self) -> set[str]:
-        """Output paths that still hold what pdt wrote. An output that training has since saved over
-        (in place, or an `-o` copy given a checkpoint's name in the folder, `-o DIR/epoch_7.pt`) is a
-        checkpoint again, never passed over as pdt's. Outputs of stores made before outputs were
-        identified (size -1) were in-place ones only when compared."""
-        latest = {o.path: o for o in self.outputs if not o.live}  # a live output's path is a checkpoint's
-        return {path for path, o in latest.items()
-                if (o.size < 0 and not o.in_place) or unchanged(Path(path), o.size, o.mtime)}
-
     # ---- fit and mask -----------------------------------------------------------------------------
-    def base_window(self) -> list[int]:
-        """The window the next fit uses: a trailing fused state is replaced by the checkpoint it came from.
-
-        After a write, the newest snapshot is the fused state (training resumes from it), but
-        a refit before the next checkpoint arrives must see the optimizer's own trajectory. When
-        that checkpoint's slot was given up (to a new checkpoint that then failed), the fused state
-        is left out: fitting from it would predict again from a state no training has moved since,
-        so the window waits for the next checkpoint instead.
-        """
-        window = list(self.window)
-        if window:
-            last = self.snapshots[window[-1]]
-            if last.kind == "fused":
-                window[-1:] = [last.parent] if self.readable(last.parent) else []
-        return window
 
     def fit_of(self, ids: list[int], options: dict) -> Fit | None:
         """The stored fit, if it was made on this window with these options."""
@@ -598,38 +548,6 @@ class Store:
         return {name: self._arrays[f"mask/{name}"] for name in ("bits", "byte_offsets", "counts")}
 
     # ---- lineage: the outputs, and the fused state training resumes from --------------------------
-    def claim_lineage_slot(self, ids: list[int]) -> int:
-        """A slot for the fused state that the committed store does not depend on.
-
-        If every slot is taken (window + the fit's base), the previous fused state is given
-        up first, in a commit of its own, so that no committed snapshot is ever overwritten.
-        """
-        slot = self.free_slot(set(self.window) | set(ids))
-        if slot is None:
-            self.window = list(ids)
-            self.commit()
-            slot = self.free_slot(set(ids))
-        return slot
-
-    def record_output(self, ids: list[int], path: str, size: int, mtime: float, lineage_slot: int | None,
-                      backup: str | None, live: bool = False) -> Output:
-        """Record a written output; when training resumes from it (`lineage_slot`: its values are
-        there), line 17 of Algorithm 1: the fused state becomes the newest snapshot. A `live` one went
-        into the model in memory; `path` is then the checkpoint it was predicted from."""
-        output = Output(path=path, fit_id=self.fit.id, mask_id=self.mask.id, snapshot=None, at=now(), size=size,
-                        mtime=mtime, in_place=backup is not None, backup=backup, lineage=lineage_slot is not None,
-                        seen_count=len(self.seen), live=live)
-        if lineage_slot is not None:
-            base = self.snapshots[ids[-1]]
-            if backup is not None:
-                base.backup = backup
-            fused = self._place(lineage_slot, kind="fused", path=path, size=size, mtime=mtime,
-                                name_step=base.name_step, recorded_step=base.recorded_step, at=output.at,
-                                parent=base.id, fit_id=output.fit_id, mask_id=output.mask_id)
-            output.snapshot = fused.id
-            self.window = ids[:-1] + [fused.id]
-        self.outputs.append(output)
-        return output
 
     def append_history(self, command: str, output: str | None) -> None:
         fit, mask = self.fit, self.mask
@@ -639,92 +557,6 @@ class Store:
             newest=self.snapshots[fit.window[-1]].path, fit_id=fit.id, rank=fit.rank,
             growing_modes=fit.growing_modes, mask=mask.label, totals=mask.totals, by_layer_type=mask.by_layer_type,
             per_tensor_accepted=[int(c) for c in counts[:, 1]], output=output))
-
-    def written_already(self) -> str | None:
-        """The output written from the current fit and mask, if the store's lineage is that output."""
-        if not self.window or not self.mask:
-            return None
-        last = self.snapshots[self.window[-1]]
-        if last.kind == "fused" and last.mask_id == self.mask.id and Path(last.path).exists():
-            return last.path
-        return None
-
-    def written_to(self, path: str) -> str | None:
-        """`path`, if pdt wrote it from the current fit and mask and it is unchanged since."""
-        latest = next((o for o in reversed(self.outputs) if o.path == path), None)
-        if latest and self.fit and self.mask and (latest.fit_id, latest.mask_id) == (self.fit.id, self.mask.id) \
-                and unchanged(Path(path), latest.size, latest.mtime):
-            return path
-        return None
-
-    def not_due(self) -> str | None:
-        """Why no fused checkpoint is due yet under Algorithm 1's schedule, or None when one is.
-
-        A write is due when the newest checkpoint is at step T_0 (`start`) or later, and T_i
-        (`every`) plain checkpoints were ingested since the last fused one training resumed from.
-        Under `mtime` order without steps, a checkpoint's place is its number among those ingested.
-        """
-        place, plain, fused_already = self._schedule_position()
-        if self.start is not None and place < self.start:
-            return (f"the next fused checkpoint is due at checkpoint {self.start} (--start); the newest is "
-                    f"checkpoint {place}")
-        if fused_already:
-            return None  # the newest checkpoint was fused already: writing it again is the same step
-        if plain < self.every:
-            return (f"the next fused checkpoint is due after {self.every - plain} more checkpoint(s) (--every "
-                    f"{self.every}: {plain} plain since the last fused one)")
-        return None
-
-    def next_due(self) -> str:
-        """When the schedule next allows a fused checkpoint, for reports."""
-        if len(self.base_window()) < self.history_len:
-            return f"the window needs {self.history_len - len(self.base_window())} more checkpoint(s) first"
-        place, plain, fused_already = self._schedule_position()
-        if self.start is not None and place < self.start:
-            return f"the next fused checkpoint is due at checkpoint {self.start}"
-        remaining = self.every + 1 if fused_already else self.every - plain
-        if remaining <= 0:
-            return "a fused checkpoint is due now"
-        return f"the next fused checkpoint is due after {remaining} more checkpoint(s)"
-
-    def _schedule_position(self) -> tuple[int, int, bool]:
-        """Where the newest checkpoint stands in Algorithm 1's schedule.
-
-        (its step, or its number among the checkpoints seen when it has none; c_e, the plain
-        checkpoints before it since the last fused one, as the paper counts the epochs without a
-        prediction; whether the newest was fused already). New checkpoints passed over unread
-        count too: each was an epoch of training.
-        """
-        epochs = [i for i, r in enumerate(self.seen) if r.status in ("ingested", "passed-over")]
-        newest = self.newest_checkpoint()
-        step = self.step_of(newest) if newest else None
-        last = next((o for o in reversed(self.outputs) if o.lineage and not o.restored and o.snapshot), None)
-        if last is None:
-            since = len(epochs)
-        elif last.seen_count is not None:
-            since = len([i for i in epochs if i >= last.seen_count])
-        else:  # an output recorded before outputs noted how much had been seen
-            since = len([r for r in self.seen if r.status == "ingested" and (r.id or 0) > last.snapshot])
-        fused_already = last is not None and newest is not None and newest.id < last.snapshot
-        return (step if step is not None else len(epochs)), max(0, since - 1), fused_already
-
-    def resumed_from(self) -> Snapshot | None:
-        """The state training is taken to have resumed from: the newest snapshot of the window."""
-        return self.snapshots[self.window[-1]] if self.window else None
-
-    def recorded_backups(self) -> set[str]:
-        return {s.backup for s in self.snapshots.values() if s.backup}
-
-    def latest_in_place(self, path: str | None) -> Output | None:
-        """The latest in-place write not yet undone (to `path`, if given)."""
-        return next((o for o in reversed(self.outputs) if o.in_place and not o.restored
-                     and (path is None or o.path == path)), None)
-
-    def undo(self, output: Output) -> None:
-        """Forget an in-place write that was undone: the checkpoint it replaced is the newest again."""
-        if self.window and self.window[-1] == output.snapshot:
-            self.window[-1] = self.snapshots[output.snapshot].parent
-        output.restored = now()
 
     # ---- reports ------------------------------------------------------------------------------------
     def view(self, snapshot_id: int) -> dict:
@@ -738,11 +570,11 @@ class Store:
 
     def describe(self) -> dict[str, Any]:
         """Everything a report shows, as plain data."""
-        resumed = self.resumed_from()
+        resumed = lineage.resumed_from(self)
         counts = self._arrays.get("mask/counts")
         return {
             "store": str(self.root), "folder": str(self.folder), "order": self.order, "history_len": self.history_len,
-            "schedule": {"start": self.start, "every": self.every, "next": self.next_due()},
+            "schedule": {"start": self.start, "every": self.every, "next": schedule.next_due(self)},
             "n": self.n, "layout": self.layout.as_dict(),
             "window": [self.view(i) for i in self.window],
             "fit_window": [self.view(i) for i in self.fit.window] if self.fit else [],

@@ -8,10 +8,16 @@ one that lacks a field without a default: the store then reports itself damaged.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 R = TypeVar("R", bound="Record")
+
+
+def now() -> str:
+    """The time a record is made: UTC, ISO 8601, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class Record:
