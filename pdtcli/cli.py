@@ -6,17 +6,20 @@ values go to `Settings.build`, which checks them: an invalid one is exit 2 befor
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.core
+import typer.rich_utils
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -39,7 +42,39 @@ EPILOG = """Exit codes: 0 done (also 'nothing new' and 'waiting for checkpoints'
 made by another number of ranks (nothing committed or published);
 with --strict: 10 waiting for more checkpoints, 11 nothing new; 130 interrupted."""
 
+# The errors Typer shows as usage errors: click's ClickException, or Typer's own copy of it (Typer >= 0.22
+# vendors click); found from a public class so that neither private module is named here.
+_USAGE_ERRORS = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_command: list[str | None] = [None]  # the subcommand of this run, for its JSON line
+
+
+class PdtGroup(typer.core.TyperGroup):
+    """Typer's group, and one more promise: under `--json`, a usage error (`--tua 3`, `--tau 0`) is also
+    the one JSON line every other exit gives, so that a cron log keeps the typo beside the results."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        _command[0] = next((arg for arg in argv if arg in self.commands), None)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except _USAGE_ERRORS as error:
+            typer.rich_utils.rich_format_error(error)  # as Typer shows it
+            if "--json" in argv and type(error).__name__ != "NoArgsIsHelpError":
+                _json_line({"status": "error", "exit_code": error.exit_code, "error": error.format_message(),
+                            "path": None})
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=PdtGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Predictive Differential Training on saved checkpoints: fit DMD to the last h checkpoints, "
     "predict tau checkpoints ahead, keep the predictions the mask trusts, write a fused checkpoint.",
     epilog=EPILOG,
@@ -144,19 +179,53 @@ def finish(result: api.StepResult, *, json_out: bool, strict: bool) -> None:
         raise typer.Exit(EXIT_UP_TO_DATE)
 
 
+def _json_line(payload: dict[str, Any]) -> None:
+    """One JSON object on one line of stdout (JSON Lines: a log of many runs reads line by line), stamped
+    with the time (UTC, ISO 8601) and pdt's version."""
+    stamped = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "pdt": __version__,
+               "command": _command[0], **payload}
+    with stdout_reader_may_leave():
+        print(json.dumps(stamped, default=str), flush=True)
+
+
+@contextmanager
+def stdout_reader_may_leave() -> Iterator[None]:
+    """Output for a reader that may stop reading early (`pdt ... --json | head -1`): once it has, the
+    rest is dropped silently (stdout then goes to /dev/null, so the final flush cannot fail either),
+    and the exit code stays the run's own: the step itself was done."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _show(result: api.StepResult, json_out: bool) -> None:
     payload = result.as_dict()
     if json_out:
         if result.tensors is not None:
             payload["tensors"] = result.tensors
-        print(json.dumps(payload, indent=2, default=str))
+        _json_line(payload)
         return
-    for item in result.skipped:
-        typer.echo(f"skipped {item['path']}: {item['reason']}", err=True)
-    if result.status in ("written", "dry-run", "masked"):
-        render_summary(payload, result.tensors, out)
-    else:
-        typer.echo(result.message)
+    for reason, paths in _grouped(result.skipped):
+        many = f"{len(paths)} checkpoints ({Path(paths[0]).name} … {Path(paths[-1]).name})"
+        typer.echo(f"skipped {paths[0] if len(paths) == 1 else many}: {reason}", err=True)
+    with stdout_reader_may_leave():
+        if result.status in ("written", "dry-run", "masked"):
+            render_summary(payload, result.tensors, out)
+        else:
+            typer.echo(result.message)
+
+
+def _grouped(skipped: list[dict]) -> list[tuple[str, list[str]]]:
+    """Skipped entries, those skipped for one reason together (in order): a first run over a long run
+    passes over hundreds of old checkpoints, which is one line, not hundreds."""
+    groups: dict[str, list[str]] = {}
+    for item in skipped:
+        groups.setdefault(item["reason"], []).append(item["path"])
+    return list(groups.items())
 
 
 INTERRUPTED = "interrupted; the store and earlier outputs are unchanged"
@@ -190,8 +259,8 @@ def _fail(message: str, code: int, json_out: bool, path: str | None) -> None:
     who = f"[rank {launched_rank()}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else ""
     typer.echo(f"pdt: {who}error: {message}" if code != EXIT_INTERRUPTED else f"pdt: {who}{message}", err=True)
     if json_out and launched_rank() == 0:
-        print(json.dumps({"status": "error" if code != EXIT_INTERRUPTED else "interrupted", "exit_code": code,
-                          "error": message, "path": path}))
+        _json_line({"status": "error" if code != EXIT_INTERRUPTED else "interrupted", "exit_code": code,
+                    "error": message, "path": path})
     raise typer.Exit(code)
 
 
@@ -240,7 +309,8 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
     - `pdt predict runs/exp1/ckpts --tau 3 -o /tmp/audit.pt --force` (an audit copy; the window is unchanged)
     - `pdt predict runs/exp1/ckpts --in-place` (training always resumes from last.pt; undo: `pdt restore`)
     - `pdt predict runs/exp1/ckpts --start 10 --every 2` (Algorithm 1's T_0 and T_i; other runs only ingest)
-    - `*/30 * * * * pdt predict /data/run1/ckpts --json >> /data/run1/pdt.log` (cron; errors are logged as JSON too)
+    - `*/30 * * * * /opt/venv/bin/pdt predict /data/run1/ckpts --json >> /data/run1/pdt.log` (cron: one JSON line
+      per run, errors too; cron's PATH has no pdt, so give its path: `command -v pdt`)
     - `torchrun --nnodes 8 --nproc-per-node 1 ... -m pdtcli predict /shared/run1/ckpts` (each rank its share of
       a sharded checkpoint; see the README)
     """
@@ -328,8 +398,9 @@ def report(target: Target, store: Store = None, top: Annotated[
 
             data["plot"] = str(plot_report(data, plot))
         if json_out:
-            print(json.dumps(data, indent=2, default=str))
-        else:
+            _json_line(data)
+            return
+        with stdout_reader_may_leave():
             render_report(data, out, top=top)
             if plot is not None:
                 out.print(f"plot: {plot}")

@@ -336,8 +336,8 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
     for cand, reason in passed + passed_over + dropped:
         log.info("skipped %s: %s", cand.path.name, reason)
     for cand in chosen:
-        log.info("to ingest: %s (%s step %s)", cand.path.name, s.order,
-                 cand.recorded_step if s.order == "step" else cand.name_step)
+        log.info("to ingest: %s (step %s, ordered by %s)", cand.path.name,
+                 cand.recorded_step if s.order == "step" else cand.name_step, s.order)
     created = s.store is None
     if not created and len(chosen) > 1:
         _check_values(s.store, list(chosen), from_memory, live)

@@ -91,7 +91,7 @@ OPTIONS: dict[str, Option] = {
                            "others at each step before it gives up (exit 7).", min=1),
     "rebuild": Option(("--rebuild",), False, "Set the store aside unread (it may be damaged) and ingest the folder's "
                       "newest checkpoints into a new one; backups are kept."),
-    "json_out": Option(("--json",), False, "Print the result as JSON on stdout (errors too)."),
+    "json_out": Option(("--json",), False, "Print the result as one JSON line on stdout (JSON Lines; errors too)."),
     "strict": Option(("--strict",), False, "Exit 10 when waiting for checkpoints, 11 when nothing is new."),
     "verbose": Option(("--verbose", "-v"), False, "Say why checkpoints were skipped and fits reused (on stderr)."),
 }

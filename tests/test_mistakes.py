@@ -39,6 +39,7 @@ def test_errors_reach_a_json_log_as_one_object_on_stdout(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2
     error = json.loads(done.stdout)
+    assert {k: error.pop(k) for k in ("time", "pdt", "command")}["command"] == "predict"
     assert error == {"status": "error", "exit_code": 2, "error": f"{tmp_path / 'nosuchdir'}: does not exist",
                      "path": str(tmp_path / "nosuchdir")}
     assert done.stderr.strip().count("\n") == 0 and "does not exist" in done.stderr
