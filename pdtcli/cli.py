@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, api
-from .errors import PdtError, os_error
+from .errors import PdtError, UsageError, os_error
 from .options import OPTIONS, Settings
 from .report import build_report, render_report, render_summary
 from .world import launched_rank
@@ -72,6 +72,13 @@ class PdtGroup(typer.core.TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+class PdtCommand(typer.core.TyperCommand):
+    """Typer's command, its usage line in the usual notation: `pdt predict [OPTIONS] DIR`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
+
+
 app = typer.Typer(
     cls=PdtGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -80,7 +87,7 @@ app = typer.Typer(
     epilog=EPILOG,
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,
 )
 out = Console()
 err = Console(stderr=True)
@@ -90,16 +97,11 @@ log = logging.getLogger("pdtcli")
 def flag(name: str) -> Any:
     """The Typer option for `OPTIONS[name]`: flags, help, limits and shown default in one place."""
     option = OPTIONS[name]
-    kwargs: dict[str, Any] = {"help": option.help}
-    if isinstance(option.default, bool):
-        kwargs["metavar"] = ""  # a flag takes no value
-    elif option.metavar:
-        kwargs["metavar"] = option.metavar
-    if option.min is not None:
-        kwargs["min"] = option.min
-    if option.shown_default is not None:
-        kwargs["show_default"] = option.shown_default
-    return typer.Option(*option.flags, **kwargs)
+    if isinstance(option.default, bool):  # a flag takes no value and shows no default
+        return typer.Option(*option.flags, help=option.help, show_default=False)
+    default = option.shown_default if option.shown_default is not None else option.default
+    shown = f" [default: {default}]" if default is not None else ""
+    return typer.Option(*option.flags, help=option.help + shown, metavar=option.value_name, show_default=False)
 
 
 D = {name: option.default for name, option in OPTIONS.items()}
@@ -264,7 +266,7 @@ def _fail(message: str, code: int, json_out: bool, path: str | None) -> None:
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=PdtCommand, short_help="Ingest new checkpoints into the store (the newest h).")
 def snapshot(target: Target, store: Store = None, history: History = None, start: Start = None, every: Every = None,
              include: Include = None,
              exclude: Exclude = None, store_dtype: StoreDtype = None, order: Order = None, files: Files = None,
@@ -273,12 +275,12 @@ def snapshot(target: Target, store: Store = None, history: History = None, start
              verbose: Verbose = False) -> None:
     """Ingest the checkpoints the store has not seen (only the newest h are kept).
 
+    \b
     Examples:
-
-    - `pdt snapshot runs/exp1/ckpts`
-    - `pdt snapshot runs/exp1/ckpts --order step` (names carry no step; use the one saved inside)
-    - `pdt snapshot runs/exp1/ckpts --files 'ckpt-*.pt'` (other .pt files in the folder are not checkpoints)
-    - `pdt snapshot runs/exp1/ckpts --rebuild` (after `pdt` reported a damaged store)
+      pdt snapshot runs/exp1/ckpts
+      pdt snapshot runs/exp1/ckpts --order step        # by the step saved inside
+      pdt snapshot runs/exp1/ckpts --files 'ckpt-*.pt' # only these names
+      pdt snapshot runs/exp1/ckpts --rebuild           # after a damaged store
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, threads=threads, wait=wait, history=history, include=include, exclude=exclude,
@@ -290,7 +292,7 @@ def snapshot(target: Target, store: Store = None, history: History = None, start
         finish(result, json_out=json_out, strict=strict)
 
 
-@app.command()
+@app.command(cls=PdtCommand, short_help="Ingest, fit DMD, mask, write the fused checkpoint.")
 def predict(target: Target, store: Store = None, output: Output = None, dry_run: DryRun = False, force: Force = False,
             in_place: InPlace = False, history: History = None, start: Start = None, every: Every = None,
             tau: Tau = D["tau"], modes: Modes = D["modes"],
@@ -302,17 +304,17 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
             verbose: Verbose = False) -> None:
     """Ingest new checkpoints, fit DMD, mask, and write the fused checkpoint next to the newest.
 
+    \b
     Examples:
-
-    - `pdt predict runs/exp1/ckpts` (cron-friendly: exits 0 when there is nothing to do)
-    - `pdt predict runs/exp1/ckpts --dry-run --json`
-    - `pdt predict runs/exp1/ckpts --tau 3 -o /tmp/audit.pt --force` (an audit copy; the window is unchanged)
-    - `pdt predict runs/exp1/ckpts --in-place` (training always resumes from last.pt; undo: `pdt restore`)
-    - `pdt predict runs/exp1/ckpts --start 10 --every 2` (Algorithm 1's T_0 and T_i; other runs only ingest)
-    - `*/30 * * * * /opt/venv/bin/pdt predict /data/run1/ckpts --json >> /data/run1/pdt.log` (cron: one JSON line
-      per run, errors too; cron's PATH has no pdt, so give its path: `command -v pdt`)
-    - `torchrun --nnodes 8 --nproc-per-node 1 ... -m pdtcli predict /shared/run1/ckpts` (each rank its share of
-      a sharded checkpoint; see the README)
+      pdt predict runs/exp1/ckpts            # exits 0 when there is nothing to do
+      pdt predict runs/exp1/ckpts --dry-run --json
+      pdt predict runs/exp1/ckpts -o a.pt    # an audit copy; the window unchanged
+      pdt predict runs/exp1/ckpts --in-place # over the newest; undo: pdt restore
+      pdt predict runs/exp1/ckpts --start 10 --every 2   # Algorithm 1's T_0, T_i
+    From cron (one JSON line per run; name pdt by its path, `command -v pdt`):
+      */30 * * * * /opt/venv/bin/pdt predict /data/r1 --json >> /data/r1/pdt.log
+    On many nodes (each rank reads its share; see the README):
+      torchrun --nnodes 8 --nproc-per-node 1 ... -m pdtcli predict /shared/r1
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, history=history,
@@ -324,7 +326,7 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
         finish(result, json_out=json_out, strict=strict)
 
 
-@app.command("mask")
+@app.command("mask", cls=PdtCommand, short_help="Mask again from the stored fit (the paper's ablations).")
 def mask_cmd(target: Target, store: Store = None, criteria: Criteria = D["criteria"], random: Random = False,
              seed: Seed = D["seed"], device: Device = D["device"], block: Block = D["block"], threads: Threads = None,
              wait: Wait = D["wait"],
@@ -332,11 +334,11 @@ def mask_cmd(target: Target, store: Store = None, criteria: Criteria = D["criter
              verbose: Verbose = False) -> None:
     """Mask again from the stored fit with other settings (the paper's ablations); no new fit.
 
+    \b
     Examples:
-
-    - `pdt mask runs/exp1/ckpts --criteria lower,upper` (eq. 6 alone)
-    - `pdt mask runs/exp1/ckpts --criteria none` (non-selective Koopman training)
-    - `pdt mask runs/exp1/ckpts --random --seed 1` (random mask at the paper mask's ratio)
+      pdt mask runs/exp1/ckpts --criteria lower,upper  # eq. 6 alone
+      pdt mask runs/exp1/ckpts --criteria none  # non-selective Koopman training
+      pdt mask runs/exp1/ckpts --random --seed 1  # random, at the mask's ratio
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, criteria=criteria,
@@ -344,14 +346,17 @@ def mask_cmd(target: Target, store: Store = None, criteria: Criteria = D["criter
         finish(api.remask(target, store=store, settings=s), json_out=json_out, strict=False)
 
 
-@app.command("apply")
+@app.command("apply", cls=PdtCommand, short_help="Write the fused checkpoint from the stored fit and mask.")
 def apply_cmd(target: Target, store: Store = None, output: Output = None, force: Force = False,
               in_place: InPlace = False, device: Device = D["device"], block: Block = D["block"],
               threads: Threads = None, wait: Wait = D["wait"], backend: Backend = D["backend"],
               dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False, verbose: Verbose = False) -> None:
     """Write the fused checkpoint from the stored fit and mask: the default output, or an audit copy.
 
-    Examples: `pdt apply runs/exp1/ckpts --force` (after `pdt mask`), `pdt apply runs/exp1/ckpts -o /tmp/audit.pt`
+    \b
+    Examples:
+      pdt apply runs/exp1/ckpts --force             # after pdt mask
+      pdt apply runs/exp1/ckpts -o /tmp/audit.pt
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, backend=backend,
@@ -360,7 +365,7 @@ def apply_cmd(target: Target, store: Store = None, output: Output = None, force:
         finish(result, json_out=json_out, strict=False)
 
 
-@app.command()
+@app.command(cls=PdtCommand, short_help="Undo the latest --in-place write.")
 def restore(target: Target, store: Store = None, path: Annotated[Optional[Path], typer.Option(
         "--path", metavar="PATH", help="Undo the latest in-place write to this file [default: the latest of all].")]
             = None, force: Annotated[bool, typer.Option(
@@ -368,16 +373,18 @@ def restore(target: Target, store: Store = None, path: Annotated[Optional[Path],
             wait: Wait = D["wait"], json_out: Json = False, verbose: Verbose = False) -> None:
     """Put back the checkpoint that `--in-place` replaced, and drop the fused state from the window.
 
-    Example: `pdt restore runs/exp1/ckpts`
+    \b
+    Example:
+      pdt restore runs/exp1/ckpts
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, wait=wait)
         finish(api.restore(target, store=store, path=path, force=force, settings=s), json_out=json_out, strict=False)
 
 
-@app.command()
+@app.command(cls=PdtCommand, short_help="Audit: what the mask accepted, the fit, the history.")
 def report(target: Target, store: Store = None, top: Annotated[
-        Optional[int], typer.Option("--top", help="Show only the N largest tensors.", min=1)] = None,
+        Optional[int], typer.Option("--top", help="Show only the N largest tensors.", metavar="N")] = None,
            plot: Annotated[Optional[Path], typer.Option(
                "--plot", metavar="FILE", help="Also draw the masked ratio per layer type and the rejections per "
                "criterion across the history, and the fit's eigenvalues, into FILE (.png, .svg or .pdf; needs "
@@ -386,10 +393,15 @@ def report(target: Target, store: Store = None, top: Annotated[
     """Per tensor, per layer type and model: accepted elements and which criterion rejected the rest;
     the DMD fit; and the mask ratio of every past step.
 
-    Examples: `pdt report runs/exp1/ckpts`, `pdt report runs/exp1/ckpts --json | jq .model`,
-    `pdt report runs/exp1/ckpts --plot pdt.png`
+    \b
+    Examples:
+      pdt report runs/exp1/ckpts
+      pdt report runs/exp1/ckpts --json | jq .model
+      pdt report runs/exp1/ckpts --plot pdt.png
     """
     with errors_as_exit(json_out):
+        if top is not None and top < 1:
+            raise UsageError(f"--top {top}: the least is 1")
         data = build_report(api.load_state(target, store=store, lock_timeout=wait, writes=plot))
         if data["unlocked"]:
             typer.echo(f"pdt: note: {data['store']}: {data['unlocked']}", err=True)

@@ -40,6 +40,17 @@ class Option:
     metavar: str | None = None
     shown_default: str | None = None  # what help shows when the default is None ("the store's")
 
+    @property
+    def value_name(self) -> str | None:
+        """What help shows for the value (None for a flag): the metavar, the choices, else N or X."""
+        if isinstance(self.default, bool):
+            return None
+        if self.metavar:
+            return self.metavar
+        if self.choices:
+            return "|".join(self.choices)
+        return "X" if isinstance(self.default, float) else "N"
+
 
 OPTIONS: dict[str, Option] = {
     "store": Option(("--store",), None, "Store folder; never the checkpoint folder, above it, or at or inside a "
@@ -51,8 +62,7 @@ OPTIONS: dict[str, Option] = {
     "force": Option(("--force",), False, "Replace an existing output: a regular file, or a folder pdt wrote; never "
                     "an input checkpoint, the checkpoint folder or the store."),
     "in_place": Option(("--in-place",), False, "Write over the newest checkpoint (for scripts that resume from one "
-                       "path); a backup is kept, and `pdt restore` puts it back. Refused when that checkpoint is a "
-                       "symbolic link."),
+                       "path), keeping a backup for `pdt restore`; never through a symbolic link."),
     "history": Option(("--history",), None, "Snapshots in the window, h; fixed when the store is made.", min=2,
                       shown_default=str(DEFAULT_HISTORY)),
     "start": Option(("--start",), None, "Write a fused checkpoint only from this step on (Algorithm 1's T_0); fixed "
@@ -61,11 +71,11 @@ OPTIONS: dict[str, Option] = {
                     "(Algorithm 1's T_i: 1 writes at every other checkpoint); fixed once one is written.", min=0,
                     shown_default="0: at every new checkpoint"),
     "tau": Option(("--tau",), FIT.tau, "Checkpoints to predict ahead.", min=1),
-    "modes": Option(("--modes",), FIT.modes, "exact | projected (the paper's eq. 11).", choices=MODES),
+    "modes": Option(("--modes",), FIT.modes, "DMD modes; projected is the paper's eq. 11.", choices=MODES),
     "rank": Option(("--rank",), None, "Fixed DMD rank instead of --rtol.", min=1),
     "rtol": Option(("--rtol",), FIT.rtol, "Keep singular values above rtol x the largest."),
-    "criteria": Option(("--criteria",), DEFAULT_MASK, "all (the paper's eqs. 6 and 7) | none | comma list of "
-                       "lower,upper,sign; the default drops eq. 6's lower bound (see the README)."),
+    "criteria": Option(("--criteria",), DEFAULT_MASK, "all (the paper's eqs. 6 and 7), none, or a comma list of "
+                       "lower,upper,sign; the default drops eq. 6's lower bound (see the README).", metavar="LIST"),
     "random": Option(("--random",), False, "Audit: random mask at the criteria's per-tensor ratio."),
     "seed": Option(("--seed",), 0, "Seed of --random.", min=0),
     "include": Option(("--include",), None, "Also predict tensors matching this glob (repeatable).", metavar="GLOB"),
@@ -73,22 +83,23 @@ OPTIONS: dict[str, Option] = {
                       metavar="GLOB"),
     "files": Option(("--files",), None, "Only names matching this glob are checkpoints (repeatable; kept in the "
                     "store for later runs).", metavar="GLOB"),
-    "order": Option(("--order",), None, "Training order: auto (the step recorded inside when every checkpoint has "
-                    "one, else the number in the names; an error when they do not settle it) | step | name (the last "
-                    "number in the name) | mtime; fixed when the store is made.", choices=ORDERS, shown_default="auto"),
-    "store_dtype": Option(("--store-dtype",), None, "float32 | float64 | bfloat16 | float16; fixed when the store is "
-                          "made.", choices=tuple(STORE_DTYPES), shown_default="the model's bf16 or fp16, else float32"),
-    "device": Option(("--device",), "auto", "auto | cpu | cuda.", choices=DEVICES),
+    "order": Option(("--order",), None, "Training order: auto takes the step recorded inside when every checkpoint "
+                    "has one, else the number in the names (an error when they do not settle it); name: the last "
+                    "number in the name; fixed when the store is made.", choices=ORDERS, shown_default="auto"),
+    "store_dtype": Option(("--store-dtype",), None, f"How the store keeps values: {', '.join(STORE_DTYPES)}; "
+                          "fixed when the store is made.", choices=tuple(STORE_DTYPES), metavar="DTYPE",
+                          shown_default="the model's bf16 or fp16, else float32"),
+    "device": Option(("--device",), "auto", "Where the arithmetic runs (auto: cuda if there is one).", choices=DEVICES),
     "block": Option(("--block",), None, "Elements per row block (bounds memory).", min=8,
                     shown_default=f"{DEFAULT_BLOCK['cpu']:,} on a CPU, {DEFAULT_BLOCK['cuda']:,} on CUDA"),
-    "threads": Option(("--threads",), None, "CPU threads for the arithmetic. Row blocks are small, so more threads "
-                      "gain little, and on a busy machine threads that wait for each other slow the step severalfold.",
+    "threads": Option(("--threads",), None, "CPU threads for the arithmetic (more gain little, and slow a busy "
+                      "machine).",
                       min=1, shown_default="1, or OMP_NUM_THREADS when set"),
-    "wait": Option(("--wait",), DEFAULT_WAIT, "Seconds to wait for another pdt's lock.", min=0),
-    "backend": Option(("--backend",), "auto", "Under torchrun: the process group's backend, auto (nccl when each "
-                      "rank has a GPU, else gloo) | gloo | nccl.", choices=BACKENDS),
+    "wait": Option(("--wait",), DEFAULT_WAIT, "Seconds to wait for another pdt's lock.", min=0, metavar="SECONDS"),
+    "backend": Option(("--backend",), "auto", "Under torchrun: the process group's backend (auto: nccl when each "
+                      "rank has a GPU, else gloo).", choices=BACKENDS),
     "dist_timeout": Option(("--dist-timeout",), DEFAULT_TIMEOUT, "Under torchrun: seconds a rank waits for the "
-                           "others at each step before it gives up (exit 7).", min=1),
+                           "others at each step before it gives up (exit 7).", min=1, metavar="SECONDS"),
     "rebuild": Option(("--rebuild",), False, "Set the store aside unread (it may be damaged) and ingest the folder's "
                       "newest checkpoints into a new one; backups are kept."),
     "json_out": Option(("--json",), False, "Print the result as one JSON line on stdout (JSON Lines; errors too)."),

@@ -106,3 +106,18 @@ def test_the_readme_cron_line_names_pdt_by_its_path():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     cron = [line.split("*/30 * * * * ", 1)[1] for line in readme.splitlines() if "*/30 * * * * " in line]
     assert cron and all(line.split()[0].startswith("/") and line.split()[0].endswith("/bin/pdt") for line in cron), cron
+
+
+@pytest.mark.parametrize("command", ["snapshot", "predict", "mask", "apply", "restore", "report"])
+def test_help_reads_at_80_columns(command):
+    """Plain metavars (no `{DIR}`, `<bool>`, `[default: (5)]`), every line within 80 columns, examples one
+    per line, and `predict --help` about two screens (it was 142 lines)."""
+    result = runner.invoke(app, [command, "--help"], prog_name="pdt", env={"COLUMNS": "80"}, terminal_width=80)
+    text = result.stdout
+    assert result.exit_code == 0 and f"Usage: pdt {command} [OPTIONS] DIR" in text
+    for noise in ("{DIR}", "<bool>", "<int", "<float>", "<str>", "default: ("):
+        assert noise not in text, noise
+    assert max(len(line) for line in text.splitlines()) <= 80
+    examples = [line for line in text.split("Example")[1].split("\n\n")[0].splitlines() if line.startswith("    ")]
+    assert examples and all(line.count(f" {command} ") == 1 for line in examples), examples
+    assert len(text.splitlines()) <= 100
