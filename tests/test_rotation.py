@@ -162,3 +162,49 @@ def test_lightning_keeps_two_checkpoints_with_pdt_after_every_save(tmp_path, how
     fit(6, str(fused), Capture())  # from the fused state
     assert sorted(loaded) == sorted(str(path) for path in expected)
     assert all(same(expected[Path(path)], state) for path, state in loaded.items())
+
+
+# ---- the side folder's safety ------------------------------------------------------------------------
+
+
+def _saved_by_accelerate(project: Path, saves: int = 3) -> Path:
+    """`saves` real accelerate checkpoints in `project/checkpoints/`, the folder they are in."""
+    accelerator, net, optimizer = _accelerator(project)
+    for _ in range(saves):
+        for param in net.parameters():
+            param.data.add_(0.01 * torch.randn_like(param))
+        accelerator.save_state()
+    return project / "checkpoints"
+
+
+def test_a_link_planted_at_the_side_folder_is_refused(tmp_path):
+    """`checkpoints.pdt` is derived from the folder's path: a link there (to anywhere) is never written through."""
+    from test_hostile import one_error_line, snapshot_of
+
+    folder = _saved_by_accelerate(tmp_path / "project")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "project" / "checkpoints.pdt").symlink_to(outside)
+    before = snapshot_of(folder)
+    code, output = pdt("predict", folder, "--history", "2")
+    assert code == 4, output
+    line = one_error_line(output)
+    assert "checkpoints.pdt" in line and "symbolic link" in line
+    assert not any(outside.iterdir()) and snapshot_of(folder) == before
+
+
+def test_the_side_store_is_found_by_its_own_path_and_an_old_store_inside_is_kept(tmp_path):
+    """`pdt report` on `checkpoints.pdt/.pdt` reads it as the folder's store; a store an older pdt made inside
+    `checkpoints/` stays the folder's store (its backups are recorded there), with a warning to move it."""
+    folder = _saved_by_accelerate(tmp_path / "project")
+    side_store = tmp_path / "project" / "checkpoints.pdt" / ".pdt"
+    assert predicted(folder)["store"] == str(side_store)
+    code, output = pdt("report", side_store, "--json")
+    assert code == 0, output
+    assert json.loads(output)["folder"] == str(folder)
+
+    old = _saved_by_accelerate(tmp_path / "old")
+    code, output = pdt("predict", old, "--history", "2", "--store", old / ".pdt")  # where an older pdt kept it
+    assert code == 0, output
+    assert predicted(old)["store"] == str(old / ".pdt")  # found without --store
+    assert not (tmp_path / "old" / "checkpoints.pdt" / ".pdt").exists()
