@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .backups import backup_path, copy_back, in_backups, note_in_place, prune_backups, recorded_backup
-from .discover import is_pdt_output, located, output_name
+from .discover import is_pdt_output, located
 from .dmd import combine_r, solve
 from .errors import CheckpointError, OutputError, PdtError, StageMissing, UsageError, os_errors_as
 from .formats import checkpoint_digest, open_checkpoint
@@ -28,6 +28,7 @@ from .ingest import ingest
 from .live import Live
 from .mask import MaskOptions, summary_of, tensor_rows, type_totals, whole_rows
 from .options import DEFAULT_WAIT, Settings
+from .placement import default_output
 from .session import Session, resolve_store_root, session
 from .store import Store, complete_parts, lineage, merge_states, parts_of, schedule
 from .store.records import Mask, Snapshot
@@ -258,7 +259,7 @@ def _tensor_order(store: Store) -> list[str] | None:
 def _single_only(in_place: bool, live: Live | None) -> None:
     """What a distributed step does not do (yet): write over the newest checkpoint, take a live model."""
     if current().active and (in_place or live is not None):
-        raise UsageError("under torchrun pdt writes the default output (NAME.pdt beside the newest checkpoint); "
+        raise UsageError("under torchrun pdt writes the default output (NAME.pdt, see `placement`); "
                          "--in-place and a live model are for one process")
 
 
@@ -342,12 +343,15 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
                               f"{path.resolve()}); use the default output instead", path)
         out, backup = path, backup_path(store, newest)
     else:
-        out = Path(output) if output else output_name(path)
+        out = Path(output) if output else default_output(path)
     if not in_place:
         # `predict` renews its own default output (a new fit of the same newest checkpoint, or a run
         # killed after publishing it); anything else is replaced only with --force.
         renewable = command == "predict" and output is None and is_pdt_output(out)
         check_output(out, guard_of(s.folder, s.root, store), force=force or renewable, default=output is None)
+        if output is None:  # the side folder beside the checkpoint folder, on its first output there
+            with os_errors_as(OutputError, "cannot make the folder of the output", out.parent):
+                out.parent.mkdir(exist_ok=True)
     destination = Destination(out, _source_of(store, newest))
     if in_place or output is None:  # training resumes from it: its values go into the window too
         destination.lineage_slot = lineage.claim_slot(store, ids)  # may commit, to free a slot safely

@@ -1,7 +1,7 @@
 """Finding the training checkpoints in a folder (their order: `pdtcli.order`).
 
-pdt's own outputs (`*.pdt.*`, and any path the store recorded as an output) are never
-training checkpoints. A file with a checkpoint
+pdt's own outputs (`*.pdt.*`, and any path the store recorded as an output) and Lightning's
+`last.ckpt` beside its step checkpoints are never training checkpoints. A file with a checkpoint
 suffix that holds no tensors (`hparams.pt`) is passed over with a note, and `--files` globs
 say which names are checkpoints when a folder holds other files with the same suffixes.
 """
@@ -18,6 +18,7 @@ from .identity import stat_of
 
 OUTPUT_TAG = ".pdt"
 NUMBER = re.compile(r"(\d+)")
+LIGHTNING_LAST = re.compile(r"last(-v\d+)?\.ckpt")  # ModelCheckpoint(save_last=True), versioned when taken
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ def list_checkpoints(folder: Path, known_outputs: set[str] = frozenset(),
                      files: tuple[str, ...] | None = None) -> list[Candidate]:
     """The checkpoints (files, or Trainer/DCP folders) directly in `folder`, unsorted: the
     order rule may need what is recorded inside, which is read only for unseen ones.
-    `files`: globs on the name; only matching entries are checkpoints."""
+    `files`: globs on the name; only matching entries are checkpoints. Lightning's `last.ckpt`
+    (`save_last`) is a copy of, or a link to, a checkpoint saved beside it: never one of its own
+    while the folder holds other `.ckpt` files (it would enter the window twice)."""
     found = []
     for path in folder.iterdir():
         if path.name.startswith(".") or is_pdt_output(path) or not is_checkpoint(path):
@@ -86,6 +89,8 @@ def list_checkpoints(folder: Path, known_outputs: set[str] = frozenset(),
             continue
         size, mtime = stat_of(path)
         found.append(Candidate(path, name_step(path), mtime, size))
+    if any(not LIGHTNING_LAST.fullmatch(c.path.name) and c.path.suffix == ".ckpt" for c in found):
+        found = [c for c in found if not LIGHTNING_LAST.fullmatch(c.path.name)]
     return found
 
 

@@ -54,9 +54,10 @@ class Option:
 
 OPTIONS: dict[str, Option] = {
     "store": Option(("--store",), None, "Store folder; never the checkpoint folder, above it, or at or inside a "
-                    "checkpoint.", metavar="PATH", shown_default="DIR/.pdt"),
+                    "checkpoint.", metavar="PATH", shown_default="DIR/.pdt (DIR.pdt/.pdt for accelerate)"),
     "output": Option(("--output", "-o"), None, "Write an audit copy here instead; training is taken to resume from "
-                     "the default output, NAME.pdt.EXT beside the newest checkpoint, which alone enters the window.",
+                     "the default output, NAME.pdt.EXT beside the newest checkpoint (in DIR.pdt/ for Trainer and "
+                     "accelerate folders), which alone enters the window.",
                      metavar="PATH"),
     "dry_run": Option(("--dry-run",), False, "Fit and mask; write no checkpoint."),
     "force": Option(("--force",), False, "Replace an existing output: a regular file, or a folder pdt wrote; never "

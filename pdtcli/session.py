@@ -5,7 +5,7 @@ ingest from a folder in which nothing is a checkpoint fails before `.pdt` is mad
 a store folder made by a run that ended without a store is removed again, so a wrong path in
 a cron line creates nothing. The store's folder, lock and records are checked before they
 are trusted: a linked store folder or lock file is refused, and a store opened by its own
-path must be the `.pdt` folder of the checkpoint folder it names. An operating-system error on the
+path must be a default store folder of the checkpoint folder it names. An operating-system error on the
 store's folder, lock or leftovers is a StoreError naming the file; a command that only reads (`pdt
 report`) reads a store it may not lock (read-only media, another user's store) without the lock.
 """
@@ -35,11 +35,11 @@ from .errors import (
     os_errors_as,
 )
 from .options import Settings
+from .placement import is_default_store, side_folder, store_root
 from .store import (
     BACKUP_DIRNAME,
     LOCK_NAME,
     META_NAME,
-    STORE_DIRNAME,
     Store,
     part_name,
     parts_of,
@@ -70,8 +70,9 @@ class Session:
 def resolve_store_root(target: Path, store: Path | None) -> tuple[Path, Path | None]:
     """(store folder, checkpoint folder or None) for a command's target argument.
 
-    The target may be a checkpoint folder (its store is `<folder>/.pdt` unless `--store`
-    names another), a store folder, or a store's `store.h5`. A path pdt may not look at is a UsageError.
+    The target may be a checkpoint folder (its store is `placement.store_root`, `<folder>/.pdt` or
+    `<folder>.pdt/.pdt`, unless `--store` names another), a store folder, or a store's `store.h5`.
+    A path pdt may not look at is a UsageError.
     """
     with os_errors_as(UsageError, "cannot look at this path", target):
         return _store_root_of(Path(target), store)
@@ -89,10 +90,12 @@ def _store_root_of(target: Path, store: Path | None) -> tuple[Path, Path | None]
     if store:
         check_store_place(Path(store), target)
         return Path(store), target
-    root = target / STORE_DIRNAME
-    if root.is_symlink():
-        raise StoreError(f"is a symbolic link to {os.readlink(root)}; pdt keeps its default store inside the "
-                         "checkpoint folder (pass --store with the real folder if you meant it)", root)
+    root = store_root(target)
+    for path in (root, root.parent) if root.parent == side_folder(target) else (root,):
+        if path.is_symlink():
+            raise StoreError(f"is a symbolic link to {os.readlink(path)}; pdt keeps its default store at a place "
+                             "derived from the checkpoint folder (pass --store with the real folder if you meant "
+                             "it)", path)
     return root, target
 
 
@@ -146,11 +149,10 @@ def clean_leftovers(root: Path, folder: Path | None) -> list[Path]:
 
 
 def _default_store_of(root: Path, folder: Path) -> bool:
-    """Whether `root` is `folder/.pdt`. Only then may a store opened by its own path say which
-    folder it serves: otherwise a store.h5 planted in any folder could name any other folder,
-    and pdt would write outputs (and restore backups) there."""
-    root = whole_store(root)  # one rank's part of a distributed store: .pdt/rank-R-of-K
-    return root.name == STORE_DIRNAME and root.resolve().parent == folder.resolve()
+    """Whether `root` is a default store folder of `folder` (`placement.is_default_store`). Only then
+    may a store opened by its own path say which folder it serves: otherwise a store.h5 planted in
+    any folder could name any other folder, and pdt would write outputs (and restore backups) there."""
+    return is_default_store(whole_store(root), folder)  # one rank's part of a distributed store: .pdt/rank-R-of-K
 
 
 @contextlib.contextmanager
@@ -247,7 +249,7 @@ def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *
             problem = no_checkpoints_here(folder, settings.files)
         if problem:
             raise UsageError(problem, folder)
-    made_root = not root.exists()
+    made = [path for path in (root, *root.parents) if not path.exists()]  # the side folder too, where new
     aside = None
     lock = _acquired(root, settings.lock_timeout, reads_only=reads_only)
     unlocked = lock if isinstance(lock, str) else None
@@ -292,7 +294,10 @@ def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *
             Store.put_back(root, aside)
         if unlocked is None:
             lock.release()
-        if made_root and not Store.exists(root):
+        if made and not Store.exists(root):
             remove_path(root)
             if world.active and root.parent.is_dir() and not any(root.parent.iterdir()):
                 root.parent.rmdir()
+            for above in made[1:]:  # folders made for it, now empty
+                if above.is_dir() and not any(above.iterdir()):
+                    above.rmdir()

@@ -20,6 +20,7 @@ from pathlib import Path
 from .atomic import TMP_TAG
 from .discover import list_checkpoints, located
 from .errors import OutputError, UsageError
+from .placement import store_root
 from .store import LOCK_NAME, PART_PREFIX, Store, lineage, parts_of
 
 NEVER = ("pdt never writes over its inputs or its store, --force or not (--in-place, with its backup, "
@@ -130,7 +131,7 @@ def check_store_place(store: Path, folder: Path) -> None:
     problem = Guard(tuple(_inputs(folder, None, set()))).conflict(store)
     if problem:
         raise UsageError(f"--store {problem}: the store's files would be written among the checkpoints; "
-                         f"keep it apart from them (the default is {Path(folder) / '.pdt'})", store)
+                         f"keep it apart from them (the default is {store_root(folder)})", store)
     other = _foreign_entry(Path(store))
     if other:
         raise UsageError(f"--store names a folder that holds {other} and no pdt store; pdt writes and removes "

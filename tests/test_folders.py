@@ -90,7 +90,7 @@ def test_trainer_checkpoint_folders_round_trip_and_resume(tmp_path):
     before = {p.name: digest_tree(p) for p in run.iterdir() if p.is_dir() and not p.name.startswith(".")}
 
     payload = predict(run)
-    fused = run / f"checkpoint-{steps[-1]}.pdt"
+    fused = tmp_path / "run.pdt" / f"checkpoint-{steps[-1]}.pdt"  # beside the run: the Trainer rotates checkpoint-*
     assert payload["output"] == str(fused)
     assert {p.name: digest_tree(p) for p in run.iterdir() if p.name in before} == before  # inputs untouched
     # every file but the weights is the newest checkpoint's, byte for byte

@@ -154,7 +154,7 @@ def test_a_shard_index_naming_a_file_outside_the_checkpoint_is_refused(tmp_path,
     line = one_error_line(output)
     assert "checkpoint-5" in line and "model.safetensors.index.json" in line and "x.safetensors" in line
     assert snapshot_of(outside) == before and digest_tree(run) == inputs
-    assert not (run / "checkpoint-5.pdt").exists() and no_temporaries(run, outside)
+    assert not (tmp_path / "run.pdt" / "checkpoint-5.pdt").exists() and no_temporaries(run, outside)
 
 
 def test_a_checkpoint_folder_linking_outside_is_refused(tmp_path):
@@ -172,7 +172,7 @@ def test_a_checkpoint_folder_linking_outside_is_refused(tmp_path):
     line = one_error_line(output)
     assert "checkpoint-5" in line and "optimizer.pt" in line and "symbolic link" in line
     assert snapshot_of(outside) == before
-    assert not (run / "checkpoint-5.pdt").exists() and no_temporaries(run)
+    assert not (tmp_path / "run.pdt" / "checkpoint-5.pdt").exists() and no_temporaries(run)
 
 
 # ---- PyTorch DCP: metadata naming files outside the checkpoint --------------------------------

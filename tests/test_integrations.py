@@ -33,13 +33,14 @@ def gpt(seed: int = 0):
     return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2))
 
 
-def trainer_for(model, output: Path, max_steps: int, callbacks=()):
+def trainer_for(model, output: Path, max_steps: int, callbacks=(), **arguments):
+    """A Trainer saving every 10 steps into `output`; `arguments`: more `TrainingArguments`."""
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(output), max_steps=max_steps, save_strategy="steps", save_steps=10,
                              per_device_train_batch_size=8, learning_rate=3e-3, weight_decay=0.01,
                              lr_scheduler_type="cosine", warmup_steps=5, report_to="none", use_cpu=True,
-                             logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+                             logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, **arguments)
     return Trainer(model=model, args=args, train_dataset=text_dataset(), callbacks=list(callbacks))
 
 
@@ -92,17 +93,17 @@ def test_trainer_callback_matches_the_command_line_bit_for_bit(tmp_path):
 
 def test_trainer_resumes_from_a_fused_checkpoint_the_documented_ways(tmp_path):
     """`resume_from_checkpoint=True` looks only for `checkpoint-<digits>`: it takes the plain
-    checkpoint, never `checkpoint-N.pdt`. The fused one is resumed from by its path, or written
-    `--in-place`."""
+    checkpoint, never the fused one (in `run.pdt/`). The fused one is resumed from by its path, or
+    written `--in-place`."""
     from transformers.trainer_utils import get_last_checkpoint
 
     run = tmp_path / "run"
     trainer_for(gpt(), run, 30).train()
     code, output = pdt("predict", run, "--json", "--history", "3", "--files", "checkpoint-*")
     assert code == 0, output
-    fused_path = run / "checkpoint-30.pdt"
+    fused_path = tmp_path / "run.pdt" / "checkpoint-30.pdt"
     assert json.loads(output)["output"] == str(fused_path)
-    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-30")  # the .pdt folder is ignored
+    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-30")  # the fused folder is not taken
 
     fused = load_file(fused_path / "model.safetensors")
     assert same(fused, started_from(run, 30, str(fused_path)))

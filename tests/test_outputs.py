@@ -277,4 +277,5 @@ def test_a_store_apart_from_the_checkpoints_works(_trainer_run, tmp_path):
     for store in (tmp_path / "stores" / "run", run / "pdt-store", tmp_path / "empty"):
         code, output = pdt("predict", run, "--store", store)
         assert code == 0, output
-        assert (store / "store.h5").is_file() and (run / "checkpoint-30.pdt" / "model.safetensors").is_file()
+        assert (store / "store.h5").is_file()
+        assert (tmp_path / "run.pdt" / "checkpoint-30.pdt" / "model.safetensors").is_file()

@@ -3,8 +3,8 @@
 `PDTStep` is the plain-PyTorch helper; `pdtcli.integrations.hf.PDTCallback` (Hugging Face
 Trainer) and `pdtcli.integrations.lightning.PDTCallback` (Lightning) call it from the
 frameworks' own hooks. The newest checkpoint's values are taken from the model in memory
-(its file is opened only for its header), the store is the folder's own `.pdt` (so
-`pdt report` and later `pdt` runs see the same store), and the fused values are copied
+(its file is opened only for its header), the store is the folder's default one
+(`placement.store_root`, so `pdt report` and later `pdt` runs see the same store), and the fused values are copied
 into the model's parameters in place, so the optimizer keeps its state exactly as when
 training resumes from a fused file.
 
