@@ -157,6 +157,8 @@ def _show(result: api.StepResult, json_out: bool) -> None:
         render_summary(payload, result.tensors, out)
     else:
         typer.echo(result.message)
+        for warning in result.warnings:
+            typer.echo(f"warning: {warning}")
 
 
 INTERRUPTED = "interrupted; the store and earlier outputs are unchanged"

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
@@ -59,6 +59,7 @@ class Session:
     settings: Settings
     order: str = "name"
     unlocked: str | None = None  # why a command that only reads holds no lock, when it does not
+    notes: list[str] = field(default_factory=list)  # lines the result shows: a store adopted, a window restarted
 
     def require_store(self) -> Store:
         if self.store is None:
