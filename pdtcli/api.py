@@ -242,7 +242,7 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
         return dict(merge_states(states, root, order), unlocked=unlocked)
     with session(target, store, settings, joins=False, reads_only=True) as s:
         _check_writes(s, writes)
-        return dict(s.require_store().describe(), unlocked=s.unlocked)
+        return dict(s.require_store().describe(), unlocked=s.unlocked, notes=s.notes)
 
 
 def _check_writes(s: Session, path: Path | None) -> None:

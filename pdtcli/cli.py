@@ -325,6 +325,8 @@ def report(target: Target, store: Store = None, top: Annotated[
         data = build_report(api.load_state(target, store=store, lock_timeout=wait, writes=plot))
         if data["unlocked"]:
             typer.echo(f"pdt: note: {data['store']}: {data['unlocked']}", err=True)
+        for note in data["notes"]:
+            typer.echo(f"pdt: note: {data['store']}: {note}", err=True)
         if plot is not None:
             from .plot import plot_report  # matplotlib only when a picture is asked for
 
