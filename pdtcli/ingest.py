@@ -350,8 +350,13 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
     restarts = s.store is not None and restart.distinct(run) >= history
     if restarts:  # h checkpoints of the new layout: the window restarts on the newest h of them
         taken = restart.newest(run, history)
-        passed_over += [(a.cand, PASSED_OVER.format(history=history)) for a in same + run
-                        if a not in taken and a.seen is None]
+        for arrival in same + run:
+            if arrival in taken:
+                continue
+            if arrival.seen is not None:  # remembered by an earlier run: no longer waited for
+                arrival.seen.status = "passed-over"
+            else:
+                passed_over.append((arrival.cand, PASSED_OVER.format(history=history)))
         chosen, waits = {a.cand: a.digest for a in taken}, []
     else:
         chosen, waits = {a.cand: a.digest for a in same}, [a for a in run if a.seen is None]
@@ -362,7 +367,7 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
         log.info("to ingest: %s (%s step %s)", cand.path.name, s.order,
                  cand.recorded_step if s.order == "step" else cand.name_step)
     if restarts:
-        s.notes.append(restart.restart_line(taken))
+        s.notes.append(restart.restart_line(run[0], taken))
         with restart.restarted(s, taken[0].cand.path):
             ingested = _take_in(s, chosen, history, skipped, True, from_memory, live)
             _note_passed(s, None, True, skipped, passed, passed_over, dropped)

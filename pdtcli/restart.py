@@ -176,10 +176,11 @@ def waiting(store: Store) -> tuple[str, int] | None:
             f"{store.history_len} checkpoints of the new layout exist: {needed} more"), needed
 
 
-def restart_line(run: list[Arrival]) -> str:
-    first, last = run[0], run[-1]
-    return (f"the model changed at {first.cand.path.name} ({first.change}): the window restarts on the "
-            f"{distinct(run)} checkpoints of the new layout, {first.cand.path.name} to {last.cand.path.name}")
+def restart_line(changed: Arrival, taken: list[Arrival]) -> str:
+    """What a restart says: where the model changed, and the checkpoints the window restarts on."""
+    return (f"the model changed at {changed.cand.path.name} ({changed.change}): the window restarts on the "
+            f"{distinct(taken)} checkpoints of the new layout, {taken[0].cand.path.name} to "
+            f"{taken[-1].cand.path.name}")
 
 
 @contextlib.contextmanager

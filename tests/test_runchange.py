@@ -158,6 +158,23 @@ def test_a_tensor_added_or_removed_or_a_new_precision_restarts_the_window_too(tm
     assert {v.dtype for v in state.values()} == {torch.float32}
 
 
+def test_more_than_h_new_checkpoints_at_once_restart_on_the_newest_h(tmp_path):
+    """pdt did not run while training saved 4 checkpoints of the resized model (h = 3)."""
+    run = Run(tmp_path / "run", Net())
+    for _ in range(3):
+        run.save_next()
+    assert predict(run.folder, "--history", 3)["status"] == "written"
+    resize_embeddings(run.net, 72)
+    run.renew_optimizer()
+    saved = [run.save_next() for _ in range(4)]
+    payload = predict(run.folder)
+    assert payload["status"] == "written" and payload["output"].endswith("epoch_0007.pdt.pt")
+    assert payload["warnings"] == ["the model changed at epoch_0005.pt (emb.weight 64×16 → 72×16): the window "
+                                   "restarts on the 3 checkpoints of the new layout, epoch_0005.pt to epoch_0007.pt"]
+    assert [s["path"] for s in payload["skipped"]] == [str(saved[0])]
+    assert predict(run.folder)["status"] == "up-to-date"
+
+
 def test_two_models_saving_into_one_folder_are_refused(tmp_path):
     """A checkpoint of the window's layout saved after one of a new layout: no model change."""
     run = Run(tmp_path / "run", Net())
