@@ -341,25 +341,8 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
         names = ", ".join(c.path.name for c, _ in dropped[:3])
         raise UsageError(f"no checkpoints here: {names} {'hold' if len(dropped) > 1 else 'holds'} no state dict"
                          if dropped else "no new checkpoints here", s.folder)
-    same, run, superseded = restart.split((restart.remembered(s.store, fresh) if s.store else []) + arrivals)
-    for arrival in superseded:  # a new layout that another replaced before the window restarted on it
-        if arrival.seen is not None:
-            arrival.seen.status = "skipped"
-        else:
-            passed_over.append((arrival.cand, SUPERSEDED))
-    restarts = s.store is not None and restart.distinct(run) >= history
-    if restarts:  # h checkpoints of the new layout: the window restarts on the newest h of them
-        taken = restart.newest(run, history)
-        for arrival in same + run:
-            if arrival in taken:
-                continue
-            if arrival.seen is not None:  # remembered by an earlier run: no longer waited for
-                arrival.seen.status = "passed-over"
-            else:
-                passed_over.append((arrival.cand, PASSED_OVER.format(history=history)))
-        chosen, waits = {a.cand: a.digest for a in taken}, []
-    else:
-        chosen, waits = {a.cand: a.digest for a in same}, [a for a in run if a.seen is None]
+    chosen, waits, run = _sorted_out(s, fresh, arrivals, history, passed_over)
+    restarts = waits is None
     skipped = [{"path": str(cand.path), "reason": reason} for cand, reason in passed + passed_over + dropped]
     for cand, reason in passed + passed_over + dropped:
         log.info("skipped %s: %s", cand.path.name, reason)
@@ -367,8 +350,8 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
         log.info("to ingest: %s (%s step %s)", cand.path.name, s.order,
                  cand.recorded_step if s.order == "step" else cand.name_step)
     if restarts:
-        s.notes.append(restart.restart_line(run[0], taken))
-        with restart.restarted(s, taken[0].cand.path):
+        s.notes.append(restart.restart_line(run[0], [a for a in run if a.cand in chosen]))
+        with restart.restarted(s, next(iter(chosen)).path):
             ingested = _take_in(s, chosen, history, skipped, True, from_memory, live)
             _note_passed(s, None, True, skipped, passed, passed_over, dropped)
         return ingested, skipped
@@ -385,6 +368,27 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
             s.store = None
         raise
     return ingested, skipped
+
+
+def _sorted_out(s: Session, fresh: list[Candidate], arrivals: list[restart.Arrival], history: int,
+                passed_over: list[tuple[Candidate, str]]
+                ) -> tuple[dict[Candidate, Digest], list[restart.Arrival] | None, list[restart.Arrival]]:
+    """(the checkpoints to ingest; those of a new layout to remember, or None when the window restarts
+    on the chosen ones instead; the run of the new layout) from the new ones and those remembered.
+    Those passed over on the way are added to `passed_over`, or, when remembered, marked so."""
+    same, run, superseded = restart.split((restart.remembered(s.store, fresh) if s.store else []) + arrivals)
+    taken = restart.newest(run, history) if s.store is not None and restart.distinct(run) >= history else None
+    left = [(a, SUPERSEDED, "skipped") for a in superseded]  # a new layout that another replaced before h of it
+    if taken is not None:  # h checkpoints of the new layout: the window restarts on the newest h of them
+        left += [(a, PASSED_OVER.format(history=history), "passed-over") for a in same + run if a not in taken]
+    for arrival, reason, status in left:
+        if arrival.seen is not None:  # remembered by an earlier run: no longer waited for
+            arrival.seen.status = status
+        else:
+            passed_over.append((arrival.cand, reason))
+    if taken is not None:
+        return {a.cand: a.digest for a in taken}, None, run
+    return {a.cand: a.digest for a in same}, [a for a in run if a.seen is None], run
 
 
 def _remember(store: Store, waits: list[restart.Arrival]) -> None:
