@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import restart
 from .backups import backup_path, copy_back, in_backups, note_in_place, prune_backups, recorded_backup
 from .discover import is_pdt_output, located
 from .dmd import combine_r, solve
@@ -72,8 +73,12 @@ def snapshot(target: Path, *, store: Path | None = None, rebuild: bool = False,
         have = len(lineage.base_window(st))
         message = (f"ingested {len(ingested)} checkpoint(s); window holds {have} of {st.history_len}"
                    if ingested else f"nothing new; window holds {have} of {st.history_len}")
+        changed = restart.waiting(st)
+        if changed:
+            return StepResult("waiting", changed[0], str(s.root), ingested, skipped, needed=changed[1],
+                              warnings=s.notes)
         return StepResult("ingested" if ingested else "up-to-date", message, str(s.root), ingested, skipped,
-                          needed=max(0, st.history_len - have))
+                          needed=max(0, st.history_len - have), warnings=s.notes)
 
 
 def predict(target: Path, *, store: Path | None = None, output: Path | None = None, dry_run: bool = False,
@@ -99,14 +104,18 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
             check_output(Path(output), guard_of(s.folder, s.root, s.store), force=True)
         ingested, skipped = ingest(s, live)                                    # line 17: the optimizer's states
         st = s.store
+        changed = restart.waiting(st)  # the model changed: the window waits for h checkpoints of the new one
+        if changed:
+            return StepResult("waiting", changed[0], str(s.root), ingested, skipped, needed=changed[1],
+                              warnings=s.notes)
         if len(lineage.base_window(st)) < st.history_len:
             need = st.history_len - len(lineage.base_window(st))
             return StepResult("waiting", f"need {need} more checkpoint(s) before DMD can fit (window holds "
                               f"{st.history_len - need} of {st.history_len})", str(s.root), ingested, skipped,
-                              needed=need)
+                              needed=need, warnings=s.notes)
         not_due = schedule.not_due(st) if not dry_run and (output is None or in_place) else None
         if not_due:                                                            # line 3
-            return StepResult("not-due", not_due, str(s.root), ingested, skipped)
+            return StepResult("not-due", not_due, str(s.root), ingested, skipped, warnings=s.notes)
         ids = lineage.base_window(st)
         if live is not None and not live.saved_as(st.snapshot(ids[-1])):  # before any work for it
             raise UsageError(f"the newest checkpoint of the window is {Path(st.snapshot(ids[-1]).path).name}, not "
@@ -204,7 +213,8 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
         copy_back(backup, final)
         lineage.undo(st, entry)
         st.commit()
-        return StepResult("restored", f"restored {final} from {backup}", str(s.root), output=str(final))
+        return StepResult("restored", f"restored {final} from {backup}", str(s.root), output=str(final),
+                          warnings=s.notes)
 
 
 def load_state(target: Path, *, store: Path | None = None, lock_timeout: float = DEFAULT_WAIT,
@@ -233,7 +243,7 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
         return dict(merge_states(states, root, order), unlocked=unlocked)
     with session(target, store, settings, joins=False, reads_only=True) as s:
         _check_writes(s, writes)
-        return dict(s.require_store().describe(), unlocked=s.unlocked)
+        return dict(s.require_store().describe(), unlocked=s.unlocked, notes=s.notes)
 
 
 def _check_writes(s: Session, path: Path | None) -> None:
@@ -395,13 +405,13 @@ def _result(store: Store, status: str, message: str, s: Session, ingested: list[
             skipped: list[dict] | None = None, output: str | None = None) -> StepResult:
     """A result that carries the store's fit and mask as they now are."""
     stored = store.stored_mask()
+    warnings = s.notes + ([] if status == "up-to-date" else _mask_warnings(store.mask, status in WROTE))
     tensors = tensor_rows([t.as_dict() for t in store.tensors], stored["counts"]) if stored else None
     if current().active:  # each rank has its share's tensors (or pieces of them): the model's are all of them
         tensors = whole_rows(current().gather(tensors, "the result"), _tensor_order(store))
     return StepResult(status, message, str(s.root), ingested or [], skipped or [], output=output,
                       fit=store.fit.as_dict() if store.fit else None, mask=store.mask.as_dict() if store.mask else None,
-                      warnings=[] if status == "up-to-date" else _mask_warnings(store.mask, status in WROTE),
-                      tensors=tensors)
+                      warnings=warnings, tensors=tensors)
 
 
 __all__ = ["Live", "Settings", "StepResult", "apply", "load_state", "predict", "remask", "restore", "snapshot"]

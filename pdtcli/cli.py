@@ -219,6 +219,8 @@ def _show(result: api.StepResult, json_out: bool) -> None:
             render_summary(payload, result.tensors, out)
         else:
             typer.echo(result.message)
+            for warning in result.warnings:
+                typer.echo(f"warning: {warning}")
 
 
 def _grouped(skipped: list[dict]) -> list[tuple[str, list[str]]]:
@@ -405,6 +407,8 @@ def report(target: Target, store: Store = None, top: Annotated[
         data = build_report(api.load_state(target, store=store, lock_timeout=wait, writes=plot))
         if data["unlocked"]:
             typer.echo(f"pdt: note: {data['store']}: {data['unlocked']}", err=True)
+        for note in data["notes"]:
+            typer.echo(f"pdt: note: {data['store']}: {note}", err=True)
         if plot is not None:
             from .plot import plot_report  # matplotlib only when a picture is asked for
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import restart
 from .discover import Candidate, list_checkpoints, located
 from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError, os_errors_as
 from .formats import CheckpointReader, TensorInfo, checkpoint_digest, open_share
@@ -123,6 +124,7 @@ def _new_candidates(s: Session, files: tuple[str, ...] | None
 
 
 PASSED_OVER = "older than the newest {history} new checkpoints"
+SUPERSEDED = "of a new layout that another replaced before h checkpoints of it were saved"
 NOT_A_CHECKPOINT = "holds no state dict, so it is not a checkpoint; `--files GLOB` names the checkpoints"
 
 
@@ -156,10 +158,10 @@ def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path, kept_
 
 
 def _checked(s: Session, fresh: list[Candidate], history: int, from_memory: Candidate | None = None,
-             hashes: Hashes | None = None) -> tuple[dict[Candidate, Digest], list[tuple[Candidate, str]]]:
+             hashes: Hashes | None = None) -> tuple[list[restart.Arrival], list[tuple[Candidate, str]]]:
     """The new checkpoints worth reading, oldest first, with their content hashes, each opened
-    and checked against the window's layout before anything is written; and the files that
-    turned out to hold no state dict.
+    and compared with the window's layout (that of the oldest, for a new store) before anything
+    is written; and the files that turned out to hold no state dict.
 
     Only the newest h can end up in the window, so older ones are passed over unread; a copy
     of another checkpoint does not count towards the h (it is skipped as a duplicate later).
@@ -191,13 +193,20 @@ def _checked(s: Session, fresh: list[Candidate], history: int, from_memory: Cand
         chosen[cand] = digest
         distinct.add(digest)
     chosen = dict(reversed(list(chosen.items())))
-    expected = [(e.name, e.shape) for e in s.store.tensors] if s.store else None
-    kept_as = s.store.dtype_name if s.store and s.store.dtype_name in LOSSLESS_16 else None
-    for cand, infos in sorted(opened.items(), key=lambda item: list(chosen).index(item[0])):
-        if expected is None:  # a new store: the oldest checkpoint sets the layout
-            expected = _layout_of(infos, s.settings.selection or Selection(), cand.path)
-        _check_layout(expected, infos, cand.path, kept_as)
-    return chosen, dropped
+    opened = dict(sorted(opened.items(), key=lambda item: list(chosen).index(item[0])))
+    if s.store is not None:
+        selection, window = restart.selection_of(s.store), restart.window_entries(s.store)
+        kept_as = s.store.dtype_name if s.store.dtype_name in LOSSLESS_16 else None
+    elif opened:  # a new store: the oldest checkpoint sets the layout
+        selection = s.settings.selection or Selection()
+        oldest = next(iter(opened))
+        _layout_of(opened[oldest], selection, oldest.path)
+        window = restart.planned_entries(opened[oldest], selection)
+        kept_as = restart.kept_dtype(window, s.settings.store_dtype)
+    changes = restart.assess(window, kept_as, opened, selection) if opened else {}
+    twins = {digest: changes.get(cand) for cand, digest in chosen.items() if cand in opened and isinstance(digest, str)}
+    return [restart.Arrival(cand, digest, *(changes.get(cand) or twins.get(digest) or (None, None)))
+            for cand, digest in chosen.items()], dropped
 
 
 def _provenance(cand: Candidate, digest: str | None, status: str, step: int | None) -> Seen:
@@ -323,26 +332,35 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
     fresh, passed, dropped = _new_candidates(s, files)
     current().same([c.path.name for c in fresh], "new checkpoints")
     from_memory = live.which(fresh) if live is not None else None
-    chosen, more_dropped = _checked(s, fresh, history, from_memory, hashes)
+    arrivals, more_dropped = _checked(s, fresh, history, from_memory, hashes)
     dropped += more_dropped
     # new checkpoints too many to fit the window: passed over unread, yet each was an epoch of training
     passed_over = [(cand, PASSED_OVER.format(history=history)) for cand in fresh
-                   if cand not in chosen and cand not in {c for c, _ in more_dropped}]
-    if s.store is None and not chosen:
+                   if cand not in {a.cand for a in arrivals} and cand not in {c for c, _ in more_dropped}]
+    if s.store is None and not arrivals:
         names = ", ".join(c.path.name for c, _ in dropped[:3])
         raise UsageError(f"no checkpoints here: {names} {'hold' if len(dropped) > 1 else 'holds'} no state dict"
                          if dropped else "no new checkpoints here", s.folder)
+    chosen, waits, run = _sorted_out(s, fresh, arrivals, history, passed_over)
+    restarts = waits is None
     skipped = [{"path": str(cand.path), "reason": reason} for cand, reason in passed + passed_over + dropped]
     for cand, reason in passed + passed_over + dropped:
         log.info("skipped %s: %s", cand.path.name, reason)
     for cand in chosen:
         log.info("to ingest: %s (step %s, ordered by %s)", cand.path.name,
                  cand.recorded_step if s.order == "step" else cand.name_step, s.order)
+    if restarts:
+        s.notes.append(restart.restart_line(run[0], [a for a in run if a.cand in chosen]))
+        with restart.restarted(s, next(iter(chosen)).path):
+            ingested = _take_in(s, chosen, history, skipped, True, from_memory, live)
+            _note_passed(s, None, True, skipped, passed, passed_over, dropped)
+        return ingested, skipped
     created = s.store is None
     if not created and len(chosen) > 1:
         _check_values(s.store, list(chosen), from_memory, live)
     try:
         ingested = _take_in(s, chosen, history, skipped, created, from_memory, live)
+        _remember(s.store, waits)
         _note_passed(s, scheduled, created, skipped, passed, passed_over, dropped)
     except BaseException:
         if created and s.store is not None:  # a first run that fails (here, or another rank) leaves no store behind
@@ -350,6 +368,38 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
             s.store = None
         raise
     return ingested, skipped
+
+
+def _sorted_out(s: Session, fresh: list[Candidate], arrivals: list[restart.Arrival], history: int,
+                passed_over: list[tuple[Candidate, str]]
+                ) -> tuple[dict[Candidate, Digest], list[restart.Arrival] | None, list[restart.Arrival]]:
+    """(the checkpoints to ingest; those of a new layout to remember, or None when the window restarts
+    on the chosen ones instead; the run of the new layout) from the new ones and those remembered.
+    Those passed over on the way are added to `passed_over`, or, when remembered, marked so."""
+    same, run, superseded = restart.split((restart.remembered(s.store, fresh) if s.store else []) + arrivals)
+    taken = restart.newest(run, history) if s.store is not None and restart.distinct(run) >= history else None
+    left = [(a, SUPERSEDED, "skipped") for a in superseded]  # a new layout that another replaced before h of it
+    if taken is not None:  # h checkpoints of the new layout: the window restarts on the newest h of them
+        left += [(a, PASSED_OVER.format(history=history), "passed-over") for a in same + run if a not in taken]
+    for arrival, reason, status in left:
+        if arrival.seen is not None:  # remembered by an earlier run: no longer waited for
+            arrival.seen.status = status
+        else:
+            passed_over.append((arrival.cand, reason))
+    if taken is not None:
+        return {a.cand: a.digest for a in taken}, None, run
+    return {a.cand: a.digest for a in same}, [a for a in run if a.seen is None], run
+
+
+def _remember(store: Store, waits: list[restart.Arrival]) -> None:
+    """Note checkpoints of a new layout, so that the window restarts on them once there are h (committed)."""
+    for arrival in waits:
+        digest = arrival.digest.result() if isinstance(arrival.digest, Future) else arrival.digest
+        record = _provenance(arrival.cand, digest, restart.NEW_LAYOUT, arrival.cand.recorded_step)
+        record.layout, record.change = arrival.layout, arrival.change
+        store.note_seen(record)
+    if waits:
+        store.commit()
 
 
 def _take_in(s: Session, chosen: dict[Candidate, Digest], history: int, skipped: list[dict], created: bool,

@@ -52,6 +52,7 @@ def build_report(data: dict[str, Any]) -> dict:
         "history": data["history"],
         "note": OVERLAP_NOTE,
         "unlocked": data.get("unlocked"),  # why the store was read without its lock, if it was
+        "notes": data.get("notes", []),  # a store adopted from the folder it was copied from
     }
     if data["counts"] is not None and data["mask"]:
         counts = np.asarray(data["counts"])

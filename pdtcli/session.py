@@ -16,11 +16,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
 
+from .adopt import adopt
 from .atomic import remove_path, sweep_temporaries
 from .backups import finish_in_place
 from .discover import no_checkpoints_here
@@ -59,6 +60,7 @@ class Session:
     settings: Settings
     order: str = "name"
     unlocked: str | None = None  # why a command that only reads holds no lock, when it does not
+    notes: list[str] = field(default_factory=list)  # lines the result shows: a store adopted, a window restarted
 
     def require_store(self) -> Store:
         if self.store is None:
@@ -269,8 +271,13 @@ def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *
             if world.active:
                 roll_forward(root, world)
             opened = Store.open(root) if Store.exists(root) else None
+            notes = []
             if opened is not None and folder is not None and opened.folder.resolve() != folder.resolve():
-                raise StoreError(f"this store belongs to another folder ({opened.folder})", root)
+                if not _default_store_of(root, folder):  # a store given with --store serves its own folder only
+                    raise StoreError(f"this store belongs to another folder ({opened.folder}); run pdt on that "
+                                     "folder, or give this one a store of its own (--store DIR)", root)
+                # the folder's own .pdt, come along with a copied or renamed run folder
+                notes.append(adopt(opened, folder, world, commit=unlocked is None and not reads_only))
             if opened is not None and folder is None and not _default_store_of(root, opened.folder):
                 raise StoreError(f"is not the .pdt folder of the checkpoint folder it names ({opened.folder}); "
                                  f"run pdt on that folder with --store {root}", root)
@@ -281,7 +288,7 @@ def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *
         # every rank must go on from the same records (a part killed while the others committed does not)
         world.same(opened.fingerprint() if opened else None, "store records")
         state = Session(root, folder if folder is not None else (opened.folder if opened else None), opened, settings,
-                        unlocked=unlocked)
+                        unlocked=unlocked, notes=notes)
         try:
             yield state
         finally:

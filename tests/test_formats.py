@@ -262,10 +262,9 @@ def test_a_16_bit_store_refuses_to_round_what_it_cannot_hold(tmp_path):
     state["model"] = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}
     state["epoch"] = 6
     torch.save(state, tmp_path / "bf16" / "epoch_6.pt")  # training switched to float32
-    store = (tmp_path / "bf16" / ".pdt" / "store.h5").read_bytes()
-    result = Runner().invoke(app, ["predict", str(tmp_path / "bf16")])
-    assert result.exit_code == 3 and "is float32; this store keeps bfloat16" in result.output
-    assert (tmp_path / "bf16" / ".pdt" / "store.h5").read_bytes() == store
+    result = Runner().invoke(app, ["predict", str(tmp_path / "bf16")])  # rounded never: a new store, once h are
+    assert result.exit_code == 0 and "0.weight bfloat16 → float32 (this store keeps bfloat16)" in result.output
+    assert "the window restarts once 5 checkpoints of the new layout exist: 4 more" in result.output  # (test_runchange)
 
     training.train(tmp_path / "fp32", 5)
     result = Runner().invoke(app, ["predict", str(tmp_path / "fp32"), "--store-dtype", "bfloat16"])

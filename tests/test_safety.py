@@ -92,10 +92,10 @@ def test_duplicate_checkpoint_is_skipped_with_a_reason(sgd_run):
 
 def test_a_store_of_another_folder_or_a_newer_pdt_is_refused(sgd_run, tmp_path):
     assert pdt("predict", sgd_run)[0] == 0
-    other = tmp_path / "other"
-    shutil.copytree(sgd_run, other)
-    code, output = pdt("predict", other)
-    assert code == 4 and "another folder" in output
+    other = tmp_path / "other"  # a copy of the folder adopts its own .pdt (tests/test_runchange.py); --store
+    shutil.copytree(sgd_run, other, ignore=shutil.ignore_patterns(".pdt"))  # naming another folder's is refused
+    code, output = pdt("predict", other, "--store", sgd_run / ".pdt")
+    assert code == 4 and "another folder" in output and "--store DIR" in output
 
     with h5py.File(sgd_run / ".pdt" / "store.h5", "r+") as f:
         f.attrs["format_version"] = 99

@@ -70,7 +70,8 @@ class Layout(Record):
 
 @dataclass
 class Seen(Record):
-    """A file or folder the store looked at: ingested, a duplicate, passed over, or not a checkpoint."""
+    """A file or folder the store looked at: ingested, a duplicate, passed over, not a checkpoint, or
+    of a new layout that the window waits to restart on (`pdtcli.restart`)."""
 
     path: str
     size: int
@@ -78,9 +79,11 @@ class Seen(Record):
     name_step: int | None
     recorded_step: int | None
     sha256: str | None
-    status: str  # ingested | duplicate | skipped | not-a-checkpoint
+    status: str  # ingested | duplicate | skipped | passed-over | not-a-checkpoint | new-layout
     at: str
     id: int | None = None
+    layout: str | None = None  # new-layout: the fingerprint of its layout
+    change: str | None = None  # new-layout: how it differs from the window's ("emb.weight 64×16 → 72×16")
 
 
 @dataclass
