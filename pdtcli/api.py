@@ -66,13 +66,13 @@ def snapshot(target: Path, *, store: Path | None = None, rebuild: bool = False,
     """Ingest the checkpoints in `target` that the store has not seen (`rebuild`: into a new store)."""
     settings = settings or Settings()
     with session(target, store, settings, ingests=True, rebuild=rebuild) as s:
-        ingested, skipped = ingest(s)
+        ingested, skipped, said = ingest(s)
         st = s.require_store()
         have = len(lineage.base_window(st))
         message = (f"ingested {len(ingested)} checkpoint(s); window holds {have} of {st.history_len}"
                    if ingested else f"nothing new; window holds {have} of {st.history_len}")
         return StepResult("ingested" if ingested else "up-to-date", message, str(s.root), ingested, skipped,
-                          needed=max(0, st.history_len - have))
+                          needed=max(0, st.history_len - have), warnings=said)
 
 
 def predict(target: Path, *, store: Path | None = None, output: Path | None = None, dry_run: bool = False,
@@ -84,7 +84,9 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
     own path); an `output` elsewhere is an audit copy and leaves the store's lineage alone.
     With `live` (a training loop's model, just saved as the newest checkpoint), the newest
     checkpoint's values come from memory and the fused values go back into the model, after
-    the store has committed them: training resumes from them with no file in between.
+    the store has committed them: training resumes from them with no file in between. When
+    another run (cron) wrote the fused checkpoint of that checkpoint since it was saved, the
+    model takes those fused values, as the store records that training resumes from them.
     """
     settings = settings or Settings()
     if in_place and output is not None:
@@ -96,16 +98,16 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         if output is not None:  # what no --force allows is refused before the store takes anything in; an
             # existing output pdt wrote may still be up to date, so --force is asked for only when writing it
             check_output(Path(output), guard_of(s.folder, s.root, s.store), force=True)
-        ingested, skipped = ingest(s, live)                                    # line 17: the optimizer's states
+        ingested, skipped, said = ingest(s, live)                              # line 17: the optimizer's states
         st = s.store
         if len(lineage.base_window(st)) < st.history_len:
             need = st.history_len - len(lineage.base_window(st))
             return StepResult("waiting", f"need {need} more checkpoint(s) before DMD can fit (window holds "
                               f"{st.history_len - need} of {st.history_len})", str(s.root), ingested, skipped,
-                              needed=need)
+                              needed=need, warnings=said)
         not_due = schedule.not_due(st) if not dry_run and (output is None or in_place) else None
         if not_due:                                                            # line 3
-            return StepResult("not-due", not_due, str(s.root), ingested, skipped)
+            return StepResult("not-due", not_due, str(s.root), ingested, skipped, warnings=said)
         ids = lineage.base_window(st)
         if live is not None and not live.saved_as(st.snapshot(ids[-1])):  # before any work for it
             raise UsageError(f"the newest checkpoint of the window is {Path(st.snapshot(ids[-1]).path).name}, not "
@@ -117,6 +119,10 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         done = None
         if mask is not None:
             done = lineage.written_already(st) if output is None else lineage.written_to(st, located(Path(output)))
+        if done and not ingested and live is not None and not lineage.loaded_already(st):
+            loaded = _load_written(s, ids, settings.mask, live)
+            return _result(st, "loaded", f"loaded the fused values of {loaded} tensor(s) into the model: those of "
+                           f"{Path(done).name}, which another pdt run wrote since the model was saved", s)
         if done and not ingested:
             return _result(st, "up-to-date", f"nothing new since {Path(done).name}; no checkpoint to add", s,
                            ingested, skipped, output=done)
@@ -126,14 +132,15 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
                 st.append_history("predict --dry-run", None)
             if fitted or mask is None:
                 st.commit()
-            return _result(st, "dry-run", "fit and mask computed; nothing written (--dry-run)", s, ingested, skipped)
+            return _result(st, "dry-run", "fit and mask computed; nothing written (--dry-run)", s, ingested, skipped,
+                           said=said)
         if live is not None:
             loaded = _load_live(s, ids, settings.mask, live, use_stored=mask is not None)
             return _result(st, "loaded", f"loaded the fused values of {loaded} tensor(s) into the model", s,
-                           ingested, skipped)
+                           ingested, skipped, said=said)
         out = _write(s, ids, settings.mask, output=output, force=force, in_place=in_place,   # lines 7-11, 17
                      use_stored=mask is not None, command="predict")
-        return _result(st, "written", f"wrote {out}", s, ingested, skipped, output=str(out))
+        return _result(st, "written", f"wrote {out}", s, ingested, skipped, output=str(out), said=said)
 
 
 def remask(target: Path, *, store: Path | None = None, settings: Settings | None = None) -> StepResult:
@@ -180,7 +187,10 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
     """Put back the checkpoint that the latest `--in-place` write (to `path`, if given) replaced.
 
     The store forgets that fused state too: its snapshot leaves the window and the
-    checkpoint it came from is the newest again, as if the write had not happened. Both
+    checkpoint it came from is the newest again, as if the write had not happened; the next
+    checkpoint's values then show whether training had resumed from it all the same. When a
+    checkpoint that descends from it was ingested already, only the file is put back: the
+    fused state stays in the window, and a warning says so (`lineage.undo`). Both
     paths come from the store, so both are checked: the target must be an entry of the
     checkpoint folder and not a link, the backup in the store's backups.
     """
@@ -201,9 +211,10 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
             raise OutputError("changed since pdt wrote it (training saved over it?); pass --force to restore anyway",
                               final)
         copy_back(backup, final)
-        lineage.undo(st, entry)
+        kept = lineage.undo(st, entry)
         st.commit()
-        return StepResult("restored", f"restored {final} from {backup}", str(s.root), output=str(final))
+        return StepResult("restored", f"restored {final} from {backup}", str(s.root), output=str(final),
+                          warnings=[kept] if kept else [])
 
 
 def load_state(target: Path, *, store: Path | None = None, lock_timeout: float = DEFAULT_WAIT,
@@ -379,6 +390,14 @@ def _load_live(s: Session, ids: list[int], options: MaskOptions, live: Live, use
     return live.load_fused()
 
 
+def _load_written(s: Session, ids: list[int], options: MaskOptions, live: Live) -> int:
+    """Pass 2 into memory with the stored mask, as the run that wrote the window's fused state made it,
+    so the live model takes bit for bit those values; the store, which already records them as the
+    state training resumes from, is not changed."""
+    _masked_pass(s, ids, options, write=live, use_stored=True)
+    return live.load_fused()
+
+
 def _mask_warnings(mask: Mask | None, wrote: bool) -> list[str]:
     """What a user must not miss in a result: a mask that accepted nothing."""
     if mask is None or mask.totals["accepted"]:
@@ -388,15 +407,16 @@ def _mask_warnings(mask: Mask | None, wrote: bool) -> list[str]:
 
 
 def _result(store: Store, status: str, message: str, s: Session, ingested: list[str] | None = None,
-            skipped: list[dict] | None = None, output: str | None = None) -> StepResult:
-    """A result that carries the store's fit and mask as they now are."""
+            skipped: list[dict] | None = None, output: str | None = None, said: list[str] = ()) -> StepResult:
+    """A result that carries the store's fit and mask as they now are; `said`: lines on the lineage first."""
     stored = store.stored_mask()
     tensors = tensor_rows([t.as_dict() for t in store.tensors], stored["counts"]) if stored else None
     if current().active:  # each rank has its share's tensors (or pieces of them): the model's are all of them
         tensors = whole_rows(current().gather(tensors, "the result"), _tensor_order(store))
     return StepResult(status, message, str(s.root), ingested or [], skipped or [], output=output,
                       fit=store.fit.as_dict() if store.fit else None, mask=store.mask.as_dict() if store.mask else None,
-                      warnings=[] if status == "up-to-date" else _mask_warnings(store.mask, status in WROTE),
+                      warnings=[*said, *([] if status == "up-to-date" else
+                                         _mask_warnings(store.mask, status in WROTE))],
                       tensors=tensors)
 
 

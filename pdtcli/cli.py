@@ -157,6 +157,8 @@ def _show(result: api.StepResult, json_out: bool) -> None:
         render_summary(payload, result.tensors, out)
     else:
         typer.echo(result.message)
+        for warning in result.warnings:  # what the lineage showed, whatever else the run did
+            typer.echo(f"warning: {warning}")
 
 
 INTERRUPTED = "interrupted; the store and earlier outputs are unchanged"

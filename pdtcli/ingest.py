@@ -226,16 +226,19 @@ def _duplicate(store: Store | None, cand: Candidate, digest: str | None) -> dict
 
 
 def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progress: Progress,
-                created: bool, live: Live | None) -> dict:
-    """One checkpoint into a free slot, its values read from the file or, `live`, from memory.
+                created: bool, live: Live | None) -> tuple[dict, str | None]:
+    """One checkpoint into a free slot, its values read from the file or, `live`, from memory; (a note
+    when it was a copy, else {}; the line saying what its values showed of the lineage, if anything).
 
     A hash still being computed (a `Future`) is waited for once the values are written: a copy
-    found then leaves its slot uncommitted, free for the next checkpoint.
+    found then leaves its slot uncommitted, free for the next checkpoint. When the window ends
+    with a fused state (or a checkpoint whose fused state is still held), the values are compared
+    with both on the way (`lineage.Evidence`), and the window follows the one training resumed from.
     """
     settings = s.settings
     path = cand.path
     if isinstance(digest, str) and (note := _duplicate(s.store, cand, digest)):
-        return note
+        return note, None
     held = HeldStill(path, cand.size, cand.mtime)
     with open_share(path, current()) as reader:
         if s.store is None:
@@ -246,7 +249,9 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
         store = s.store
         _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path,
                       store.dtype_name if store.dtype_name in LOSSLESS_16 else None)
-        slot, evicted = store.ingest_slot()
+        window, pair = list(store.window), lineage.choice(store)
+        slot, evicted = store.ingest_slot({snapshot.id for snapshot in pair or ()})
+        evidence = lineage.Evidence.of(store, pair)
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:
                 position = 0
@@ -259,6 +264,8 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
                                               " (made with --store-dtype); `pdt snapshot --rebuild --store-dtype "
                                               "float64`", path)
                     store.write_values(slot, entry.offset + position, values)
+                    if evidence is not None:
+                        evidence.add(store, entry.offset + position, values)
                     position += stored.numel()
                     advance(stored.numel())
         step = reader.recorded_step()
@@ -268,12 +275,13 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
     held.check()  # the values (and the hash) are of one version of the file, the one listed
     if hashed_meanwhile and (note := _duplicate(store, cand, digest)):
         if evicted is not None and evicted.sha256 == digest:  # its values, just written again
-            lineage.reinstate(store, evicted)
-        return note
-    store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
+            lineage.reinstate(store, evicted, window)
+        return note, None
+    snapshot_id = store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
+    said = evidence.settle(store, snapshot_id) if evidence is not None else None
     if not created:  # a store made by this run is committed once, when all its checkpoints are in
         store.commit()
-    return {}
+    return {}, said
 
 
 def _check_values(store: Store, candidates: list[Candidate], from_memory: Candidate | None, live: Live | None
@@ -300,8 +308,9 @@ def _finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values).all())
 
 
-def ingest(s: Session, live: Live | None = None) -> tuple[list[str], list[dict]]:
-    """Take the folder's new checkpoints into the store; (paths ingested, passed over with why).
+def ingest(s: Session, live: Live | None = None) -> tuple[list[str], list[dict], list[str]]:
+    """Take the folder's new checkpoints into the store; (paths ingested, passed over with why, lines on
+    the lineage the values showed: `lineage.Evidence.settle`).
 
     `live`: the newest new checkpoint's values are also in memory and are taken from there.
     """
@@ -315,7 +324,7 @@ def ingest(s: Session, live: Live | None = None) -> tuple[list[str], list[dict]]
         return _ingest_all(s, live, hashes)
 
 
-def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str], list[dict]]:
+def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str], list[dict], list[str]]:
     scheduled = (s.store.start, s.store.every) if s.store else None
     schedule(s)
     history = history_len(s)
@@ -342,28 +351,30 @@ def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str
     if not created and len(chosen) > 1:
         _check_values(s.store, list(chosen), from_memory, live)
     try:
-        ingested = _take_in(s, chosen, history, skipped, created, from_memory, live)
+        ingested, said = _take_in(s, chosen, history, skipped, created, from_memory, live)
         _note_passed(s, scheduled, created, skipped, passed, passed_over, dropped)
     except BaseException:
         if created and s.store is not None:  # a first run that fails (here, or another rank) leaves no store behind
             s.store.forget()
             s.store = None
         raise
-    return ingested, skipped
+    return ingested, skipped, said
 
 
 def _take_in(s: Session, chosen: dict[Candidate, Digest], history: int, skipped: list[dict], created: bool,
-             from_memory: Candidate | None, live: Live | None) -> list[str]:
-    """The chosen checkpoints into the store, oldest first; copies found on the way go to `skipped`."""
-    ingested = []
+             from_memory: Candidate | None, live: Live | None) -> tuple[list[str], list[str]]:
+    """The chosen checkpoints into the store, oldest first; copies found on the way go to `skipped`.
+    (paths ingested, lines on the lineage)."""
+    ingested, said = [], []
     for cand, digest in chosen.items():
-        note = _ingest_one(s, cand, digest, history, s.settings.progress, created,
-                           live if cand is from_memory else None)
+        note, line = _ingest_one(s, cand, digest, history, s.settings.progress, created,
+                                 live if cand is from_memory else None)
         if note:
             skipped.append(note)
         else:
             ingested.append(str(cand.path))
-    return ingested
+        said += [line] if line else []
+    return ingested, said
 
 
 def _note_passed(s: Session, scheduled: tuple | None, created: bool, skipped: list[dict], passed: list,
