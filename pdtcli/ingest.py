@@ -30,7 +30,7 @@ from .progress import Progress
 from .selection import Selection, plan_layout
 from .session import Session
 from .store import LOSSLESS_16, Store, lineage, now
-from .store.records import Seen
+from .store.records import Seen, Snapshot
 from .world import current
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,9 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
     when it was a copy, else {}; the line saying what its values showed of the lineage, if anything).
 
     A hash still being computed (a `Future`) is waited for once the values are written: a copy
-    found then leaves its slot uncommitted, free for the next checkpoint. When the window ends
+    found then leaves its slot uncommitted, free for the next checkpoint (it is waited for first
+    when the slot would be the window's oldest and the checkpoint starts as a copy of the newest
+    would: that slot could not be put back). When the window ends
     with a fused state (or a checkpoint whose fused state is still held), the values are compared
     with both on the way (`lineage.Evidence`), and the window follows the one training resumed from.
     """
@@ -250,7 +252,14 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
         _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path,
                       store.dtype_name if store.dtype_name in LOSSLESS_16 else None)
         window, pair = list(store.window), lineage.choice(store)
-        slot, evicted = store.ingest_slot({snapshot.id for snapshot in pair or ()})
+        keep = {snapshot.id for snapshot in pair or ()}
+        if pair and isinstance(digest, Future) and store.free_slot(set(window) | keep) is None \
+                and _starts_as(store, reader, pair[1], path, live):
+            # the window's oldest would give its slot up for what looks like a copy of P: settle it first
+            digest = digest.result()
+            if note := _duplicate(store, cand, digest):
+                return note, None
+        slot, evicted = store.ingest_slot(keep)
         evidence = lineage.Evidence.of(store, pair)
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:
@@ -282,6 +291,13 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
     if not created:  # a store made by this run is committed once, when all its checkpoints are in
         store.commit()
     return {}, said
+
+
+def _starts_as(store: Store, reader: CheckpointReader, snapshot: Snapshot, path: Path, live: Live | None) -> bool:
+    """Whether a checkpoint's first values (its first tensor's, up to a block) are those of `snapshot`: a
+    copy of it starts so; a checkpoint saved after more training does not (nearly every value moved)."""
+    first = next(iter(_values(reader, store.tensors[0].name, path, live)), None)
+    return first is not None and lineage.same_start(store, snapshot, first.to(store.torch_dtype))
 
 
 def _check_values(store: Store, candidates: list[Candidate], from_memory: Candidate | None, live: Live | None

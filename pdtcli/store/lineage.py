@@ -198,6 +198,13 @@ def choice(store: Store) -> tuple[Snapshot, Snapshot] | None:
     return (max(children, key=lambda s: s.id), last) if children else None
 
 
+def same_start(store: Store, snapshot: Snapshot, values: torch.Tensor) -> bool:
+    """Whether `values` (in the store's dtype) are the first values of `snapshot`, up to `EVIDENCE_BLOCK`."""
+    width = min(values.numel(), EVIDENCE_BLOCK)
+    held = store.values(store.matrix.read([store.slot_of(snapshot.id)], 0, width))[0]
+    return torch.equal(held, values.reshape(-1)[:width])
+
+
 @dataclass
 class Evidence:
     """Which of a fused state F and its parent P a new checkpoint N descends from, measured while
