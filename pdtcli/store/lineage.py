@@ -246,12 +246,15 @@ class Evidence:
         for a in range(0, flat.numel(), EVIDENCE_BLOCK):
             b = min(flat.numel(), a + EVIDENCE_BLOCK)
             rows = store.values(store.matrix.read(slots, offset + a, offset + b)).to(torch.float64)
-            differ = rows[1] != rows[0]
-            plain = rows[0][differ]
-            apart = rows[1][differ] - plain
-            step = plain - rows[2][differ] if self.before is not None else torch.zeros_like(plain)
-            moved = flat[a:b].to(torch.float64)[differ] - plain
-            self.sums += [float(apart @ apart), float(moved @ apart), float(step @ apart), float(step @ step)]
+            plain = rows[0]
+            apart = rows[1] - plain  # 0 where F and P are equal: those elements add nothing to the first three sums
+            moved = flat[a:b].to(torch.float64) - plain
+            if self.before is None:
+                self.sums += [float(apart @ apart), float(moved @ apart), 0.0, 0.0]
+                continue
+            step = plain - rows[2]
+            self.sums += [float(apart @ apart), float(moved @ apart), float(step @ apart),
+                          float(step @ (step * (apart != 0)))]
 
     def settle(self, store: Store, new_id: int) -> str | None:
         """Decide for checkpoint `new_id`, just added to the window right after F or P: record what it
