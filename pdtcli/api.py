@@ -90,7 +90,9 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
     own path); an `output` elsewhere is an audit copy and leaves the store's lineage alone.
     With `live` (a training loop's model, just saved as the newest checkpoint), the newest
     checkpoint's values come from memory and the fused values go back into the model, after
-    the store has committed them: training resumes from them with no file in between.
+    the store has committed them: training resumes from them with no file in between. When
+    another run (cron) wrote the fused checkpoint of that checkpoint since it was saved, the
+    model takes those fused values, as the store records that training resumes from them.
     """
     settings = settings or Settings()
     if in_place and output is not None:
@@ -102,7 +104,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         if output is not None:  # what no --force allows is refused before the store takes anything in; an
             # existing output pdt wrote may still be up to date, so --force is asked for only when writing it
             check_output(Path(output), guard_of(s.folder, s.root, s.store), force=True)
-        ingested, skipped = ingest(s, live)                                    # line 17: the optimizer's states
+        ingested, skipped = ingest(s, live)                              # line 17: the optimizer's states
         st = s.store
         changed = restart.waiting(st)  # the model changed: the window waits for h checkpoints of the new one
         if changed:
@@ -127,6 +129,10 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         done = None
         if mask is not None:
             done = lineage.written_already(st) if output is None else lineage.written_to(st, located(Path(output)))
+        if done and not ingested and live is not None and not lineage.loaded_already(st):
+            loaded = _load_written(s, ids, settings.mask, live)
+            return _result(st, "loaded", f"loaded the fused values of {loaded} tensor(s) into the model: those of "
+                           f"{Path(done).name}, which another pdt run wrote since the model was saved", s)
         if done and not ingested:
             return _result(st, "up-to-date", f"nothing new since {Path(done).name}; no checkpoint to add", s,
                            ingested, skipped, output=done)
@@ -190,7 +196,10 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
     """Put back the checkpoint that the latest `--in-place` write (to `path`, if given) replaced.
 
     The store forgets that fused state too: its snapshot leaves the window and the
-    checkpoint it came from is the newest again, as if the write had not happened. Both
+    checkpoint it came from is the newest again, as if the write had not happened; the next
+    checkpoint's values then show whether training had resumed from it all the same. When a
+    checkpoint that descends from it was ingested already, only the file is put back: the
+    fused state stays in the window, and a warning says so (`lineage.undo`). Both
     paths come from the store, so both are checked: the target must be an entry of the
     checkpoint folder and not a link, the backup in the store's backups.
     """
@@ -211,10 +220,10 @@ def restore(target: Path, *, store: Path | None = None, path: Path | None = None
             raise OutputError("changed since pdt wrote it (training saved over it?); pass --force to restore anyway",
                               final)
         copy_back(backup, final)
-        lineage.undo(st, entry)
+        kept = lineage.undo(st, entry)
         st.commit()
         return StepResult("restored", f"restored {final} from {backup}", str(s.root), output=str(final),
-                          warnings=s.notes)
+                          warnings=s.notes + ([kept] if kept else []))
 
 
 def load_state(target: Path, *, store: Path | None = None, lock_timeout: float = DEFAULT_WAIT,
@@ -393,6 +402,14 @@ def _load_live(s: Session, ids: list[int], options: MaskOptions, live: Live, use
     return live.load_fused()
 
 
+def _load_written(s: Session, ids: list[int], options: MaskOptions, live: Live) -> int:
+    """Pass 2 into memory with the stored mask, as the run that wrote the window's fused state made it,
+    so the live model takes bit for bit those values; the store, which already records them as the
+    state training resumes from, is not changed."""
+    _masked_pass(s, ids, options, write=live, use_stored=True)
+    return live.load_fused()
+
+
 def _mask_warnings(mask: Mask | None, wrote: bool) -> list[str]:
     """What a user must not miss in a result: a mask that accepted nothing."""
     if mask is None or mask.totals["accepted"]:
@@ -403,7 +420,7 @@ def _mask_warnings(mask: Mask | None, wrote: bool) -> list[str]:
 
 def _result(store: Store, status: str, message: str, s: Session, ingested: list[str] | None = None,
             skipped: list[dict] | None = None, output: str | None = None) -> StepResult:
-    """A result that carries the store's fit and mask as they now are."""
+    """A result that carries the store's fit and mask as they now are, and what the run said (`s.notes`)."""
     stored = store.stored_mask()
     warnings = s.notes + ([] if status == "up-to-date" else _mask_warnings(store.mask, status in WROTE))
     tensors = tensor_rows([t.as_dict() for t in store.tensors], stored["counts"]) if stored else None

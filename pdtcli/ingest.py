@@ -31,7 +31,7 @@ from .progress import Progress
 from .selection import Selection, plan_layout
 from .session import Session
 from .store import LOSSLESS_16, Store, lineage, now
-from .store.records import Seen
+from .store.records import Seen, Snapshot
 from .world import current
 
 log = logging.getLogger(__name__)
@@ -235,16 +235,21 @@ def _duplicate(store: Store | None, cand: Candidate, digest: str | None) -> dict
 
 
 def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progress: Progress,
-                created: bool, live: Live | None) -> dict:
-    """One checkpoint into a free slot, its values read from the file or, `live`, from memory.
+                created: bool, live: Live | None) -> tuple[dict, str | None]:
+    """One checkpoint into a free slot, its values read from the file or, `live`, from memory; (a note
+    when it was a copy, else {}; the line saying what its values showed of the lineage, if anything).
 
     A hash still being computed (a `Future`) is waited for once the values are written: a copy
-    found then leaves its slot uncommitted, free for the next checkpoint.
+    found then leaves its slot uncommitted, free for the next checkpoint (it is waited for first
+    when the slot would be the window's oldest and the checkpoint starts as a copy of the newest
+    would: that slot could not be put back). When the window ends
+    with a fused state (or a checkpoint whose fused state is still held), the values are compared
+    with both on the way (`lineage.Evidence`), and the window follows the one training resumed from.
     """
     settings = s.settings
     path = cand.path
     if isinstance(digest, str) and (note := _duplicate(s.store, cand, digest)):
-        return note
+        return note, None
     held = HeldStill(path, cand.size, cand.mtime)
     with open_share(path, current()) as reader:
         if s.store is None:
@@ -255,7 +260,16 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
         store = s.store
         _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path,
                       store.dtype_name if store.dtype_name in LOSSLESS_16 else None)
-        slot, evicted = store.ingest_slot()
+        window, pair = list(store.window), lineage.choice(store)
+        keep = {snapshot.id for snapshot in pair or ()}
+        if pair and isinstance(digest, Future) and store.free_slot(set(window) | keep) is None \
+                and _starts_as(store, reader, pair[1], path, live):
+            # the window's oldest would give its slot up for what looks like a copy of P: settle it first
+            digest = digest.result()
+            if note := _duplicate(store, cand, digest):
+                return note, None
+        slot, evicted = store.ingest_slot(keep)
+        evidence = lineage.Evidence.of(store, pair)
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:
                 position = 0
@@ -268,6 +282,8 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
                                               " (made with --store-dtype); `pdt snapshot --rebuild --store-dtype "
                                               "float64`", path)
                     store.write_values(slot, entry.offset + position, values)
+                    if evidence is not None:
+                        evidence.add(store, entry.offset + position, values)
                     position += stored.numel()
                     advance(stored.numel())
         step = reader.recorded_step()
@@ -277,12 +293,20 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
     held.check()  # the values (and the hash) are of one version of the file, the one listed
     if hashed_meanwhile and (note := _duplicate(store, cand, digest)):
         if evicted is not None and evicted.sha256 == digest:  # its values, just written again
-            lineage.reinstate(store, evicted)
-        return note
-    store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
+            lineage.reinstate(store, evicted, window)
+        return note, None
+    snapshot_id = store.add_checkpoint(slot, _provenance(cand, digest, "ingested", step))
+    said = evidence.settle(store, snapshot_id) if evidence is not None else None
     if not created:  # a store made by this run is committed once, when all its checkpoints are in
         store.commit()
-    return {}
+    return {}, said
+
+
+def _starts_as(store: Store, reader: CheckpointReader, snapshot: Snapshot, path: Path, live: Live | None) -> bool:
+    """Whether a checkpoint's first values (its first tensor's, up to a block) are those of `snapshot`: a
+    copy of it starts so; a checkpoint saved after more training does not (nearly every value moved)."""
+    first = next(iter(_values(reader, store.tensors[0].name, path, live)), None)
+    return first is not None and lineage.same_start(store, snapshot, first.to(store.torch_dtype))
 
 
 def _check_values(store: Store, candidates: list[Candidate], from_memory: Candidate | None, live: Live | None
@@ -310,7 +334,8 @@ def _finite(values: torch.Tensor) -> bool:
 
 
 def ingest(s: Session, live: Live | None = None) -> tuple[list[str], list[dict]]:
-    """Take the folder's new checkpoints into the store; (paths ingested, passed over with why).
+    """Take the folder's new checkpoints into the store; (paths ingested, passed over with why, lines on
+    the lineage the values showed: `lineage.Evidence.settle`).
 
     `live`: the newest new checkpoint's values are also in memory and are taken from there.
     """
@@ -324,7 +349,7 @@ def ingest(s: Session, live: Live | None = None) -> tuple[list[str], list[dict]]
         return _ingest_all(s, live, hashes)
 
 
-def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str], list[dict]]:
+def _ingest_all(s: Session, live: Live | None, hashes: Hashes) -> tuple[list[str], list[dict], list[str]]:
     scheduled = (s.store.start, s.store.every) if s.store else None
     schedule(s)
     history = history_len(s)
@@ -404,15 +429,18 @@ def _remember(store: Store, waits: list[restart.Arrival]) -> None:
 
 def _take_in(s: Session, chosen: dict[Candidate, Digest], history: int, skipped: list[dict], created: bool,
              from_memory: Candidate | None, live: Live | None) -> list[str]:
-    """The chosen checkpoints into the store, oldest first; copies found on the way go to `skipped`."""
+    """The chosen checkpoints into the store, oldest first; copies found on the way go to `skipped`, and
+    what their values showed of the lineage to the run's notes (`s.notes`)."""
     ingested = []
     for cand, digest in chosen.items():
-        note = _ingest_one(s, cand, digest, history, s.settings.progress, created,
-                           live if cand is from_memory else None)
+        note, line = _ingest_one(s, cand, digest, history, s.settings.progress, created,
+                                 live if cand is from_memory else None)
         if note:
             skipped.append(note)
         else:
             ingested.append(str(cand.path))
+        if line:
+            s.notes.append(line)
     return ingested
 
 

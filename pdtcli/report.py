@@ -25,6 +25,7 @@ from rich.table import Table
 
 from .mask import CRITERIA, summarize_counts, tensor_rows
 from .selection import LAYER_TYPES
+from .store.lineage import FUSED_ABOVE, PLAIN_BELOW
 
 OVERLAP_NOTE = ("failure columns overlap: an element that fails several criteria is counted under each; "
                 "non-finite predictions only under nonfinite")
@@ -141,6 +142,18 @@ def _shown_path(path: str, folder: str) -> str:
     return Path(path).name if Path(path).parent == Path(folder) else path
 
 
+def _descent(view: dict, folder: str) -> str:
+    """What a window checkpoint descends from, and how pdt knows (`lineage.Evidence`)."""
+    evidence = view["lineage_evidence"]
+    decided = evidence is not None and not PLAIN_BELOW <= evidence <= FUSED_ABOVE
+    if evidence is None:
+        how = "assumed: the fused state and its checkpoint are too close to tell apart"
+    else:
+        how = f"{'shown by its values' if decided else 'assumed: its values do not tell'}, evidence {evidence:.2f}"
+    state = "fused by pdt" if view["descends_from"] == "fused" else "plain checkpoint"
+    return f"{_label(view)} descends from {_shown_path(view['descends_path'], folder)} ({state}; {how})"
+
+
 def render_report(report: dict, console: Console, *, top: int | None = None) -> None:
     """Rich tables: the fit, per tensor, per layer type, the model, and the history of steps."""
     console.print(f"store {report['store']} for {report['folder']}", highlight=False, markup=False)
@@ -150,6 +163,9 @@ def render_report(report: dict, console: Console, *, top: int | None = None) -> 
         how = "fused by pdt" if report["window"][-1]["kind"] == "fused" else "the newest checkpoint"
         console.print(f"training assumed to resume from: {_shown_path(report['resumed_from'], report['folder'])} "
                       f"({how})", highlight=False, markup=False)
+    for view in report["window"]:
+        if view.get("descends_from"):
+            console.print(_descent(view, report["folder"]), highlight=False, markup=False)
     schedule = report.get("schedule")
     if schedule:
         start = "as soon as the window is full" if schedule["start"] is None else f"from step {schedule['start']}"
@@ -225,7 +241,7 @@ def render_summary(result: dict, tensors: list[dict] | None, console: Console) -
     """
     console.print(result["message"], soft_wrap=True, highlight=False, markup=False)
     for warning in result.get("warnings") or ():
-        console.print(f"warning: {warning}", highlight=False, markup=False)
+        console.print(f"warning: {warning}", soft_wrap=True, highlight=False, markup=False)  # one line, for logs
     mask = result.get("mask")
     if not mask:
         return

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import training
 from test_hostile import pdt
 
 from pdtcli.cli import app  # noqa: F401 - the same CLI the helper drives
@@ -36,12 +37,12 @@ def test_every_writes_only_after_that_many_plain_checkpoints(sgd_run, tmp_path):
     later = tmp_path / "later"
     hold_back(sgd_run, later, range(6, 9))
     assert predict(sgd_run, "--every", "1")["status"] == "written"  # the first write is due
-    arrive(sgd_run, later, 6)
+    training.train(sgd_run, 1, resume=sgd_run / "epoch_5.pdt.pt")  # epoch 6, resumed from the fused checkpoint
     payload = predict(sgd_run)
     assert payload["status"] == "not-due" and payload["ingested"] == [str(sgd_run / "epoch_6.pt")]
     assert "after 1 more checkpoint(s) (--every 1: 0 plain since the last fused one)" in payload["message"]
     assert not (sgd_run / "epoch_6.pdt.pt").exists()
-    arrive(sgd_run, later, 7)
+    training.train(sgd_run, 1, resume=sgd_run / "epoch_6.pt")
     assert predict(sgd_run)["output"] == str(sgd_run / "epoch_7.pdt.pt")
     assert predict(sgd_run, "--tau", "3")["status"] == "written"  # the same step again, other options
     report = json.loads(pdt("report", sgd_run, "--json")[1])

@@ -81,6 +81,8 @@ class PDTStep:
                 self.last = predict(self.folder, store=self.store, settings=self.settings,
                                     live=Live(tensors, Path(checkpoint) if checkpoint is not None else None, step))
                 log.info("pdt at %s: %s", where, self.last.message)
+                for warning in self.last.warnings:  # the step happened; what it found (the lineage) is worth a look
+                    log.warning("pdt at %s: %s", where, warning)
                 return self.last
             except Exception as exc:  # noqa: BLE001 - whatever went wrong, training must go on
                 reason = str(exc) or type(exc).__name__

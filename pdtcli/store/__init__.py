@@ -437,17 +437,22 @@ class Store:
                 return index
         return next((index for index, held in enumerate(self.slots) if held not in keep), None)
 
-    def ingest_slot(self) -> tuple[int, Snapshot | None]:
+    def ingest_slot(self, keep: set[int] = frozenset()) -> tuple[int, Snapshot | None]:
         """Where the next checkpoint's values go, and the snapshot given up for it (see `reinstate`):
-        a slot the committed window does not use (there is always one: the ring has h + 1 slots and
-        the window at most h).
+        a slot that neither the committed window nor `keep` (snapshots the ingest still reads) uses.
+        The ring has h + 1 slots and the window at most h; when `keep` takes the spare one, the
+        window's oldest snapshot, which the new checkpoint pushes out of a full window anyway,
+        leaves it now.
 
         That slot may still hold a snapshot the stored fit reads (the checkpoint a fused state
         came from). It is given up first, in a commit of its own, so that a run that fails or is
         killed while writing there leaves a store that knows the fit is gone, never one whose
         fit reads half-overwritten values.
         """
-        slot = self.free_slot(set(self.window))
+        slot = self.free_slot(set(self.window) | keep)
+        if slot is None:
+            self.window = self.window[1:]
+            slot = self.free_slot(set(self.window) | keep)
         evicted = self.evict(slot)
         if evicted is not None:
             self.commit()
@@ -564,9 +569,11 @@ class Store:
         the snapshots it used (a newer checkpoint took their slot): those show only their id."""
         snapshot = self.snapshots.get(snapshot_id)
         if snapshot is None:
-            return {"id": snapshot_id, "kind": None, "path": None, "step": None, "name": None}
+            return {"id": snapshot_id, "kind": None, "path": None, "step": None, "name": None, "descends_from": None,
+                    "descends_path": None, "lineage_evidence": None}
         return {"id": snapshot_id, "kind": snapshot.kind, "path": snapshot.path, "step": self.step_of(snapshot),
-                "name": Path(snapshot.path).name}
+                "name": Path(snapshot.path).name, "descends_from": snapshot.descends_from,
+                "descends_path": snapshot.descends_path, "lineage_evidence": snapshot.lineage_evidence}
 
     def describe(self) -> dict[str, Any]:
         """Everything a report shows, as plain data."""

@@ -105,6 +105,12 @@ class Snapshot(Record):
     parent: int | None = None  # fused: the checkpoint it was predicted from
     fit_id: int | None = None
     mask_id: int | None = None
+    # checkpoints saved after pdt wrote a fused state: which state training resumed from, "fused" or "plain"
+    # (decided from the values at ingest, or kept as assumed: `lineage.Evidence`), that state's path, and the
+    # evidence: (d_P - d_F) / (d_P + d_F) of the distances to either state (None: the two states are equal)
+    descends_from: str | None = None
+    descends_path: str | None = None
+    lineage_evidence: float | None = None
 
 
 @dataclass
@@ -154,6 +160,7 @@ class Output(Record):
     restored: str | None = None
     seen_count: int | None = None  # how many files the store had seen when it was written (the schedule's c_e)
     live: bool = False  # loaded into the model in memory by a training-loop callback; `path` is the checkpoint
+    resumed: bool | None = None  # what the next checkpoint's values showed: training resumed from it (None: not known)
 
     def __post_init__(self) -> None:
         if self.lineage is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .lineage import base_window
+from .lineage import base_window, taken
 
 if TYPE_CHECKING:
     from . import Store
@@ -58,7 +58,7 @@ def position(store: Store) -> tuple[int, int, bool]:
     epochs = [i for i, r in enumerate(store.seen) if r.status in ("ingested", "passed-over")]
     newest = store.newest_checkpoint()
     step = store.step_of(newest) if newest else None
-    last = next((o for o in reversed(store.outputs) if o.lineage and not o.restored and o.snapshot), None)
+    last = next((o for o in reversed(store.outputs) if taken(o) and o.snapshot), None)  # the last fused step taken
     if last is None:
         since = len(epochs)
     elif last.seen_count is not None:
