@@ -133,12 +133,18 @@ def _layout_of(infos: list[TensorInfo], selection: Selection, path: Path) -> Sha
     return [(info.name, list(info.shape)) for info in plan.predicted]
 
 
-def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path, kept_as: str | None = None) -> None:
+def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path, kept_as: str | None = None,
+                  carried: list[tuple[TensorInfo, str]] = ()) -> None:
     """Names and shapes as the window's; with `kept_as` (a 16-bit store), dtypes too: a float32
-    tensor (training switched precision) would be rounded to the store's dtype."""
+    tensor (training switched precision) would be rounded to the store's dtype. `carried`: the tensors
+    the reader carries (a tied name), which a store made by an older pdt may predict."""
     infos = {info.name: info for info in tensors}
+    reasons = {info.name: why for info, why in carried}
     for name, shape in expected:
         info = infos.get(name)
+        if info is None and name in reasons:
+            raise CheckpointError(f"tensor {name!r} of the window is one pdt now carries ({reasons[name]}); the "
+                                  "store was made by an older pdt: `pdt snapshot --rebuild`", path)
         if info is None and PIECE_MARK in name:
             raise CheckpointError(f"tensor piece {name!r} of the window is missing: this checkpoint was saved by "
                                   "another number of ranks than the window's, and a window holds one sharding: once "
@@ -168,7 +174,7 @@ def _checked(s: Session, fresh: list[Candidate], history: int, from_memory: Cand
     hashed (that would read it whole): its header is all that is read of it.
     """
     chosen: dict[Candidate, Digest] = {}
-    opened: dict[Candidate, list[TensorInfo]] = {}
+    opened: dict[Candidate, tuple[list[TensorInfo], list[tuple[TensorInfo, str]]]] = {}
     dropped: list[tuple[Candidate, str]] = []
     distinct: set[str] = set()
     world = current()
@@ -183,7 +189,7 @@ def _checked(s: Session, fresh: list[Candidate], history: int, from_memory: Cand
         if not isinstance(digest, str) or digest not in distinct:
             try:
                 with open_share(cand.path, world) as reader:
-                    opened[cand] = reader.tensors()
+                    opened[cand] = reader.tensors(), reader.carried()
             except NotACheckpoint:
                 dropped.append((cand, NOT_A_CHECKPOINT))
                 continue
@@ -192,10 +198,10 @@ def _checked(s: Session, fresh: list[Candidate], history: int, from_memory: Cand
     chosen = dict(reversed(list(chosen.items())))
     expected = [(e.name, e.shape) for e in s.store.tensors] if s.store else None
     kept_as = s.store.dtype_name if s.store and s.store.dtype_name in LOSSLESS_16 else None
-    for cand, infos in sorted(opened.items(), key=lambda item: list(chosen).index(item[0])):
+    for cand, (infos, carried) in sorted(opened.items(), key=lambda item: list(chosen).index(item[0])):
         if expected is None:  # a new store: the oldest checkpoint sets the layout
             expected = _layout_of(infos, s.settings.selection or Selection(), cand.path)
-        _check_layout(expected, infos, cand.path, kept_as)
+        _check_layout(expected, infos, cand.path, kept_as, carried)
     return chosen, dropped
 
 
@@ -244,7 +250,7 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
                                    list(settings.files or ()), *schedule(s))
         store = s.store
         _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path,
-                      store.dtype_name if store.dtype_name in LOSSLESS_16 else None)
+                      store.dtype_name if store.dtype_name in LOSSLESS_16 else None, reader.carried())
         slot, evicted = store.ingest_slot()
         with progress.task(f"ingest {path.name}", store.n) as advance:
             for entry in store.tensors:

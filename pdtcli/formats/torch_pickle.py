@@ -172,7 +172,8 @@ def read_archive(path: Path, fd: int) -> tuple[str, dict[str, Member], zipfile.Z
     fields are those of the local header (unless a data descriptor holds it), the data descriptor
     and the central directory entry.
     """
-    archive = zipfile.ZipFile(path)
+    # on the descriptor held open: the file the reads will be of, whatever its name now (owns no descriptor)
+    archive = zipfile.ZipFile(open(fd, "rb", closefd=False))  # noqa: SIM115
     infos = archive.infolist()
     pkl = [info.filename for info in infos if info.filename.endswith("/data.pkl") and info.filename.count("/") == 1]
     if len(pkl) != 1:
