@@ -137,7 +137,8 @@ def shared_storage(names: dict[str, View], others: list[tuple[str, View]], opaqu
             if other == name:
                 break
             if seen == view and other in names:
-                reasons[name] = f"tied to {other!r} (one storage): predicted once, as {other!r}"
+                reasons[name] = (f"tied to {other!r} (one storage): predicted once, as {other!r}" if other not in
+                                 reasons else f"tied to {other!r} (one storage), carried as it is")
                 break
         else:
             overlapping = next((other for other, seen in by_storage[view.storage] if other != name and seen != view
@@ -342,7 +343,8 @@ class TorchReader(CheckpointReader):
     def write_fused(self, out: Path, fuse: Fuse) -> None:
         """The archive copied, then each predicted tensor's bytes written over in the copy and the CRC-32
         of each member that changed written again (see the module's docstring)."""
-        with open(self.path, "rb") as src, open(out, "wb") as dst:
+        # from the descriptor the values were read through: the file read, whatever its name holds now
+        with open(self._fd, "rb", closefd=False) as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 24)
         changed = set()
         fd = os.open(out, os.O_RDWR)
