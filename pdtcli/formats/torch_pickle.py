@@ -230,12 +230,14 @@ class TorchReader(CheckpointReader):
         except OSError as exc:
             raise CheckpointError(f"cannot read: {os_reason(exc)}", self.path) from exc
         try:
-            self._open()
+            self._load()
+            self._survey()
         except BaseException:
             self.close()
             raise
 
-    def _open(self) -> None:
+    def _load(self) -> None:
+        """The archive's members and its pickle, read as inert data (`pickle_reader`)."""
         try:
             prefix, self._members, archive = read_archive(self.path, self._fd)
             self._prefix = prefix
@@ -250,10 +252,14 @@ class TorchReader(CheckpointReader):
                 struct.error) as exc:
             raise CheckpointError(f"corrupt data.pkl in the archive ({type(exc).__name__}: {exc})"[:300],
                                   self.path) from exc
+
+    def _survey(self) -> None:
+        """The state dict's tensors, which of them are predicted (see `shared_storage`), and the objects of
+        unknown classes, from one walk over everything the pickle holds."""
         tensors = unique_names(_entries(_state_dict(self._obj, self.path)), "nested keys are joined with '.'",
                                self.path)
         in_state = {id(ref) for ref in tensors.values()}
-        views, others, opaque, self._objects = {}, [], {}, []
+        others, opaque, self._objects = [], {}, []
         for where, node, parent in graph(self._obj):
             if isinstance(node, TensorRef) and id(node) not in in_state:
                 others.append((where, self._view(where, node)))
@@ -261,14 +267,10 @@ class TorchReader(CheckpointReader):
                 opaque.setdefault(node.key, f"{where} ({type(parent).__name__})")
             elif isinstance(node, Opaque) or isinstance(node, type) and issubclass(node, Opaque):
                 self._objects.append({"where": where, "type": node.global_name()})
-        self._refs: dict[str, TensorRef] = {}
-        for name, ref in tensors.items():
-            views[name] = self._view(name, ref)
-            self._refs[name] = ref
-        self._views = views
-        carried = shared_storage(views, others, opaque)
+        self._views = {name: self._view(name, ref) for name, ref in tensors.items()}
+        carried = shared_storage(self._views, others, opaque)
         self._carried = [(self._info(name), why) for name, why in carried.items()]
-        self._names = [name for name in views if name not in carried]
+        self._names = [name for name in self._views if name not in carried]
 
     def _view(self, where: str, ref: TensorRef) -> View:
         """The view of a tensor record, checked against its storage member (a crafted pickle cannot point
@@ -345,6 +347,7 @@ class TorchReader(CheckpointReader):
         of each member that changed written again (see the module's docstring)."""
         # from the descriptor the values were read through: the file read, whatever its name holds now
         with open(self._fd, "rb", closefd=False) as src, open(out, "wb") as dst:
+            src.seek(0)  # the descriptor's position is where reading the archive's directory left it
             shutil.copyfileobj(src, dst, 1 << 24)
         changed = set()
         fd = os.open(out, os.O_RDWR)
