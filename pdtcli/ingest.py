@@ -136,12 +136,18 @@ def _layout_of(infos: list[TensorInfo], selection: Selection, path: Path) -> Sha
     return [(info.name, list(info.shape)) for info in plan.predicted]
 
 
-def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path, kept_as: str | None = None) -> None:
+def _check_layout(expected: Shapes, tensors: list[TensorInfo], path: Path, kept_as: str | None = None,
+                  carried: list[tuple[TensorInfo, str]] = ()) -> None:
     """Names and shapes as the window's; with `kept_as` (a 16-bit store), dtypes too: a float32
-    tensor (training switched precision) would be rounded to the store's dtype."""
+    tensor (training switched precision) would be rounded to the store's dtype. `carried`: the tensors
+    the reader carries (a tied name), which a store made by an older pdt may predict."""
     infos = {info.name: info for info in tensors}
+    reasons = {info.name: why for info, why in carried}
     for name, shape in expected:
         info = infos.get(name)
+        if info is None and name in reasons:
+            raise CheckpointError(f"tensor {name!r} of the window is one pdt now carries ({reasons[name]}); the "
+                                  "store was made by an older pdt: `pdt snapshot --rebuild`", path)
         if info is None and PIECE_MARK in name:
             raise CheckpointError(f"tensor piece {name!r} of the window is missing: this checkpoint was saved by "
                                   "another number of ranks than the window's, and a window holds one sharding: once "
@@ -254,12 +260,12 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
     with open_share(path, current()) as reader:
         if s.store is None:
             selection = settings.selection or Selection()
-            plan = plan_layout(reader.tensors(), selection)
+            plan = plan_layout(reader.tensors(), selection, reader.carried(), reader.objects())
             s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype, s.order,
                                    list(settings.files or ()), *schedule(s))
         store = s.store
         _check_layout([(e.name, e.shape) for e in store.tensors], reader.tensors(), path,
-                      store.dtype_name if store.dtype_name in LOSSLESS_16 else None)
+                      store.dtype_name if store.dtype_name in LOSSLESS_16 else None, reader.carried())
         window, pair = list(store.window), lineage.choice(store)
         keep = {snapshot.id for snapshot in pair or ()}
         if pair and isinstance(digest, Future) and store.free_slot(set(window) | keep) is None \

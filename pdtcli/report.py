@@ -48,6 +48,7 @@ def build_report(data: dict[str, Any]) -> dict:
         "predicted_elements": data["n"],
         "selection": layout["selection"],
         "skipped_tensors": layout["skipped"],
+        "carried_objects": layout.get("objects", []),
         "fit": data["fit"],
         "mask": data["mask"],
         "history": data["history"],
@@ -205,6 +206,9 @@ def render_report(report: dict, console: Console, *, top: int | None = None) -> 
             reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
         console.print("carried over, not predicted: " + ", ".join(f"{n} {r}" for r, n in reasons.items()),
                       highlight=False, markup=False)
+    if report["carried_objects"]:
+        console.print("carried over as stored, never loaded: " + ", ".join(
+            f"{item['where']} ({item['type']})" for item in report["carried_objects"]), highlight=False, markup=False)
     render_history(report["history"], console)
 
 

@@ -74,14 +74,19 @@ class LayoutPlan:
 
     predicted: list[TensorInfo] = field(default_factory=list)
     skipped: list[tuple[TensorInfo, str]] = field(default_factory=list)
+    objects: list[dict] = field(default_factory=list)  # carried without being known (`CheckpointReader.objects`)
 
 
-def plan_layout(infos: list[TensorInfo], selection: Selection) -> LayoutPlan:
-    plan = LayoutPlan()
+def plan_layout(infos: list[TensorInfo], selection: Selection, carried: list[tuple[TensorInfo, str]] = (),
+                objects: list[dict] = ()) -> LayoutPlan:
+    """`infos` by `selection`, with the tensors and objects the checkpoint itself carries (`carried`,
+    `objects`: its reader's) listed beside what the selection skipped."""
+    plan = LayoutPlan(objects=list(objects))
     for info in infos:
         reason = selection.decide(info)
         if reason is None:
             plan.predicted.append(info)
         else:
             plan.skipped.append((info, reason))
+    plan.skipped.extend(carried)
     return plan

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -52,12 +53,28 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_pickle_that_needs_code_is_refused_and_its_payload_never_runs(sgd_run, tmp_path):
+def test_a_pickle_that_needs_code_is_carried_and_its_payload_never_runs(sgd_run, tmp_path):
+    """pdt reads the archive's pickle without executing it: the payload is an inert placeholder, carried
+    into the fused copy byte for byte (data.pkl as stored) and never called."""
     marker = tmp_path / "payload-ran"
     evil = torch.load(sgd_run / "epoch_8.pt", weights_only=True)
     evil["extra"] = Payload(marker)
     (sgd_run / "epoch_8.pt").unlink()
     torch.save(evil, sgd_run / "epoch_9.pt")
+    code, output = pdt("predict", sgd_run)
+    assert code == 0, output
+    assert not marker.exists()
+    with zipfile.ZipFile(sgd_run / "epoch_9.pt") as before, zipfile.ZipFile(sgd_run / "epoch_9.pdt.pt") as after:
+        assert after.read("epoch_9/data.pkl") == before.read("epoch_9/data.pkl")
+
+
+def test_a_legacy_pickle_that_needs_code_is_refused_and_its_payload_never_runs(sgd_run, tmp_path):
+    """torch's pre-zip format is loaded by torch.load(weights_only=True), which refuses it."""
+    marker = tmp_path / "payload-ran"
+    evil = torch.load(sgd_run / "epoch_8.pt", weights_only=True)
+    evil["extra"] = Payload(marker)
+    (sgd_run / "epoch_8.pt").unlink()
+    torch.save(evil, sgd_run / "epoch_9.pt", _use_new_zipfile_serialization=False)
     before = digest_tree(sgd_run)
     code, output = pdt("predict", sgd_run)
     assert code == 3
@@ -111,7 +128,7 @@ def test_disk_full_while_writing_leaves_no_output_and_a_valid_store(sgd_run, mon
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "copyfileobj", full)  # the torch writer's copy of the archive
     _disk_full_then_free(sgd_run, monkeypatch, "epoch_8.pdt.pt")
 
 
@@ -189,7 +206,7 @@ KILL_POINTS = [
     ("pdtcli.store:Store.commit", 3, "after"),
     ("pdtcli.store.matrix:SnapshotMatrix.write", 3, "before"),
     ("pdtcli.fuse:Window.qr_factor", 1, "before"),
-    ("torch:save", 1, "half"),
+    ("pdtcli.formats.torch_pickle:_write", 1, "after"),  # the copy made, fused values half written
     ("pdtcli.atomic:keep_copy", 1, "after"),
     ("pdtcli.store.lineage:record_output", 1, "before"),
     ("pdtcli.store:Store.append_history", 1, "after"),

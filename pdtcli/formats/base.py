@@ -169,6 +169,16 @@ class CheckpointReader(abc.ABC):
         """The step or epoch the file says it was saved at, when it says one."""
         return None
 
+    def carried(self) -> list[tuple[TensorInfo, str]]:
+        """Model tensors the file holds beyond `tensors()`, carried as stored, and why: a second name of
+        one storage (tied weights, predicted once under the first), a view overlapping another."""
+        return []
+
+    def objects(self) -> list[dict]:
+        """What the file holds beside the tensors that pdt carries without knowing it: {"where": the key
+        path, "type": the class it names} (objects of a pickle's unknown classes, never loaded)."""
+        return []
+
     def weight_files(self) -> list[str]:
         """The files of a folder checkpoint that hold tensors (relative names), which the ranks of a
         distributed step share out; [] for a checkpoint that is one file."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,17 +22,17 @@ from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo, no_duplicate_keys
 from .safetensors_file import SafetensorsReader
-from .torch_pickle import TorchReader
+from .torch_pickle import open_torch
 
 # (single weight file, its shard index, reader), in the order Transformers prefers them.
 WEIGHT_LAYOUTS = (
     ("model.safetensors", "model.safetensors.index.json", SafetensorsReader),
-    ("pytorch_model.bin", "pytorch_model.bin.index.json", TorchReader),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json", open_torch),
 )
 TRAINER_STATE = "trainer_state.json"
 
 
-def weight_files(folder: Path) -> tuple[list[str], type[CheckpointReader]] | None:
+def weight_files(folder: Path) -> tuple[list[str], Callable[[Path], CheckpointReader]] | None:
     """The weight files of a Trainer folder (relative names) and their reader; None if it has none."""
     for single, index, reader in WEIGHT_LAYOUTS:
         if (folder / index).is_file():
@@ -79,6 +80,13 @@ class HfFolderReader(CheckpointReader):
 
     def read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
+
+    def carried(self) -> list[tuple[TensorInfo, str]]:
+        return [item for shard in self._shards.values() for item in shard.carried()]
+
+    def objects(self) -> list[dict]:
+        return [dict(found, where=f"{name}{found['where']}") for name, shard in self._shards.items()
+                for found in shard.objects()]
 
     def recorded_step(self) -> int | None:
         """`global_step` from `trainer_state.json`, the counter Trainer resumes from."""

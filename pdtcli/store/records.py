@@ -60,6 +60,7 @@ class Layout(Record):
     selection: dict
     n: int
     fingerprint: str = ""
+    objects: list[dict] = field(default_factory=list)  # carried, of classes pdt does not know: where, type
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Layout:
