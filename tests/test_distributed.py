@@ -108,6 +108,10 @@ def _same_but_paths(a, b, single: Path, multi: Path) -> None:
         return value
 
     a, b = clean(a), clean(b)
+    for x, y in zip(a.get("window", []) + a.get("fit_window", []), b.get("window", []) + b.get("fit_window", []),
+                    strict=True):  # the lineage evidence: sums over the ranks' shares, in another order
+        ex, ey = x.pop("lineage_evidence", None), y.pop("lineage_evidence", None)
+        assert (ex is None) == (ey is None) and (ex is None or abs(ex - ey) < 1e-9), (ex, ey)
     for key in ("fit",):
         if a.get(key) and b.get(key):
             for field in ("singular_values", "eigenvalue_magnitudes"):
