@@ -18,6 +18,7 @@ from) and the audits (masks, dry runs, copies written with `-o`), in tables of t
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ OVERLAP_NOTE = ("failure columns overlap: an element that fails several criteria
                 "non-finite predictions only under nonfinite")
 LEGEND = "acc %: accepted; lower, upper, sign, non-fin: failures per test, overlapping"  # one line at 80
 _NAME_PARTS = re.compile(r"(?<=[./])")  # split after each separator: "a.b/c" -> "a.", "b/", "c"
+_SEPARATOR = re.compile(r"[./]")
 ELLIPSIS = "…"
 NAME_LEAST = 12  # characters a name column keeps however narrow the console: `0.…c_fc.weight`
 GAP = 2  # characters between two columns of `_table` (its blank rule and the padding)
@@ -135,15 +137,36 @@ def shorten(names: list[str], width: int) -> list[str]:
     """Each name in at most `width` characters (at least 3), never wrapped: a longer one keeps its head
     up to its first separator (when that is short: a layer's number, `model.`) and as much of its tail
     (the leaf that tells a weight from a bias) as fits, with `…` in the middle, where the names of one
-    model differ least. When two come out the same, the cut of the later one moves until they differ."""
+    model differ least. Names that come out the same keep their heads up to where they differ
+    (`model.layers.0.…q_proj.weight`); any still the same, the later one's cut moves until it differs."""
     width = max(3, width)
-    short = [_cut(name, width, _head(name, width)) for name in names]
+    heads = [_head(name, width) for name in names]
+    short = [_cut(name, width, head) for name, head in zip(names, heads, strict=True)]
+    groups: dict[str, list[int]] = {}
+    for i, text in enumerate(short):
+        groups.setdefault(text, []).append(i)
+    for group in groups.values():
+        ordered = sorted(group, key=names.__getitem__)
+        for a, b in zip(ordered, ordered[1:]):  # neighbours in sorted order: the longest shared heads
+            differ = len(os.path.commonprefix([names[a], names[b]]))
+            for i in (a, b):
+                heads[i] = max(heads[i], _through_part(names[i], differ, width))
+        for i in group:
+            short[i] = _cut(names[i], width, heads[i])
     for i, name in enumerate(names):
         if short.count(short[i]) > 1 and len(name) > width:
             others = set(short[:i] + short[i + 1:])
             short[i] = next((c for c in (_cut(name, width, h) for h in range(width - 1)) if c not in others),
                             short[i])
     return short
+
+
+def _through_part(name: str, index: int, width: int) -> int:
+    """The head of `name` through the part that holds character `index`, if it leaves a third of `width`
+    to the tail, else 0."""
+    found = _SEPARATOR.search(name, index)
+    end = found.end() if found else len(name)
+    return end if end < len(name) and end + 1 + width // 3 <= width else 0
 
 
 def _head(name: str, width: int) -> int:
@@ -154,10 +177,11 @@ def _head(name: str, width: int) -> int:
 
 
 def _cut(name: str, width: int, head: int) -> str:
-    """`name` in `width` characters: its first `head`, `…`, and its tail."""
+    """`name` in `width` characters: its first `head`, `…`, and its tail (without a separator next to the `…`)."""
     if len(name) <= width:
         return name
-    return name[:head] + ELLIPSIS + name[len(name) - (width - head - 1):]
+    tail = name[len(name) - (width - head - 1):]
+    return name[:head] + ELLIPSIS + (tail[1:] if tail[0] in "./" else tail)
 
 
 @dataclass
