@@ -18,6 +18,7 @@ from) and the audits (masks, dry runs, copies written with `-o`), in tables of t
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -147,7 +148,7 @@ def shorten(names: list[str], width: int) -> list[str]:
         groups.setdefault(text, []).append(i)
     for group in groups.values():
         ordered = sorted(group, key=names.__getitem__)
-        for a, b in zip(ordered, ordered[1:]):  # neighbours in sorted order: the longest shared heads
+        for a, b in itertools.pairwise(ordered):  # neighbours in sorted order: the longest shared heads
             differ = len(os.path.commonprefix([names[a], names[b]]))
             for i in (a, b):
                 heads[i] = max(heads[i], _through_part(names[i], differ, width))

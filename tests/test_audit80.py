@@ -12,13 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import training
 from rich.console import Console
 from test_hostile import one_error_line, pdt
-from test_report import FOLDER, checkpoint, gpt_report, history_entry, make_data, render, section
+from test_report import FOLDER, checkpoint, history_entry, make_data, render, section
 from test_schedule import hold_back
 
 from pdtcli import api
-from pdtcli.report import build_report, render_summary, shorten
+from pdtcli import report as reports
+from pdtcli.report import build_report, render_summary
 
 LLAMA = [(f"model.layers.{i}.{leaf}", [64, 64]) for i in range(2) for leaf in (
     "self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.gate_proj.weight")] + [
@@ -35,11 +37,11 @@ def llama_report(history: list[dict] | None = None, label: str = "lower+upper+si
 def test_shorten_keeps_the_tail_that_tells_names_apart_with_the_ellipsis_in_the_middle():
     names = ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.q_proj.weight",
              "model.layers.1.self_attn.k_proj.weight", "lm_head.weight"]
-    assert shorten(names, 40) == names
-    assert shorten(names, 32) == ["model.…0.self_attn.k_proj.weight", "model.…0.self_attn.q_proj.weight",
+    assert reports.shorten(names, 40) == names
+    assert reports.shorten(names, 32) == ["model.…0.self_attn.k_proj.weight", "model.…0.self_attn.q_proj.weight",
                                   "model.…1.self_attn.k_proj.weight", "lm_head.weight"]
     for width in (24, 16, 12):  # never longer than the width, never the same for two names
-        short = shorten(names, width)
+        short = reports.shorten(names, width)
         assert all(len(s) <= width for s in short) and len(set(short)) == len(names)
         assert all(s.endswith("weight") and (s == n or "…" in s) for s, n in zip(short, names, strict=True))
 
@@ -127,16 +129,19 @@ def report_of(folder: Path, width: int = 80) -> tuple[dict, str]:
 
 @pytest.mark.parametrize("not_due", [False, True])
 def test_fit_window_names_its_checkpoints_after_one_more_is_ingested(sgd_run, tmp_path, not_due):
-    hold_back(sgd_run, tmp_path / "later", range(7, 9))
-    # a dry run fits without writing; under --start 8 the ingest of epoch 7 is then not due
-    assert pdt("predict", sgd_run, *(["--dry-run", "--start", "8"] if not_due else []))[0] == 0
-    os.replace(tmp_path / "later" / "epoch_7.pt", sgd_run / "epoch_7.pt")
+    """The fused state took the ring's spare slot; the next checkpoint takes the slot of the fit's oldest."""
+    hold_back(sgd_run, tmp_path / "later", range(6, 9))
+    assert pdt("predict", sgd_run, "--every", "1")[0] == 0  # epoch_5.pdt.pt
+    if not_due:  # training resumed from the fused state: under --every 1 the next write is not due
+        training.train(sgd_run, 1, resume=sgd_run / "epoch_5.pdt.pt")
+    else:
+        os.replace(tmp_path / "later" / "epoch_6.pt", sgd_run / "epoch_6.pt")
     code, output = pdt("predict" if not_due else "snapshot", sgd_run, "--json")
     assert code == 0 and json.loads(output)["status"] == ("not-due" if not_due else "ingested"), output
     data, text = report_of(sgd_run)
     assert [(w["kind"], w["step"], w["name"]) for w in data["fit_window"]] == [
-        ("checkpoint", step, f"epoch_{step}.pt") for step in range(2, 7)]
-    assert "DMD fit on 2, 3, 4, 5, 6: exact modes" in text and "snapshot" not in text
+        ("checkpoint", step, f"epoch_{step}.pt") for step in range(1, 6)]
+    assert "DMD fit on 1, 2, 3, 4, 5: exact modes" in text and "snapshot" not in text
 
 
 def test_schedule_says_every_checkpoint_and_counts_in_json(sgd_run, tmp_path):
