@@ -225,15 +225,14 @@ def _tables(columns: list[Column], width: int, keys: int = 1) -> list[Table]:
 
 
 def _table_of(columns: list[Column], width: int) -> Table:
-    """One table of `columns`, its name columns shortened to share the width the others leave."""
-    spare = width - sum(c.least for c in columns) - GAP * (len(columns) - 1)
+    """One table of `columns`, its name columns shortened to share the width the others leave (in
+    proportion to what each lacks)."""
+    spare = max(0, width - sum(c.least for c in columns) - GAP * (len(columns) - 1))
+    lacking = [c.natural - c.least if c.name else 0 for c in columns]
     table = _table()
     cells = []
-    for column in columns:
-        size = column.least
-        if column.name:
-            size = min(column.natural, size + max(0, spare))
-            spare -= size - column.least
+    for column, lacks in zip(columns, lacking, strict=True):
+        size = column.least + min(lacks, spare * lacks // max(1, sum(lacking)))
         cells.append(shorten(column.cells, size) if column.name else column.cells)
         table.add_column(column.header, justify="right" if column.right else "left", no_wrap=True)
     for row in zip(*cells, strict=True):
