@@ -110,11 +110,10 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         if changed:
             return StepResult("waiting", changed[0], str(s.root), ingested, skipped, needed=changed[1],
                               warnings=s.notes)
-        if len(lineage.base_window(st)) < st.history_len:
-            need = st.history_len - len(lineage.base_window(st))
-            return StepResult("waiting", f"need {need} more checkpoint(s) before DMD can fit (window holds "
-                              f"{st.history_len - need} of {st.history_len})", str(s.root), ingested, skipped,
-                              needed=need, warnings=s.notes)
+        short = schedule.window_short(st)
+        if short:
+            return StepResult("waiting", short, str(s.root), ingested, skipped,
+                              needed=st.history_len - len(lineage.base_window(st)), warnings=s.notes)
         not_due = schedule.not_due(st) if not dry_run and (output is None or in_place) else None
         if not_due:                                                            # line 3
             return StepResult("not-due", not_due, str(s.root), ingested, skipped, warnings=s.notes)
@@ -139,7 +138,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         if dry_run:
             if mask is None:                                                   # lines 7-9
                 _masked_pass(s, ids, settings.mask)
-                st.append_history("predict --dry-run", None)
+                st.append_history("predict --dry-run", None, training=False)
             if fitted or mask is None:
                 st.commit()
             return _result(st, "dry-run", "fit and mask computed; nothing written (--dry-run)", s, ingested, skipped)
@@ -158,12 +157,12 @@ def remask(target: Path, *, store: Path | None = None, settings: Settings | None
     with session(target, store, settings) as s:
         st = s.require_store()
         if not st.fit_readable():
-            raise StageMissing("no valid fit in the store; run `pdt predict --dry-run` first", s.root)
+            raise StageMissing(_no_fit(st, "no valid fit in the store; run `pdt predict --dry-run` first"), s.root)
         if st.mask_of(settings.mask.as_dict()):
             return _result(st, "up-to-date", f"mask {settings.mask.label} is already the stored one", s)
         ids = st.fit.window
         _masked_pass(s, ids, settings.mask)
-        st.append_history("mask", None)
+        st.append_history("mask", None, training=False)
         st.commit()
         return _result(st, "masked", f"stored mask {settings.mask.label}", s)
 
@@ -182,9 +181,11 @@ def apply(target: Path, *, store: Path | None = None, output: Path | None = None
         _single_only(in_place, None)
         st = s.require_store()
         if st.fit is None or st.mask is None or st.mask.fit_id != st.fit.id:
-            raise StageMissing("no stored fit and mask; run `pdt predict --dry-run` (or `pdt mask`) first", s.root)
+            raise StageMissing(_no_fit(st, "no stored fit and mask; run `pdt predict --dry-run` (or `pdt mask`) "
+                                          "first"), s.root)
         if not st.fit_readable():
-            raise StageMissing("a newer checkpoint replaced the fit's window; run `pdt predict` again", s.root)
+            raise StageMissing(_no_fit(st, "a newer checkpoint replaced the fit's window; run `pdt predict` again"),
+                               s.root)
         options = MaskOptions.from_dict(st.mask.options)
         out = _write(s, st.fit.window, options, output=output, force=force, in_place=in_place, use_stored=True,
                      command="apply")
@@ -253,6 +254,13 @@ def load_state(target: Path, *, store: Path | None = None, lock_timeout: float =
     with session(target, store, settings, joins=False, reads_only=True) as s:
         _check_writes(s, writes)
         return dict(s.require_store().describe(), unlocked=s.unlocked, notes=s.notes)
+
+
+def _no_fit(store: Store, otherwise: str) -> str:
+    """Why a command that needs the stored fit cannot run, as the one next step: while the window is
+    short of checkpoints nothing can fit, so the checkpoints it lacks; else `otherwise`."""
+    short = schedule.window_short(store)
+    return f"no fit yet: {short}; run `pdt predict` once training has saved them" if short else otherwise
 
 
 def _check_writes(s: Session, path: Path | None) -> None:
@@ -372,7 +380,8 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
             with os_errors_as(OutputError, "cannot make the folder of the output", out.parent):
                 out.parent.mkdir(exist_ok=True)
     destination = Destination(out, _source_of(store, newest))
-    if in_place or output is None:  # training resumes from it: its values go into the window too
+    resumes = in_place or output is None
+    if resumes:  # training resumes from it: its values go into the window too
         destination.lineage_slot = lineage.claim_slot(store, ids)  # may commit, to free a slot safely
     if backup is not None:
         destination.backup_to = None if recorded_backup(newest, backup) else backup
@@ -381,7 +390,7 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
     size, mtime = current().gather(stat_of(out) if current().leader else None, "the output's size")[0]
     lineage.record_output(store, ids, located(out), size, mtime, destination.lineage_slot,
                         located(backup) if backup is not None else None)
-    store.append_history(command, located(out))
+    store.append_history(command, located(out), training=resumes)
     store.set_pending(None)
     store.commit()
     if backup is not None:
@@ -397,7 +406,7 @@ def _load_live(s: Session, ids: list[int], options: MaskOptions, live: Live, use
     live.lineage_slot = lineage.claim_slot(store, ids)
     _masked_pass(s, ids, options, write=live, use_stored=use_stored)
     lineage.record_output(store, ids, newest.path, newest.size, newest.mtime, live.lineage_slot, None, live=True)
-    store.append_history("in-loop", LIVE_OUTPUT)
+    store.append_history("in-loop", LIVE_OUTPUT, training=True)
     store.commit()
     return live.load_fused()
 

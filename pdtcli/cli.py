@@ -388,7 +388,7 @@ def restore(target: Target, store: Store = None, path: Annotated[Optional[Path],
 def report(target: Target, store: Store = None, top: Annotated[
         Optional[int], typer.Option("--top", help="Show only the N largest tensors.", metavar="N")] = None,
            plot: Annotated[Optional[Path], typer.Option(
-               "--plot", metavar="FILE", help="Also draw the masked ratio per layer type and the rejections per "
+               "--plot", metavar="FILE", help="Also draw the accepted ratio per layer type and the rejections per "
                "criterion across the history, and the fit's eigenvalues, into FILE (.png, .svg or .pdf; needs "
                "matplotlib: pip install 'pdtcli[plot]').")] = None,
            wait: Wait = D["wait"], json_out: Json = False) -> None:

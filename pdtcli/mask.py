@@ -58,6 +58,13 @@ class MaskOptions:
         return cls(tuple(data["criteria"]), bool(data["random"]), int(data["seed"]))
 
 
+def criteria_of(label: str) -> tuple[str, ...]:
+    """The criteria a mask applied, read back from its label (`MaskOptions.label`, which every mask and
+    history record keeps): `random@upper+sign(seed=3)` -> ("upper", "sign"), `none` -> ()."""
+    base = label.removeprefix("random@").split("(seed=")[0]
+    return tuple(c for c in base.split("+") if c in CRITERIA)
+
+
 @dataclass
 class BlockVerdict:
     """Per element of a block: accepted, and which criteria failed (they may overlap)."""

@@ -5,15 +5,23 @@ so they do not add up to the rejected total. Non-finite predictions are counted 
 under `nonfinite`. With a random mask, `accepted` is the random selection while the
 failure columns still describe the criteria.
 
-The rendering must stay readable at 80 columns (cron mail, narrow terminals): tables
-have no vertical rules, long counts are abbreviated (the JSON keeps them exact), text
-cells fold instead of ending in an ellipsis, and tensor names lose their common prefix.
+The rendering must stay readable at 80 columns (cron mail, narrow terminals) and at 40:
+tables have no vertical rules, long counts are abbreviated (the JSON keeps them exact),
+tensor names lose their common prefix, a name too long for the width left is shortened in
+the middle (`shorten`) and never wrapped, and columns that do not fit beside the names go
+to a second table that repeats them (`_tables`).
+
+The history is two histories: the steps of training (runs whose output training resumes
+from) and the audits (masks, dry runs, copies written with `-o`), in tables of their own.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +31,21 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .mask import CRITERIA, summarize_counts, tensor_rows
+from .mask import CRITERIA, criteria_of, summarize_counts, tensor_rows
 from .selection import LAYER_TYPES
 from .store.lineage import FUSED_ABOVE, PLAIN_BELOW
+from .store.schedule import every_text
 
 OVERLAP_NOTE = ("failure columns overlap: an element that fails several criteria is counted under each; "
                 "non-finite predictions only under nonfinite")
 LEGEND = "acc %: accepted; lower, upper, sign, non-fin: failures per test, overlapping"  # one line at 80
 _NAME_PARTS = re.compile(r"(?<=[./])")  # split after each separator: "a.b/c" -> "a.", "b/", "c"
+_SEPARATOR = re.compile(r"[./]")
+ELLIPSIS = "…"
+NAME_LEAST = 12  # characters a name column keeps however narrow the console: `0.…c_fc.weight`
+GAP = 2  # characters between two columns of `_table` (its blank rule and the padding)
+COUNT_COLUMNS = (("elements", "elements"), ("acc %", "ratio"), ("lower", "fail_lower"), ("upper", "fail_upper"),
+                 ("sign", "fail_sign"), ("non-fin", "nonfinite"))
 
 
 def build_report(data: dict[str, Any]) -> dict:
@@ -53,9 +68,13 @@ def build_report(data: dict[str, Any]) -> dict:
         "mask": data["mask"],
         "history": data["history"],
         "note": OVERLAP_NOTE,
+        "waiting": data.get("waiting"),  # before the first fit: the checkpoints the window still lacks
         "unlocked": data.get("unlocked"),  # why the store was read without its lock, if it was
         "notes": data.get("notes", []),  # a store adopted from the folder it was copied from
     }
+    if data["mask"]:
+        applied = criteria_of(data["mask"]["label"])
+        report["criteria"] = {name: {"applied": name in applied} for name in CRITERIA}
     if data["counts"] is not None and data["mask"]:
         counts = np.asarray(data["counts"])
         report["tensors"] = tensor_rows(layout["tensors"], counts)
@@ -115,27 +134,142 @@ def common_prefix(names: list[str]) -> str:
     return "".join(prefix)
 
 
+def shorten(names: list[str], width: int) -> list[str]:
+    """Each name in at most `width` characters (at least 3), never wrapped: a longer one keeps its head
+    up to its first separator (when that is short: a layer's number, `model.`) and as much of its tail
+    (the leaf that tells a weight from a bias) as fits, with `…` in the middle, where the names of one
+    model differ least. Names that come out the same keep their heads up to where they differ
+    (`model.layers.0.…q_proj.weight`); any still the same, the later one's cut moves until it differs."""
+    width = max(3, width)
+    heads = [_head(name, width) for name in names]
+    short = [_cut(name, width, head) for name, head in zip(names, heads, strict=True)]
+    groups: dict[str, list[int]] = {}
+    for i, text in enumerate(short):
+        groups.setdefault(text, []).append(i)
+    for group in groups.values():
+        ordered = sorted(group, key=names.__getitem__)
+        for a, b in itertools.pairwise(ordered):  # neighbours in sorted order: the longest shared heads
+            differ = len(os.path.commonprefix([names[a], names[b]]))
+            for i in (a, b):
+                heads[i] = max(heads[i], _through_part(names[i], differ, width))
+        for i in group:
+            short[i] = _cut(names[i], width, heads[i])
+    for i, name in enumerate(names):
+        if short.count(short[i]) > 1 and len(name) > width:
+            others = set(short[:i] + short[i + 1:])
+            short[i] = next((c for c in (_cut(name, width, h) for h in range(width - 1)) if c not in others),
+                            short[i])
+    return short
+
+
+def _through_part(name: str, index: int, width: int) -> int:
+    """The head of `name` through the part that holds character `index`, if it leaves a third of `width`
+    to the tail, else 0."""
+    found = _SEPARATOR.search(name, index)
+    end = found.end() if found else len(name)
+    return end if end < len(name) and end + 1 + width // 3 <= width else 0
+
+
+def _head(name: str, width: int) -> int:
+    """How many leading characters a shortened name keeps: its first part with its separator, if that
+    takes at most a third of the width, else none."""
+    first = len(_NAME_PARTS.split(name, maxsplit=1)[0])
+    return first if first < len(name) and first <= width // 3 else 0
+
+
+def _cut(name: str, width: int, head: int) -> str:
+    """`name` in `width` characters: its first `head`, `…`, and its tail (without a separator next to the `…`)."""
+    if len(name) <= width:
+        return name
+    tail = name[len(name) - (width - head - 1):]
+    return name[:head] + ELLIPSIS + (tail[1:] if tail[0] in "./" else tail)
+
+
+@dataclass
+class Column:
+    """A column of a report table: its header, its cells (text), and how it gives way when narrow."""
+
+    header: str
+    cells: list[str]
+    right: bool = False  # numbers: right-justified
+    name: bool = False  # names: shortened in the middle (`shorten`) to the width the other columns leave
+
+    @property
+    def natural(self) -> int:
+        """Characters it takes when nothing is shortened."""
+        return max([len(self.header), *map(len, self.cells)])
+
+    @property
+    def least(self) -> int:
+        """Characters it takes at the narrowest: a name column NAME_LEAST (or its header), any other all."""
+        return min(self.natural, max(len(self.header), NAME_LEAST)) if self.name else self.natural
+
+
+def _tables(columns: list[Column], width: int, keys: int = 1) -> list[Table]:
+    """The columns as tables no wider than `width`: the first `keys` columns (those that name a row) in
+    each, then the others in order, as many as fit beside them; name columns take what is left.
+
+    One table at 80 columns for every table pdt prints; at 40, two or three, each with its names.
+    """
+    named, rest = columns[:keys], columns[keys:]
+    base = sum(c.least + GAP for c in named)
+    groups: list[list[Column]] = []
+    used = width
+    for column in rest:
+        if used + column.least > width:  # a new table (also the first): the key columns again
+            groups.append([])
+            used = base
+        groups[-1].append(column)
+        used += column.least + GAP
+    return [_table_of(named + group, width) for group in groups or [[]]]
+
+
+def _table_of(columns: list[Column], width: int) -> Table:
+    """One table of `columns`, its name columns shortened to share the width the others leave (in
+    proportion to what each lacks)."""
+    spare = max(0, width - sum(c.least for c in columns) - GAP * (len(columns) - 1))
+    lacking = [c.natural - c.least if c.name else 0 for c in columns]
+    table = _table()
+    cells = []
+    for column, lacks in zip(columns, lacking, strict=True):
+        size = column.least + min(lacks, spare * lacks // max(1, sum(lacking)))
+        cells.append(shorten(column.cells, size) if column.name else column.cells)
+        table.add_column(column.header, justify="right" if column.right else "left", no_wrap=True)
+    for row in zip(*cells, strict=True):
+        table.add_row(*map(escape, row))
+    return table
+
+
 def _table() -> Table:
     """A table without vertical rules: at 80 columns every character goes to the cells."""
     return Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
 
 
-def _show(console: Console, title: str, table: Table) -> None:
-    """A blank line, then the title on its own line: as a table title it would wrap to a narrow table's width."""
+def _show(console: Console, title: str, *tables: Table) -> None:
+    """A blank line, then the title on its own line (as a table title it would wrap to a narrow table's
+    width), then the tables (more than one when the console is too narrow for one)."""
     console.print()
     console.print(title, style="italic", highlight=False, markup=False)
-    console.print(table)
+    for index, table in enumerate(tables):
+        if index:
+            console.print()
+        console.print(table)
 
 
-def _counts_table(rows: list[tuple[str, dict]], first: str) -> Table:
-    table = _table()
-    table.add_column(first, overflow="fold")  # the one column that gives way: names fold, never "…"
-    for column in ("elements", "acc %", "lower", "upper", "sign", "non-fin"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for label, row in rows:
-        table.add_row(escape(label), _count(row["elements"]), _pct(row["ratio"]), _count(row["fail_lower"]),
-                      _count(row["fail_upper"]), _count(row["fail_sign"]), _count(row["nonfinite"]))
-    return table
+def _not_applied(report: dict) -> list[str]:
+    """The criteria the stored mask did not apply: their failures are shown for reference only."""
+    return [name for name, how in (report.get("criteria") or {}).items() if not how["applied"]]
+
+
+def _counts_tables(rows: list[tuple[str, dict]], first: str, skipped: list[str], width: int) -> list[Table]:
+    """Counts per row (elements, accepted %, failures per criterion): a criterion in `skipped`, which the
+    mask did not apply, has its header in parentheses."""
+    columns = [Column(first, [label for label, _ in rows], name=True)]
+    for header, key in COUNT_COLUMNS:
+        shown = f"({header})" if header in skipped else header
+        columns.append(Column(shown, [_pct(row[key]) if key == "ratio" else _count(row[key]) for _, row in rows],
+                              right=True))
+    return _tables(columns, width)
 
 
 def _shown_path(path: str, folder: str) -> str:
@@ -156,7 +290,8 @@ def _descent(view: dict, folder: str) -> str:
 
 
 def render_report(report: dict, console: Console, *, top: int | None = None) -> None:
-    """Rich tables: the fit, per tensor, per layer type, the model, and the history of steps."""
+    """Rich tables at the console's width: the fit, per tensor, per layer type, the model, and the
+    history of training steps and of audits."""
     console.print(f"store {report['store']} for {report['folder']}", highlight=False, markup=False)
     window = ", ".join(f"{_label(w)}{'*' if w['kind'] == 'fused' else ''}" for w in report["window"])
     console.print(f"window (oldest first, * = fused by pdt): {window or 'empty'}", highlight=False, markup=False)
@@ -170,36 +305,28 @@ def render_report(report: dict, console: Console, *, top: int | None = None) -> 
     schedule = report.get("schedule")
     if schedule:
         start = "as soon as the window is full" if schedule["start"] is None else f"from step {schedule['start']}"
-        console.print(f"schedule: {start}, every {schedule['every']} checkpoint(s); {schedule['next']}",
+        console.print(f"schedule: {start}, {every_text(schedule['every'])}; {schedule['next']}",
                       highlight=False, markup=False)
     fit = report["fit"]
     if fit:
-        steps = ", ".join(_label(w) for w in report["fit_window"])
-        console.print(f"DMD fit on {steps}: {fit['options']['modes']} modes, tau {fit['options']['tau']}, "
-                      f"rank {fit['rank']}", highlight=False, markup=False)
-        console.print(f"{fit['growing_modes']} eigenvalue(s) with |λ| > 1; "
-                      f"|w_pred(0) - w_h| / |w_h| = {fit['start_offset']:.2e}", highlight=False, markup=False)
-        modes = _table()
-        for column in ("#", "σ", "λ", "|λ|"):
-            modes.add_column(column, justify="right")
-        eigenvalues = [complex(real, imag) for real, imag in fit["eigenvalues"]]
-        for i, sigma in enumerate(fit["singular_values"]):
-            lam = eigenvalues[i] if i < len(eigenvalues) else None
-            modes.add_row(str(i + 1), f"{sigma:.4g}", "" if lam is None else f"{lam:.5g}",
-                          "" if lam is None else f"{abs(lam):.5f}")
-        _show(console, "singular values of X and eigenvalues of Ã", modes)
+        _render_fit(report, fit, console)
     if "tensors" not in report:
-        console.print("no mask yet: run `pdt predict` or `pdt mask`", markup=False)
+        console.print(_next_step(report), markup=False, highlight=False)
         return
     tensors = report["tensors"]
     shown = tensors if top is None else sorted(tensors, key=lambda r: -r["elements"])[:top]
     prefix = common_prefix([r["name"] for r in shown])
     relative = f"\nnames below are relative to `{prefix}`" if prefix else ""
+    skipped, width = _not_applied(report), console.width
     _show(console, f"per tensor (mask: {report['mask']['label']}){relative}",
-          _counts_table([(r["name"].removeprefix(prefix), r) for r in shown], "tensor"))
-    _show(console, "per layer type", _counts_table(list(report["by_layer_type"].items()), "layer type"))
-    _show(console, "model", _counts_table([("all predicted", report["model"])], ""))
+          *_counts_tables([(r["name"].removeprefix(prefix), r) for r in shown], "tensor", skipped, width))
+    _show(console, "per layer type",
+          *_counts_tables(list(report["by_layer_type"].items()), "layer type", skipped, width))
+    _show(console, "model", *_counts_tables([("all predicted", report["model"])], "", skipped, width))
     console.print(LEGEND, style="dim", highlight=False, markup=False)
+    if skipped:
+        console.print(f"({'), ('.join(skipped)}): not applied by the mask {report['mask']['label']}; its failures "
+                      "are shown for reference", style="dim", highlight=False, markup=False)
     if report["skipped_tensors"]:
         reasons: dict[str, int] = {}
         for item in report["skipped_tensors"]:
@@ -212,36 +339,79 @@ def render_report(report: dict, console: Console, *, top: int | None = None) -> 
     render_history(report["history"], console)
 
 
-def render_history(history: list[dict], console: Console) -> None:
-    """What each run did, then its mask ratio per layer type (the paper's masked-ratio curves).
+def _render_fit(report: dict, fit: dict, console: Console) -> None:
+    """The fit's window (as steps, else names), its options, and its singular values and eigenvalues."""
+    steps = ", ".join(_label(w) for w in report["fit_window"])
+    console.print(f"DMD fit on {steps}: {fit['options']['modes']} modes, tau {fit['options']['tau']}, "
+                  f"rank {fit['rank']}", highlight=False, markup=False)
+    console.print(f"{fit['growing_modes']} eigenvalue(s) with |λ| > 1; "
+                  f"|w_pred(0) - w_h| / |w_h| = {fit['start_offset']:.2e}", highlight=False, markup=False)
+    modes = _table()
+    for column in ("#", "σ", "λ", "|λ|"):
+        modes.add_column(column, justify="right", no_wrap=True)
+    eigenvalues = [complex(real, imag) for real, imag in fit["eigenvalues"]]
+    for i, sigma in enumerate(fit["singular_values"]):
+        lam = eigenvalues[i] if i < len(eigenvalues) else None
+        modes.add_row(str(i + 1), f"{sigma:.4g}", "" if lam is None else f"{lam:.5g}",
+                      "" if lam is None else f"{abs(lam):.5f}")
+    _show(console, "singular values of X and eigenvalues of Ã", modes)
 
-    Two tables joined by `#`: with six layer types one table would need over 100 columns.
-    """
-    if not history:
-        return
-    runs = _table()
-    for column in ("#", "when (UTC)", "command", "step", "rank", "mask", "output"):
-        runs.add_column(column, no_wrap=column not in ("step", "output"), overflow="fold")  # file names fold
-    for index, h in enumerate(history, 1):
-        newest = h["window_steps"][-1] if h["window_steps"] else None
-        step = str(newest) if newest is not None else Path(h["newest"]).name
-        runs.add_row(str(index), _when(h["at"]), _command(h["command"]), escape(step), str(h["rank"]),
-                     escape(_short_mask(h["mask"])), escape(Path(h["output"]).name if h["output"] else ""))
-    _show(console, "history (step = newest of the fit's window)", runs)
-    kinds = [k for k in LAYER_TYPES if any(k in h["by_layer_type"] for h in history)]
-    ratios = _table()
-    for column in ("#", "model", *kinds):
-        ratios.add_column(column, justify="right", no_wrap=True)
-    for index, h in enumerate(history, 1):
-        per_kind = [_pct(h["by_layer_type"][k]["ratio"]) if k in h["by_layer_type"] else "" for k in kinds]
-        ratios.add_row(str(index), _pct(h["totals"]["ratio"]), *per_kind)
-    _show(console, "history: accepted ratio, model and per layer type", ratios)
+
+def _next_step(report: dict) -> str:
+    """What to run for a mask to report, as the one next step: before the first fit, the checkpoints
+    the window lacks (no command can fit before they are saved)."""
+    if report.get("waiting"):
+        return f"no fit yet: {report['waiting']}; run `pdt predict` once training has saved them"
+    if not report["fit"]:
+        return "no fit yet: run `pdt predict` (or `pdt predict --dry-run` to fit and mask only)"
+    return "no mask yet: run `pdt mask` (or `pdt predict`)"
+
+
+def _step(h: dict) -> str:
+    """A history row's step: the newest of its fit's window, else that checkpoint's file name."""
+    newest = h["window_steps"][-1] if h["window_steps"] else None
+    return str(newest) if newest is not None else Path(h["newest"]).name
+
+
+def render_history(history: list[dict], console: Console) -> None:
+    """The steps of training, their accepted ratio per layer type (the paper's masked-ratio curves), and
+    apart from them the audits (`HistoryEntry.training`). Each table names its rows by # and step."""
+    training = [h for h in history if h.get("training", True)]
+    audits = [h for h in history if not h.get("training", True)]
+    width = console.width
+    if training:
+        keys = [Column("#", [str(i) for i in range(1, len(training) + 1)], right=True),
+                Column("step", [_step(h) for h in training], name=True)]
+        _show(console, "training history (step = newest checkpoint of the fit's window)", *_tables(keys + [
+            Column("when (UTC)", [_when(h["at"]) for h in training]),
+            Column("command", [_command(h["command"]) for h in training]),
+            Column("rank", [str(h["rank"]) for h in training], right=True),
+            Column("mask", [_short_mask(h["mask"]) for h in training], name=True),
+            Column("output", [Path(h["output"]).name if h["output"] else "" for h in training], name=True)],
+            width, keys=2))
+        kinds = [k for k in LAYER_TYPES if any(k in h["by_layer_type"] for h in training)]
+        ratios = [Column("model", [_pct(h["totals"]["ratio"]) for h in training], right=True)]
+        ratios += [Column(k, [_pct(h["by_layer_type"][k]["ratio"]) if k in h["by_layer_type"] else ""
+                              for h in training], right=True) for k in kinds]
+        _show(console, "training history: accepted ratio, model and per layer type",
+              *_tables(keys + ratios, width, keys=2))
+    if audits:
+        _show(console, "audits (masks, dry runs, -o copies: training did not resume from them)", *_tables([
+            Column("#", [str(i) for i in range(1, len(audits) + 1)], right=True),
+            Column("step", [_step(h) for h in audits], name=True),
+            Column("when (UTC)", [_when(h["at"]) for h in audits]),
+            Column("command", [_command(h["command"]) for h in audits]),
+            Column("mask", [_short_mask(h["mask"]) for h in audits], name=True),
+            Column("acc %", [_pct(h["totals"]["ratio"]) for h in audits], right=True),
+            Column("output", [Path(h["output"]).name if h["output"] else "" for h in audits], name=True)],
+            width, keys=2))
 
 
 def render_summary(result: dict, tensors: list[dict] | None, console: Console) -> None:
     """The few lines `pdt predict` prints: warnings, ratio, rejections per criterion, extreme layers.
 
-    One fact per line, so that at 80 columns no line breaks inside a number or a name.
+    One fact per line, so that at 80 columns no line breaks inside a number or a name; the failures of
+    a criterion the mask did not apply are on a line of their own, for reference.
     """
     console.print(result["message"], soft_wrap=True, highlight=False, markup=False)
     for warning in result.get("warnings") or ():
@@ -252,8 +422,14 @@ def render_summary(result: dict, tensors: list[dict] | None, console: Console) -
     totals = mask["totals"]
     console.print(f"mask {mask['label']}: accepted {totals['accepted']:,} of {totals['elements']:,} "
                   f"({_pct(totals['ratio'])})", highlight=False, markup=False)
-    console.print(f"failing (overlapping): lower {totals['fail_lower']:,}, upper {totals['fail_upper']:,}, "
-                  f"sign {totals['fail_sign']:,}, nonfinite {totals['nonfinite']:,}", highlight=False, markup=False)
+    applied = criteria_of(mask["label"])
+    failing = [f"{name} {totals['fail_' + name]:,}" for name in CRITERIA if name in applied]
+    failing.append(f"nonfinite {totals['nonfinite']:,}")
+    console.print(f"failing (overlapping): {', '.join(failing)}", highlight=False, markup=False)
+    skipped = [f"{name} {totals['fail_' + name]:,}" for name in CRITERIA if name not in applied]
+    if skipped:
+        console.print(f"not applied, shown for reference: {', '.join(skipped)} would fail", highlight=False,
+                      markup=False)
     if tensors:
         ranked = sorted((r for r in tensors if r["elements"]), key=lambda r: r["ratio"])
         if ranked:

@@ -139,7 +139,7 @@ def test_stage_by_stage_and_report(sgd_run):
     assert pdt_json("report", sgd_run / ".pdt") == report  # a store path works as well as the folder
     assert pdt_json("report", sgd_run / ".pdt" / "store.h5")["model"] == report["model"]
     code, text = pdt("report", sgd_run)
-    assert code == 0 and "per layer type" in text and "history" in text
+    assert code == 0 and "per layer type" in text and "audits (masks, dry runs" in text  # none was a step
 
 
 def test_apply_twice_keeps_lineage_consistent(sgd_run):

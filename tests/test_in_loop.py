@@ -96,7 +96,7 @@ def test_in_loop_honours_start_and_every(tmp_path):
     assert statuses == {1: "waiting", 2: "waiting", 3: "not-due", 4: "loaded", 5: "not-due", 6: "loaded",
                         7: "not-due", 8: "loaded"}
     code, text = pdt("report", tmp_path / "live")
-    assert "every 1 checkpoint(s)" in text, text
+    assert "after every 1 plain checkpoint(s)" in " ".join(text.split()), text
 
 
 def _unchanged_after(net: nn.Module, step) -> None:

@@ -142,19 +142,14 @@ def test_top_strips_the_prefix_of_the_rows_shown():
     assert "0.attn.c_attn.weight" in only_blocks.split()
 
 
-def test_a_name_too_long_for_the_column_folds_instead_of_ending_in_an_ellipsis():
+def test_a_name_too_long_for_the_column_is_shortened_in_the_middle_on_one_line():
     long_name = "encoder.block.0.layer.1.DenseReluDense.wi_a_very_long_projection_name_indeed.weight"
     tensors = [(long_name, [512, 2048]), ("decoder.final_layer_norm.weight", [512])]
     text = render(build_report(make_data(tensors, {1: checkpoint("/x/a_1.pt", 1, None)}, [1], fit_window=[1])))
-    assert_fits(text)
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(long_name[:10]))
-    pieces = [lines[start].split()[0]]
-    for line in lines[start + 1:]:
-        if len(line.split()) != 1:
-            break
-        pieces.append(line.split()[0])
-    assert "".join(pieces) == long_name
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    row = next(line for line in text.splitlines() if line.startswith("encoder."))
+    shown = row.split()[0]  # whole on its line: its head, `…`, and the tail that names the weight
+    assert shown.startswith("encoder.…") and shown.endswith("name_indeed.weight")
 
 
 def test_common_prefix_stops_at_separators_and_never_takes_a_whole_name():
@@ -174,17 +169,20 @@ def test_history_with_every_layer_type_and_long_labels_is_readable_at_80_columns
                history_entry("apply", [None, None], f"{FOLDER}/checkpoint-final-averaged.safetensors",
                              f"{FOLDER}/checkpoint-final-averaged.pdt.safetensors", "lower+upper+sign", kinds)]
     text = render(gpt_report(history=history))
-    assert_fits(text)
-    runs = section(text, "history (step = newest of the fit's window)")
-    assert runs[0].split() == ["#", "when", "(UTC)", "command", "step", "rank", "mask", "output"]
-    rows = [line.split() for line in runs[2:] if line[0] != " "]
-    assert [r[:5] for r in rows] == [["1", "11-25", "17:03", "dry-run", "5000"],
-                                     ["2", "11-25", "17:03", "mask", "5000"],
-                                     ["3", "11-25", "17:03", "apply", rows[2][4]]]
-    assert rows[2][4].startswith("checkpoint-")  # no step known: the newest checkpoint's file name instead
-    assert [r[-1] for r in rows[:2]] == ["all", "random@all(seed=3)"]  # `--criteria all`, whole
-    ratios = section(text, "history: accepted ratio, model and per layer type")
-    assert ratios[0].split() == ["#", "model", *kinds] and len(ratios) == 2 + len(history)
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    runs = section(text, "training history (step = newest checkpoint of the fit's window)")
+    assert runs[0].split() == ["#", "step", "when", "(UTC)", "command", "rank", "mask", "output"]
+    row = runs[2].split()  # no step known: the file name, shortened in the middle as the output's
+    assert row[2:7] == ["11-25", "17:03", "apply", "4", "all"] and len(row) == 8
+    assert row[1].endswith("raged.safetensors") and "…" in row[1]
+    assert row[7].endswith("aged.pdt.safetensors") and "…" in row[7]
+    ratios = section(text, "training history: accepted ratio, model and per layer type")
+    assert ratios[0].split() == ["#", "step", "model", *kinds] and len(ratios) == 3
+    audits = section(text, "audits (masks, dry runs, -o copies: training did not resume from them)")
+    rows = [line.split() for line in audits[2:]]
+    assert [r[:5] for r in rows] == [["1", "5000", "11-25", "17:03", "dry-run"],
+                                     ["2", "5000", "11-25", "17:03", "mask"]]
+    assert [r[5] for r in rows] == ["all", "random@all(seed=3)"]  # `--criteria all`, whole
 
 
 def test_the_step_shown_is_the_one_that_orders_the_window():
@@ -309,7 +307,7 @@ def test_plot_draws_the_history_and_the_spectrum_from_a_real_store(sgd_run, tmp_
     assert (tmp_path / "pdt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, _ = pdt("report", sgd_run, "--plot", tmp_path / "pdt.svg")
     svg = (tmp_path / "pdt.svg").read_text()
-    assert code == 0 and "masked ratio" in svg and "DMD eigenvalues" in svg and "linear" in svg
+    assert code == 0 and "accepted ratio" in svg and "DMD eigenvalues" in svg and "linear" in svg
     code, output = pdt("report", sgd_run, "--plot", tmp_path / "pdt.jpg")
     assert code == 2 and "pdt.jpg" in output and not (tmp_path / "pdt.jpg").exists()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the extra were not installed

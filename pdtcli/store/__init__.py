@@ -52,6 +52,7 @@ STORE_DTYPES = {"float32": (torch.float32, np.float32), "float64": (torch.float6
                 "float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, np.int16)}
 LOSSLESS_16 = ("bfloat16", "float16")  # kept in their own dtype when every predicted tensor has it
 ORDER_OF_OLD_STORES = "name"  # stores made before --order existed ordered by name
+AUDIT_COMMANDS = ("mask", "predict --dry-run")  # history rows that never write what training resumes from
 
 def part_name(world: World) -> str:
     return f"{PART_PREFIX}{world.rank:05d}-of-{world.size:05d}"
@@ -189,11 +190,20 @@ class Store:
         self.mask = Mask.from_dict(state["mask"]) if state.get("mask") else None
         self.outputs = [Output.from_dict(o) for o in state["outputs"]]
         self.history = history
+        self._tell_audits_apart()
         self.pending = Pending.from_dict(state["pending_in_place"]) if state.get("pending_in_place") else None
         sums = SlotSums.from_records(state.get("checksums"), arrays.pop(h5file.SUMS, None), self.capacity, self.n)
         self._arrays = arrays  # the fit's and the mask's; the matrix keeps its own digests
         self.matrix = SnapshotMatrix(self.root / DATA_NAME, self.capacity, self.n, self.dtype, sums, self.holding)
         self._check()
+
+    def _tell_audits_apart(self) -> None:
+        """Rows recorded before the history told training steps from audits: a mask or a dry run is an
+        audit, and so is a write to an output training does not resume from (`Output.lineage`)."""
+        copies = {o.path for o in self.outputs if not o.lineage}
+        for entry in self.history:
+            if entry.training is None:
+                entry.training = entry.command not in AUDIT_COMMANDS and entry.output not in copies
 
     def _check(self) -> None:
         """Refuse records that disagree with each other (a store made by hand, or a bug): every
@@ -555,26 +565,37 @@ class Store:
 
     # ---- lineage: the outputs, and the fused state training resumes from --------------------------
 
-    def append_history(self, command: str, output: str | None) -> None:
+    def append_history(self, command: str, output: str | None, *, training: bool) -> None:
+        """A row of history for the fit and mask just used; `training`: training resumes from what the
+        run wrote (a step of training), else an audit (`AUDIT_COMMANDS`, a copy written with `-o`)."""
         fit, mask = self.fit, self.mask
         counts = self._arrays["mask/counts"]
         self.history.append(HistoryEntry(
             at=now(), command=command, window_steps=[self.step_of(self.snapshots[i]) for i in fit.window],
             newest=self.snapshots[fit.window[-1]].path, fit_id=fit.id, rank=fit.rank,
             growing_modes=fit.growing_modes, mask=mask.label, totals=mask.totals, by_layer_type=mask.by_layer_type,
-            per_tensor_accepted=[int(c) for c in counts[:, 1]], output=output))
+            per_tensor_accepted=[int(c) for c in counts[:, 1]], output=output, training=training))
 
     # ---- reports ------------------------------------------------------------------------------------
     def view(self, snapshot_id: int) -> dict:
-        """A snapshot as reports show it, with the step that orders the window; a fit may outlive
-        the snapshots it used (a newer checkpoint took their slot): those show only their id."""
+        """A snapshot as reports show it, with the step that orders the window. A fit may outlive the
+        snapshots it used (a newer checkpoint took their slot): a checkpoint is then known by what the
+        store saw of it (`seen`, by id), a fused state by its output; only what neither names shows as
+        its id alone (kind, path, step and name None)."""
         snapshot = self.snapshots.get(snapshot_id)
-        if snapshot is None:
-            return {"id": snapshot_id, "kind": None, "path": None, "step": None, "name": None, "descends_from": None,
-                    "descends_path": None, "lineage_evidence": None}
-        return {"id": snapshot_id, "kind": snapshot.kind, "path": snapshot.path, "step": self.step_of(snapshot),
-                "name": Path(snapshot.path).name, "descends_from": snapshot.descends_from,
-                "descends_path": snapshot.descends_path, "lineage_evidence": snapshot.lineage_evidence}
+        if snapshot is not None:
+            return {"id": snapshot_id, "kind": snapshot.kind, "path": snapshot.path, "step": self.step_of(snapshot),
+                    "name": Path(snapshot.path).name, "descends_from": snapshot.descends_from,
+                    "descends_path": snapshot.descends_path, "lineage_evidence": snapshot.lineage_evidence}
+        gone = {"id": snapshot_id, "kind": None, "path": None, "step": None, "name": None, "descends_from": None,
+                "descends_path": None, "lineage_evidence": None}
+        seen = next((r for r in self.seen if r.id == snapshot_id), None)
+        if seen is not None:
+            return dict(gone, kind="checkpoint", path=seen.path, step=self.step_of(seen), name=Path(seen.path).name)
+        output = next((o for o in self.outputs if o.snapshot == snapshot_id), None)
+        if output is not None:  # its step is its checkpoint's, which the output does not record: its name says it
+            return dict(gone, kind="fused", path=output.path, name=Path(output.path).name)
+        return gone
 
     def describe(self) -> dict[str, Any]:
         """Everything a report shows, as plain data."""
@@ -582,7 +603,8 @@ class Store:
         counts = self._arrays.get("mask/counts")
         return {
             "store": str(self.root), "folder": str(self.folder), "order": self.order, "history_len": self.history_len,
-            "schedule": {"start": self.start, "every": self.every, "next": schedule.next_due(self)},
+            "schedule": {"start": self.start, "every": self.every, **schedule.next_due(self).as_dict()},
+            "waiting": schedule.window_short(self),
             "n": self.n, "layout": self.layout.as_dict(),
             "window": [self.view(i) for i in self.window],
             "fit_window": [self.view(i) for i in self.fit.window] if self.fit else [],

@@ -170,7 +170,8 @@ class Output(Record):
 
 @dataclass
 class HistoryEntry(Record):
-    """One step, for the masked-ratio curves across runs."""
+    """One run that masked: a step of training (training resumes from what it wrote), or an audit (a
+    mask, a dry run, a copy written elsewhere with `-o`), for the accepted-ratio curves across steps."""
 
     at: str
     command: str
@@ -184,6 +185,7 @@ class HistoryEntry(Record):
     by_layer_type: dict
     per_tensor_accepted: list[int] = field(default_factory=list)
     output: str | None = None
+    training: bool | None = None  # None in stores made before audits were told apart (`Store` decides then)
 
 
 @dataclass

@@ -7,6 +7,7 @@ fixed once a fused checkpoint was written under them (`pdtcli.ingest.schedule`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .lineage import base_window, taken
@@ -34,17 +35,47 @@ def not_due(store: Store) -> str | None:
     return None
 
 
-def next_due(store: Store) -> str:
+@dataclass(frozen=True)
+class Due:
+    """When the next fused checkpoint is due: `due_in` checkpoints from now (0: now; None: at a step
+    (`--start`) that checkpoints do not count), and the sentence reports print."""
+
+    due_in: int | None
+    sentence: str
+
+    def as_dict(self) -> dict:
+        """The JSON of `pdt report`'s schedule: `next` (the sentence), `due_in`, `due_now`."""
+        return {"next": self.sentence, "due_in": self.due_in, "due_now": self.due_in == 0}
+
+
+def window_short(store: Store) -> str | None:
+    """How many checkpoints the window still lacks before DMD can fit, or None when it is full: before
+    the first fit, the one next step every command names."""
+    have = len(base_window(store))
+    if have >= store.history_len:
+        return None
+    return (f"need {store.history_len - have} more checkpoint(s) before DMD can fit (window holds {have} of "
+            f"{store.history_len})")
+
+
+def next_due(store: Store) -> Due:
     """When the schedule next allows a fused checkpoint, for reports."""
-    if len(base_window(store)) < store.history_len:
-        return f"the window needs {store.history_len - len(base_window(store))} more checkpoint(s) first"
     place, plain, fused_already = position(store)
+    missing = store.history_len - len(base_window(store))  # a fused checkpoint needs a full window first
+    first = f"the window needs {missing} more checkpoint(s) first; " if missing > 0 else ""
     if store.start is not None and place < store.start:
-        return f"the next fused checkpoint is due at checkpoint {store.start}"
+        return Due(None, f"{first}the next fused checkpoint is due at checkpoint {store.start}")
     remaining = store.every + 1 if fused_already else store.every - plain
-    if remaining <= 0:
-        return "a fused checkpoint is due now"
-    return f"the next fused checkpoint is due after {remaining} more checkpoint(s)"
+    due_in = max(0, missing, remaining)  # the checkpoints that fill the window are plain ones: they count too
+    if due_in == 0:
+        return Due(0, "a fused checkpoint is due now")
+    return Due(due_in, f"{first}the next fused checkpoint is due after {due_in} more checkpoint(s)")
+
+
+def every_text(every: int) -> str:
+    """--every as a report says it: T_i plain checkpoints between two fused ones (0: a fused one at every
+    checkpoint)."""
+    return "a fused one at every checkpoint" if every == 0 else f"a fused one after every {every} plain checkpoint(s)"
 
 
 def position(store: Store) -> tuple[int, int, bool]:
