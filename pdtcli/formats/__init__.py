@@ -11,6 +11,7 @@ from ..world import World
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 from .flax_msgpack import FlaxFormat
 from .hf_folder import HfFolderFormat
+from .keras_archive import KerasArchiveFormat
 from .keras_h5 import KerasFormat
 from .numpy_npz import NpzFormat
 from .safetensors_file import SafetensorsFormat
@@ -20,7 +21,8 @@ from .torch_pickle import TorchFormat
 # Files are sniffed by the formats that claim their suffix first, then by all others; a format
 # whose magic bytes others share says so (`sniff_last`) and is tried after them.
 FORMATS: tuple[CheckpointFormat, ...] = tuple(sorted(
-    (SafetensorsFormat(), NpzFormat(), KerasFormat(), FlaxFormat(), TorchFormat()), key=lambda f: f.sniff_last))
+    (SafetensorsFormat(), NpzFormat(), KerasFormat(), KerasArchiveFormat(), FlaxFormat(), TorchFormat()),
+    key=lambda f: f.sniff_last))
 FOLDER_FORMATS: tuple[CheckpointFormat, ...] = (DcpFormat(), HfFolderFormat())
 CHECKPOINT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.suffixes)
 OUTPUT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.output_suffixes)

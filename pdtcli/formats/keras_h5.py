@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -25,10 +26,13 @@ CARRIED_GROUPS = ("optimizer/",)
 
 
 class KerasReader(CheckpointReader):
-    def __init__(self, path: Path) -> None:
+    """`source`: where the HDF5 bytes are, when not the file `path` itself (a member of a `.keras`
+    archive, as a seekable file object); errors still name `path`."""
+
+    def __init__(self, path: Path, source: BinaryIO | None = None) -> None:
         super().__init__(path)
         try:
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(self.path if source is None else source, "r")
             names: list[str] = []
             self._file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
         except (OSError, RuntimeError, KeyError) as exc:
@@ -60,7 +64,11 @@ class KerasReader(CheckpointReader):
 
     def write_fused(self, out: Path, fuse: Fuse) -> None:
         shutil.copyfile(self.path, out)
-        with h5py.File(out, "r+") as dst:
+        self.fuse_into(out, fuse)
+
+    def fuse_into(self, copy: Path, fuse: Fuse) -> None:
+        """Overwrite, in `copy` (a byte copy of these weights), the datasets `fuse` wants with its values."""
+        with h5py.File(copy, "r+") as dst:
             for info in self._infos:
                 if fuse.wants(info.name):
                     dst[info.name][...] = fuse(info.name, self.read(info.name)).numpy()
