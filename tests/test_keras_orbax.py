@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import training
+from test_hostile import pdt
 from typer.testing import CliRunner
 
 from pdtcli.cli import app
@@ -75,3 +76,67 @@ def test_keras_archives_from_model_checkpoint_are_fused_loaded_and_trained_on(tm
     history = resumed.fit(x, y, batch_size=64, epochs=1, verbose=0)
     assert int(resumed.optimizer.iterations.numpy()) == 7 * 8
     assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.slow
+def test_orbax_steps_of_a_flax_run_are_fused_after_every_save_and_the_manager_restores_and_rotates(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import orbax.checkpoint as ocp
+    from flax import linen as nn
+    from flax.training import train_state
+
+    x, y = (jnp.asarray(t.numpy()) for t in training.data())
+    net = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(training.CLASSES)])
+    state = train_state.TrainState.create(apply_fn=net.apply, params=net.init(jax.random.PRNGKey(0), x[:1]),
+                                          tx=optax.sgd(0.05, momentum=0.9))
+
+    @jax.jit
+    def step(state, xb, yb):
+        def loss(params):
+            return optax.softmax_cross_entropy_with_integer_labels(state.apply_fn(params, xb), yb).mean()
+
+        return state.apply_gradients(grads=jax.grad(loss)(state.params))
+
+    def epoch(state):
+        for i in range(0, len(x), 64):
+            state = step(state, x[i: i + 64], y[i: i + 64])
+        return state
+
+    folder = tmp_path / "ckpts"
+    manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(max_to_keep=3))
+    for number in range(1, 7):
+        state = epoch(state)
+        manager.save(number, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+        code, output = pdt("predict", folder, "--history", "2", "--json")
+        assert code == 0, output
+        assert manager.all_steps() == list(range(max(1, number - 2), number + 1))  # pdt's entries are not steps
+    assert json.loads(output)["output"] == str(folder / "6.pdt")
+    outputs = {f"{number}.pdt" for number in range(1, 7)}  # pdt's fused steps, which the manager passes over
+    assert {p.name for p in folder.iterdir()} - outputs == {".pdt", "4", "5", "6"}
+    assert manager.latest_step() == 6
+
+    fused = ocp.StandardCheckpointer().restore(folder / "6.pdt" / "default", state)  # the documented resume line
+    newest = manager.restore(6, args=ocp.args.StandardRestore(state))
+    assert int(fused.step) == int(newest.step) == 6 * 8
+    with open_checkpoint(folder / "6.pdt") as written, open_checkpoint(folder / "6") as saved:
+        assert saved.recorded_step() == 6
+        assert [i.name for i in written.tensors()] == [i.name for i in saved.tensors()] == [
+            f"default/params/params/layers_{layer}/{kind}" for layer in (0, 2) for kind in ("bias", "kernel")]
+        kernel = fused.params["params"]["layers_0"]["kernel"]
+        np.testing.assert_array_equal(np.asarray(kernel), written.read("default/params/params/layers_0/kernel"))
+    assert 0 < float(jnp.mean(kernel != newest.params["params"]["layers_0"]["kernel"])) < 1
+    for got, want in zip(jax.tree_util.tree_leaves(fused.opt_state), jax.tree_util.tree_leaves(newest.opt_state),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)  # the optimizer's state is carried, not predicted
+
+    resumed = epoch(fused)
+    assert int(resumed.step) == 7 * 8 and bool(jnp.isfinite(resumed.params["params"]["layers_0"]["kernel"]).all())
+    manager.save(7, args=ocp.args.StandardSave(resumed))
+    manager.wait_until_finished()
+    assert manager.all_steps() == [5, 6, 7]
+    code, output = pdt("predict", folder, "--history", "2", "--json")
+    assert code == 0, output
+    assert json.loads(output)["output"] == str(folder / "7.pdt")

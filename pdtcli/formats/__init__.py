@@ -14,6 +14,7 @@ from .hf_folder import HfFolderFormat
 from .keras_archive import KerasArchiveFormat
 from .keras_h5 import KerasFormat
 from .numpy_npz import NpzFormat
+from .orbax_step import OrbaxFormat
 from .safetensors_file import SafetensorsFormat
 from .torch_dcp import DcpFormat
 from .torch_pickle import TorchFormat
@@ -23,7 +24,7 @@ from .torch_pickle import TorchFormat
 FORMATS: tuple[CheckpointFormat, ...] = tuple(sorted(
     (SafetensorsFormat(), NpzFormat(), KerasFormat(), KerasArchiveFormat(), FlaxFormat(), TorchFormat()),
     key=lambda f: f.sniff_last))
-FOLDER_FORMATS: tuple[CheckpointFormat, ...] = (DcpFormat(), HfFolderFormat())
+FOLDER_FORMATS: tuple[CheckpointFormat, ...] = (DcpFormat(), HfFolderFormat(), OrbaxFormat())
 CHECKPOINT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.suffixes)
 OUTPUT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.output_suffixes)
 RUNNING_STATS = tuple(p for fmt in FORMATS + FOLDER_FORMATS for p in fmt.running_stats)
