@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import sys
 import zipfile
 
 import h5py
 import numpy as np
 import pytest
 import training
-from test_hostile import pdt
+from test_hostile import one_error_line, pdt
 from typer.testing import CliRunner
 
 from pdtcli.cli import app
@@ -140,3 +142,47 @@ def test_orbax_steps_of_a_flax_run_are_fused_after_every_save_and_the_manager_re
     code, output = pdt("predict", folder, "--history", "2", "--json")
     assert code == 0, output
     assert json.loads(output)["output"] == str(folder / "7.pdt")
+
+
+def orbax_steps(folder, count: int) -> None:
+    """`count` steps of a CheckpointManager, each a params tree of real arrays that drift a little."""
+    import orbax.checkpoint as ocp
+
+    rng = np.random.default_rng(0)
+    params = {"params": {"kernel": rng.standard_normal((4, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+    with ocp.CheckpointManager(folder) as manager:
+        for number in range(1, count + 1):
+            params = {"params": {k: v - 0.01 * (v + 1) for k, v in params["params"].items()}}
+            manager.save(number, args=ocp.args.StandardSave(params))
+
+
+def test_an_orbax_folder_without_orbax_installed_is_named_and_refused(tmp_path, monkeypatch):
+    orbax_steps(tmp_path, 3)
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # as if the optional extra were not installed
+    code, output = pdt("predict", tmp_path)
+    assert code == 3, output
+    line = one_error_line(output)
+    assert re.fullmatch(rf"pdt: error: {re.escape(str(tmp_path))}/[123]: an Orbax checkpoint; reading it needs "
+                        r"orbax-checkpoint \(.*\): pip install 'pdtcli\[orbax\]'", line), line
+    assert not (tmp_path / ".pdt").exists()
+
+
+@pytest.mark.slow
+def test_keras_sharded_weights_are_refused_in_one_line_not_taken_as_one_checkpoint_per_shard(tmp_path):
+    import keras
+
+    x, y = (t.numpy() for t in training.data())
+    model = keras.Sequential([keras.Input((training.INPUTS,)), keras.layers.Dense(16), keras.layers.Dense(4)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for epoch in range(1, 4):
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+        model.save_weights(tmp_path / f"epoch_{epoch}.weights.json", max_shard_size=1e-6)  # in GB: a few shards
+    assert (tmp_path / "epoch_3_00001.weights.h5").is_file()
+    code, output = pdt("predict", tmp_path)
+    assert code == 3, output
+    line = one_error_line(output)
+    shard = re.fullmatch(rf"pdt: error: {re.escape(str(tmp_path))}/epoch_(\d)_0000[01]\.weights\.h5: a shard of the "
+                         r"Keras sharded weights epoch_(\d)\.weights\.json, which pdt does not read: save each "
+                         r"checkpoint as one file \(`save_weights` without `max_shard_size`, or the \.keras archive "
+                         r"`ModelCheckpoint` writes\)", line)
+    assert shard and shard.group(1) == shard.group(2), line

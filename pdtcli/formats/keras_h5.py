@@ -9,6 +9,7 @@ the predicted datasets overwritten in place: groups, attributes, chunking, and d
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +23,8 @@ from ..errors import CheckpointError
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo, torch_dtype
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# A shard of `model.save_weights("x.weights.json", max_shard_size=...)`: `x_00000.weights.h5` beside `x.weights.json`
+SHARD = re.compile(r"(.+)_\d+\.weights\.h5")
 CARRIED_GROUPS = ("optimizer/",)
 
 
@@ -90,4 +93,10 @@ class KerasFormat(CheckpointFormat):
         return head[:8] == HDF5_SIGNATURE
 
     def open(self, path: Path) -> CheckpointReader:
+        shard = SHARD.fullmatch(Path(path).name)
+        index = Path(path).with_name(f"{shard.group(1)}.weights.json") if shard else None
+        if index is not None and index.is_file():  # one checkpoint in several files, not one checkpoint per file
+            raise CheckpointError(f"a shard of the Keras sharded weights {index.name}, which pdt does not read: save "
+                                  "each checkpoint as one file (`save_weights` without `max_shard_size`, or the "
+                                  ".keras archive `ModelCheckpoint` writes)", path)
         return KerasReader(path)
