@@ -186,3 +186,15 @@ def test_keras_sharded_weights_are_refused_in_one_line_not_taken_as_one_checkpoi
                          r"checkpoint as one file \(`save_weights` without `max_shard_size`, or the \.keras archive "
                          r"`ModelCheckpoint` writes\)", line)
     assert shard and shard.group(1) == shard.group(2), line
+
+
+def test_an_orbax_step_holding_a_link_out_is_refused_before_orbax_reads_it(tmp_path):
+    folder, outside = tmp_path / "ckpts", tmp_path / "secret.bin"
+    orbax_steps(folder, 3)
+    outside.write_bytes(b"not the checkpoint's")
+    (folder / "3" / "default" / "d" / "extra").symlink_to(outside)
+    code, output = pdt("predict", folder)
+    assert code == 3, output
+    assert one_error_line(output) == (f"pdt: error: {folder / '3'}: default/d/extra is a symbolic link to {outside}, "
+                                      "outside the checkpoint; pdt does not follow links out of a checkpoint")
+    assert outside.read_bytes() == b"not the checkpoint's" and not list(tmp_path.rglob("*.pdt"))
