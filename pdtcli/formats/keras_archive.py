@@ -11,6 +11,7 @@ output, fused there in place as a `.weights.h5` file is, and stored as the membe
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import shutil
@@ -94,9 +95,9 @@ class KerasArchiveReader(KerasReader):
                 shutil.copyfileobj(src, dst)
             self.fuse_into(weights, fuse)
             with zipfile.ZipFile(out, "w") as dst:
-                for info in self._archive.infolist():
+                for info in self._archive.infolist():  # written under a copy: writing sets its sizes and offset
                     with (open(weights, "rb") if info.filename == WEIGHTS else self._archive.open(info)) as src, \
-                            dst.open(info, "w", force_zip64=info.file_size >= zipfile.ZIP64_LIMIT) as member:
+                            dst.open(copy.copy(info), "w", force_zip64=info.file_size >= zipfile.ZIP64_LIMIT) as member:
                         shutil.copyfileobj(src, member)
         finally:
             weights.unlink(missing_ok=True)
