@@ -10,6 +10,9 @@ read from its code (tests/test_rotation.py runs each):
 - Hugging Face Trainer (`checkpoint-<N>/`): rotation (`save_total_limit`, by modification time)
   counts every folder matching `checkpoint-*`; `resume_from_checkpoint=True` takes `checkpoint-<digits>`.
 - Lightning (`*.ckpt`): `ckpt_path="last"` loads the newest `.ckpt` whose stem starts with `last`.
+- Orbax `CheckpointManager` (`ckpts/<N>/`): `all_steps()`, `latest_step()` and `max_to_keep` rotation take only
+  folders named `<N>` or `<prefix>_<N>` (orbax-checkpoint 0.12.8, `_StandardNameFormat`), so `N.pdt` and `.pdt`
+  are never steps: the default rule (store and outputs inside the folder) holds, and needs no case of its own.
 
 The rule decides from the folder's path and its entries' names only, never from a file's content:
 an entry a framework would enumerate goes to the side folder `<folder>.pdt/` beside the checkpoint

@@ -11,8 +11,10 @@ from ..world import World
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo
 from .flax_msgpack import FlaxFormat
 from .hf_folder import HfFolderFormat
+from .keras_archive import KerasArchiveFormat
 from .keras_h5 import KerasFormat
 from .numpy_npz import NpzFormat
+from .orbax_step import OrbaxFormat
 from .safetensors_file import SafetensorsFormat
 from .torch_dcp import DcpFormat
 from .torch_pickle import TorchFormat
@@ -20,8 +22,9 @@ from .torch_pickle import TorchFormat
 # Files are sniffed by the formats that claim their suffix first, then by all others; a format
 # whose magic bytes others share says so (`sniff_last`) and is tried after them.
 FORMATS: tuple[CheckpointFormat, ...] = tuple(sorted(
-    (SafetensorsFormat(), NpzFormat(), KerasFormat(), FlaxFormat(), TorchFormat()), key=lambda f: f.sniff_last))
-FOLDER_FORMATS: tuple[CheckpointFormat, ...] = (DcpFormat(), HfFolderFormat())
+    (SafetensorsFormat(), NpzFormat(), KerasFormat(), KerasArchiveFormat(), FlaxFormat(), TorchFormat()),
+    key=lambda f: f.sniff_last))
+FOLDER_FORMATS: tuple[CheckpointFormat, ...] = (DcpFormat(), HfFolderFormat(), OrbaxFormat())
 CHECKPOINT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.suffixes)
 OUTPUT_SUFFIXES = tuple(s for fmt in FORMATS for s in fmt.output_suffixes)
 RUNNING_STATS = tuple(p for fmt in FORMATS + FOLDER_FORMATS for p in fmt.running_stats)

@@ -9,8 +9,10 @@ the predicted datasets overwritten in place: groups, attributes, chunking, and d
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -21,14 +23,19 @@ from ..errors import CheckpointError
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo, torch_dtype
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# A shard of `model.save_weights("x.weights.json", max_shard_size=...)`: `x_00000.weights.h5` beside `x.weights.json`
+SHARD = re.compile(r"(.+)_\d+\.weights\.h5")
 CARRIED_GROUPS = ("optimizer/",)
 
 
 class KerasReader(CheckpointReader):
-    def __init__(self, path: Path) -> None:
+    """`source`: where the HDF5 bytes are, when not the file `path` itself (a member of a `.keras`
+    archive, as a seekable file object); errors still name `path`."""
+
+    def __init__(self, path: Path, source: BinaryIO | None = None) -> None:
         super().__init__(path)
         try:
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(self.path if source is None else source, "r")
             names: list[str] = []
             self._file.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
         except (OSError, RuntimeError, KeyError) as exc:
@@ -60,7 +67,11 @@ class KerasReader(CheckpointReader):
 
     def write_fused(self, out: Path, fuse: Fuse) -> None:
         shutil.copyfile(self.path, out)
-        with h5py.File(out, "r+") as dst:
+        self.fuse_into(out, fuse)
+
+    def fuse_into(self, copy: Path, fuse: Fuse) -> None:
+        """Overwrite, in `copy` (a byte copy of these weights), the datasets `fuse` wants with its values."""
+        with h5py.File(copy, "r+") as dst:
             for info in self._infos:
                 if fuse.wants(info.name):
                     dst[info.name][...] = fuse(info.name, self.read(info.name)).numpy()
@@ -82,4 +93,10 @@ class KerasFormat(CheckpointFormat):
         return head[:8] == HDF5_SIGNATURE
 
     def open(self, path: Path) -> CheckpointReader:
+        shard = SHARD.fullmatch(Path(path).name)
+        index = Path(path).with_name(f"{shard.group(1)}.weights.json") if shard else None
+        if index is not None and index.is_file():  # one checkpoint in several files, not one checkpoint per file
+            raise CheckpointError(f"a shard of the Keras sharded weights {index.name}, which pdt does not read: save "
+                                  "each checkpoint as one file (`save_weights` without `max_shard_size`, or the "
+                                  ".keras archive `ModelCheckpoint` writes)", path)
         return KerasReader(path)
