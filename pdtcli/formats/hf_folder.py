@@ -3,10 +3,10 @@
 The weights are `model.safetensors`, or shards listed in `model.safetensors.index.json`,
 or the same two for `pytorch_model.bin`; in a PEFT run (LoRA), the adapter that trains:
 `adapter_model.safetensors` or `adapter_model.bin` beside `adapter_config.json`. Each weight
-file is read and written by the single-file reader of its format, so a tensor is still read on demand. Every other file
-(`optimizer.pt`, `scheduler.pt`, `rng_state.pth`, `trainer_state.json`, `config.json`,
-`training_args.bin`, DeepSpeed sub-folders) is copied byte for byte and never loaded, so
-a pickle there cannot run code. The fused folder keeps the input's sharding: the same
+file is read and written by the single-file reader of its format, so a tensor is still read on
+demand. Every other file (`optimizer.pt`, `scheduler.pt`, `rng_state.pth`, `trainer_state.json`,
+`config.json`, `adapter_config.json`, `training_args.bin`, DeepSpeed sub-folders) is copied
+byte for byte and never loaded, so a pickle there cannot run code. The fused folder keeps the input's sharding: the same
 shard files hold the same tensors, and the index is copied unchanged (sizes do not change).
 """
 
