@@ -60,6 +60,23 @@ def test_a_lora_run_is_predicted_and_resumed_from(lora_run, tmp_path):
     assert resumed.state.global_step == 60 and torch.isfinite(torch.tensor(result.training_loss))
 
 
+def test_a_fused_adapter_converts_to_one_torch_file_and_other_names_are_refused(lora_run, tmp_path):
+    """A folder's output keeps its format under any name without a file suffix, or converts."""
+    fused_dir = Path(json.loads(pdt("predict", lora_run, "--files", "checkpoint-*", "--json")[1])["output"])
+    audit = tmp_path / "adapter.pt"
+    code, output = pdt("apply", lora_run, "-o", audit)
+    assert code == 0, output
+    converted, fused = torch.load(audit, weights_only=True), load_file(fused_dir / "adapter_model.safetensors")
+    assert sorted(converted) == sorted(fused)
+    assert all(torch.equal(converted[name], values) for name, values in fused.items())
+    assert pdt("apply", lora_run, "-o", tmp_path / "copy.pdt")[0] == 0
+    assert (tmp_path / "copy.pdt" / "adapter_model.safetensors").read_bytes() == (
+        fused_dir / "adapter_model.safetensors").read_bytes()
+    code, output = pdt("apply", lora_run, "-o", tmp_path / "adapter.npz")
+    assert code == 2 and "pdt writes this run's hf-folder checkpoints as a folder name without a file suffix, or " \
+        "converts them to .safetensors, .pt (the model tensors only); .npz is none of these" in output, output
+
+
 def test_the_report_says_the_run_trains_an_adapter(lora_run):
     assert pdt("predict", lora_run, "--files", "checkpoint-*")[0] == 0
     code, output = pdt("report", lora_run, "--json")
