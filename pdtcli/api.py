@@ -22,7 +22,7 @@ from .backups import backup_path, copy_back, in_backups, note_in_place, prune_ba
 from .discover import is_pdt_output, located
 from .dmd import combine_r, solve
 from .errors import CheckpointError, OutputError, PdtError, StageMissing, UsageError, os_errors_as
-from .formats import checkpoint_digest, open_checkpoint
+from .formats import checkpoint_digest, open_checkpoint, output_conversion
 from .fuse import Destination, second_pass, window_of
 from .identity import stat_of, unchanged
 from .ingest import ingest
@@ -380,6 +380,8 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
             with os_errors_as(OutputError, "cannot make the folder of the output", out.parent):
                 out.parent.mkdir(exist_ok=True)
     destination = Destination(out, _source_of(store, newest))
+    if output is not None:
+        destination.convert = _conversion(s, destination.source, out)
     resumes = in_place or output is None
     if resumes:  # training resumes from it: its values go into the window too
         destination.lineage_slot = lineage.claim_slot(store, ids)  # may commit, to free a slot safely
@@ -396,6 +398,20 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
     if backup is not None:
         prune_backups(store)
     return out
+
+
+def _conversion(s: Session, source: Path, out: Path) -> str | None:
+    """The conversion the suffix of `-o out` asks of checkpoint `source` (`formats.output_conversion`: None
+    for its own format, UsageError for a suffix pdt does not write), with the note of what it leaves out."""
+    convert = output_conversion(source, out)
+    if convert and current().active:
+        raise UsageError("under torchrun each rank writes its own files of the checkpoint's format; convert to "
+                         f"{convert} in one process (pdt apply -o)", out)
+    if convert:
+        s.notes.append(f"{out.name} holds the model's tensors only: a {convert} file has no place for the rest "
+                       f"of {source.name} (optimizer state, counters, configuration, second names of shared "
+                       "tensors)")
+    return convert
 
 
 def _load_live(s: Session, ids: list[int], options: MaskOptions, live: Live, use_stored: bool) -> int:

@@ -14,6 +14,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .formats import CHECKPOINT_SUFFIXES, OUTPUT_SUFFIXES, folder_format
+from .formats.unread import unread_message
 from .identity import stat_of
 
 OUTPUT_TAG = ".pdt"
@@ -102,10 +103,16 @@ def _readable_with_checkpoints(folder: Path, files: tuple[str, ...] | None) -> b
 
 
 def no_checkpoints_here(folder: Path, files: tuple[str, ...] | None = None) -> str | None:
-    """Why `folder` cannot be a checkpoint folder (nothing in it looks like one), naming the
-    sub-folders that do hold checkpoints, as a user who gave the parent folder needs; or None."""
+    """Why `folder` cannot be a checkpoint folder (nothing in it looks like one): the checkpoints of a
+    format pdt does not read that it holds (`formats.unread`), or is; else the sub-folders that do hold
+    checkpoints, as a user who gave the parent folder needs; or None."""
     if list_checkpoints(folder, files=files):
         return None
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")
+               and (not files or any(fnmatchcase(p.name, pattern) for pattern in files))]
+    unread = unread_message(entries) or unread_message([folder])
+    if unread:
+        return unread
     where = f" matching --files {' '.join(files)}" if files else ""
     message = f"no checkpoints here{where} (files {', '.join(CHECKPOINT_SUFFIXES)}, or Trainer/DCP folders)"
     holding = sorted(f"{sub.name}/" for sub in folder.iterdir()

@@ -19,7 +19,7 @@ import torch
 from .atomic import atomic_path, shared_atomic_path
 from .dmd import accumulate_r
 from .errors import CheckpointError, UsageError
-from .formats import open_checkpoint, open_share, own_files
+from .formats import open_checkpoint, open_share, own_files, write_converted
 from .identity import HeldStill
 from .live import Live
 from .mask import (
@@ -263,6 +263,7 @@ class Destination:
     lineage_slot: int | None = None  # training resumes from it: its values go into this slot too
     backup_to: Path | None = None  # in place: keep what `path` held here first
     before_publish: Callable[[Path], None] | None = None
+    convert: str | None = None  # written as this `formats.convert.CONVERSIONS` suffix, not in the source's format
 
 
 @dataclass
@@ -351,7 +352,10 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
             fuser = _Fuser(index_of, streamed)
             held = HeldStill(write.source)
             with _output(write) as tmp, open_share(write.source, current()) as reader:
-                reader.write_fused(tmp, fuser)
+                if write.convert:
+                    write_converted(reader, tmp, fuser, write.convert)
+                else:
+                    reader.write_fused(tmp, fuser)
                 missed = [name for name in index_of if name not in fuser.done]
                 if missed:  # never publish (or store a mask for) an output that lacks a predicted tensor
                     raise CheckpointError(f"the writer never reached tensor {missed[0]!r} of the window", write.source)

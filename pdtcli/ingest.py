@@ -260,7 +260,7 @@ def _ingest_one(s: Session, cand: Candidate, digest: Digest, history: int, progr
     with open_share(path, current()) as reader:
         if s.store is None:
             selection = settings.selection or Selection()
-            plan = plan_layout(reader.tensors(), selection, reader.carried(), reader.objects())
+            plan = plan_layout(reader.tensors(), selection, reader.carried(), reader.objects(), reader.adapter())
             s.store = Store.create(s.root, s.folder, plan, selection, history, settings.store_dtype, s.order,
                                    list(settings.files or ()), *schedule(s))
         store = s.store

@@ -57,7 +57,8 @@ OPTIONS: dict[str, Option] = {
                     "checkpoint.", metavar="PATH", shown_default="DIR/.pdt (DIR.pdt/.pdt for accelerate)"),
     "output": Option(("--output", "-o"), None, "Write an audit copy here instead; training is taken to resume from "
                      "the default output, NAME.pdt.EXT beside the newest checkpoint (in DIR.pdt/ for Trainer and "
-                     "accelerate folders), which alone enters the window.",
+                     "accelerate folders), which alone enters the window. Its suffix is the checkpoint's own, or "
+                     ".safetensors / .pt (the fused tensors only).",
                      metavar="PATH"),
     "dry_run": Option(("--dry-run",), False, "Fit and mask; write no checkpoint."),
     "force": Option(("--force",), False, "Replace an existing output: a regular file, or a folder pdt wrote; never "

@@ -64,6 +64,7 @@ def build_report(data: dict[str, Any]) -> dict:
         "selection": layout["selection"],
         "skipped_tensors": layout["skipped"],
         "carried_objects": layout.get("objects", []),
+        "adapter": layout.get("adapter"),  # the run trains a fine-tuning adapter (PEFT LoRA), not the model
         "fit": data["fit"],
         "mask": data["mask"],
         "history": data["history"],
@@ -277,6 +278,16 @@ def _shown_path(path: str, folder: str) -> str:
     return Path(path).name if Path(path).parent == Path(folder) else path
 
 
+def _adapter_line(adapter: dict) -> str:
+    """`adapter run: LoRA adapter (peft), r=8, alpha=16, target modules q, v`: what the predicted tensors are."""
+    kind = "LoRA" if adapter["type"] == "LORA" else adapter["type"]
+    parts = [f"{kind} adapter ({adapter['library']})"]
+    parts += [f"{key}={adapter[key]}" for key in ("r", "alpha") if adapter.get(key) is not None]
+    if adapter.get("target_modules"):
+        parts.append("target modules " + ", ".join(adapter["target_modules"]))
+    return "adapter run: " + ", ".join(parts) + "; the predicted tensors are the adapter's, the base model is not read"
+
+
 def _descent(view: dict, folder: str) -> str:
     """What a window checkpoint descends from, and how pdt knows (`lineage.Evidence`)."""
     evidence = view["lineage_evidence"]
@@ -293,6 +304,8 @@ def render_report(report: dict, console: Console, *, top: int | None = None) -> 
     """Rich tables at the console's width: the fit, per tensor, per layer type, the model, and the
     history of training steps and of audits."""
     console.print(f"store {report['store']} for {report['folder']}", highlight=False, markup=False)
+    if report.get("adapter"):
+        console.print(_adapter_line(report["adapter"]), highlight=False, markup=False)
     window = ", ".join(f"{_label(w)}{'*' if w['kind'] == 'fused' else ''}" for w in report["window"])
     console.print(f"window (oldest first, * = fused by pdt): {window or 'empty'}", highlight=False, markup=False)
     if report["resumed_from"]:

@@ -199,7 +199,7 @@ def restarted(s: Session, first: Path) -> Iterator[Store]:
     old = s.store
     selection = selection_of(old)
     with open_share(first, current()) as reader:
-        plan = plan_layout(reader.tensors(), selection)
+        plan = plan_layout(reader.tensors(), selection, adapter=reader.adapter())
     if not current().sum(np.array(len(plan.predicted)), "choosing the tensors"):
         raise CheckpointError("no tensor to predict (all were excluded or not floating point)", first)
     old.close()

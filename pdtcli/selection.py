@@ -75,13 +75,14 @@ class LayoutPlan:
     predicted: list[TensorInfo] = field(default_factory=list)
     skipped: list[tuple[TensorInfo, str]] = field(default_factory=list)
     objects: list[dict] = field(default_factory=list)  # carried without being known (`CheckpointReader.objects`)
+    adapter: dict | None = None  # the tensors are this adapter (`CheckpointReader.adapter`), not the model
 
 
 def plan_layout(infos: list[TensorInfo], selection: Selection, carried: list[tuple[TensorInfo, str]] = (),
-                objects: list[dict] = ()) -> LayoutPlan:
+                objects: list[dict] = (), adapter: dict | None = None) -> LayoutPlan:
     """`infos` by `selection`, with the tensors and objects the checkpoint itself carries (`carried`,
-    `objects`: its reader's) listed beside what the selection skipped."""
-    plan = LayoutPlan(objects=list(objects))
+    `objects`: its reader's) listed beside what the selection skipped, and the `adapter` they are, if any."""
+    plan = LayoutPlan(objects=list(objects), adapter=adapter)
     for info in infos:
         reason = selection.decide(info)
         if reason is None:

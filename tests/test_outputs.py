@@ -177,7 +177,7 @@ def test_force_replaces_what_pdt_wrote_and_a_plain_file(run, tmp_path, command):
     assert code == 0, output
     assert not (audit / "stale.txt").exists() and (audit / "model.safetensors").is_file()
 
-    plain = tmp_path / "plain.bin"
+    plain = tmp_path / "plain.txt"  # a name a folder output may take (not a checkpoint file suffix: the -o rule)
     plain.write_bytes(b"an old note")
     code, output = pdt(command, run, "-o", plain, "--force")
     assert code == 0, output

@@ -9,6 +9,7 @@ from .. import identity
 from ..errors import CheckpointError, NotACheckpoint, os_reason
 from ..world import World
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo
+from .convert import conversion_of, write_converted
 from .flax_msgpack import FlaxFormat
 from .hf_folder import HfFolderFormat
 from .keras_archive import KerasArchiveFormat
@@ -57,6 +58,12 @@ def detect(path: Path) -> CheckpointFormat:
         if fmt.sniff(path, head):
             return fmt
     raise CheckpointError("not a checkpoint pdt can read (" + ", ".join(f.name for f in FORMATS) + ")", path)
+
+
+def output_conversion(source: Path, out: Path) -> str | None:
+    """How an output `out` fused from checkpoint `source` is written: None in `source`'s own format, else
+    the conversion its suffix names (`convert.CONVERSIONS`); UsageError (exit 2) when it names neither."""
+    return conversion_of(detect(source), Path(out), CHECKPOINT_SUFFIXES)
 
 
 # What a parser of untrusted bytes raises on input it cannot make sense of (deep nesting, a
@@ -146,4 +153,6 @@ __all__ = [
     "own_files",
     "open_checkpoint",
     "open_share",
+    "output_conversion",
+    "write_converted",
 ]

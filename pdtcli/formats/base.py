@@ -179,6 +179,11 @@ class CheckpointReader(abc.ABC):
         path, "type": the class it names} (objects of a pickle's unknown classes, never loaded)."""
         return []
 
+    def adapter(self) -> dict | None:
+        """What adapter the tensors are, when they are a fine-tuning adapter and not the model (a PEFT
+        LoRA folder): a small dict for the report; None for a model's own weights."""
+        return None
+
     def weight_files(self) -> list[str]:
         """The files of a folder checkpoint that hold tensors (relative names), which the ranks of a
         distributed step share out; [] for a checkpoint that is one file."""

@@ -1,11 +1,12 @@
 """A Hugging Face Trainer checkpoint folder (`checkpoint-N/`): weights plus the files to resume.
 
 The weights are `model.safetensors`, or shards listed in `model.safetensors.index.json`,
-or the same two for `pytorch_model.bin`. Each weight file is read and written by the
-single-file reader of its format, so a tensor is still read on demand. Every other file
-(`optimizer.pt`, `scheduler.pt`, `rng_state.pth`, `trainer_state.json`, `config.json`,
-`training_args.bin`, DeepSpeed sub-folders) is copied byte for byte and never loaded, so
-a pickle there cannot run code. The fused folder keeps the input's sharding: the same
+or the same two for `pytorch_model.bin`; in a PEFT run (LoRA), the adapter that trains:
+`adapter_model.safetensors` or `adapter_model.bin` beside `adapter_config.json`. Each weight
+file is read and written by the single-file reader of its format, so a tensor is still read on
+demand. Every other file (`optimizer.pt`, `scheduler.pt`, `rng_state.pth`, `trainer_state.json`,
+`config.json`, `adapter_config.json`, `training_args.bin`, DeepSpeed sub-folders) is copied
+byte for byte and never loaded, so a pickle there cannot run code. The fused folder keeps the input's sharding: the same
 shard files hold the same tensors, and the index is copied unchanged (sizes do not change).
 """
 
@@ -24,18 +25,23 @@ from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo, no_dupli
 from .safetensors_file import SafetensorsReader
 from .torch_pickle import open_torch
 
-# (single weight file, its shard index, reader), in the order Transformers prefers them.
+# (single weight file, its shard index or None, reader), in the order Transformers prefers them. A PEFT
+# adapter comes first: it is what trains (the base model beside it, if saved at all, is frozen); PEFT
+# writes it unsharded.
 WEIGHT_LAYOUTS = (
+    ("adapter_model.safetensors", None, SafetensorsReader),
+    ("adapter_model.bin", None, open_torch),
     ("model.safetensors", "model.safetensors.index.json", SafetensorsReader),
     ("pytorch_model.bin", "pytorch_model.bin.index.json", open_torch),
 )
 TRAINER_STATE = "trainer_state.json"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: which adapter, its rank, the modules it adapts
 
 
 def weight_files(folder: Path) -> tuple[list[str], Callable[[Path], CheckpointReader]] | None:
     """The weight files of a Trainer folder (relative names) and their reader; None if it has none."""
     for single, index, reader in WEIGHT_LAYOUTS:
-        if (folder / index).is_file():
+        if index is not None and (folder / index).is_file():
             try:
                 weight_map = json.loads((folder / index).read_text(),
                                         object_pairs_hook=no_duplicate_keys(folder / index, index))["weight_map"]
@@ -56,8 +62,8 @@ class HfFolderReader(CheckpointReader):
         refuse_links_out(self.path)
         found = weight_files(self.path)
         if found is None:
-            raise CheckpointError("no model.safetensors or pytorch_model.bin (nor their index) in this folder",
-                                  self.path)
+            raise CheckpointError("no model.safetensors, pytorch_model.bin (nor their index) or PEFT adapter_model.* "
+                                  "in this folder", self.path)
         names, reader = found
         missing = [name for name in names if not (self.path / name).is_file()]
         if missing:
@@ -95,6 +101,23 @@ class HfFolderReader(CheckpointReader):
         except (OSError, ValueError, AttributeError):
             return None
         return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+    def adapter(self) -> dict | None:
+        """What `adapter_config.json` says of a PEFT adapter folder (None for a full model): {"type": PEFT's
+        peft_type, "library": "peft", "r", "alpha", "target_modules": list, "base_model"}; a config pdt cannot
+        parse is shown as an adapter of unknown type (it is carried as stored either way)."""
+        if not self._all_shards[0].startswith("adapter_model."):
+            return None
+        try:
+            config = json.loads((self.path / ADAPTER_CONFIG).read_text())
+            config = config if isinstance(config, dict) else {}
+        except (OSError, ValueError):
+            config = {}
+        modules = config.get("target_modules")
+        return {"type": str(config.get("peft_type", "unknown")), "library": "peft", "r": config.get("r"),
+                "alpha": config.get("lora_alpha"),
+                "target_modules": [modules] if isinstance(modules, str) else sorted(map(str, modules or [])),
+                "base_model": config.get("base_model_name_or_path")}
 
     def write_fused(self, out: Path, fuse: Fuse) -> None:
         self.write_shared(out)
@@ -143,7 +166,7 @@ class HfFolderFormat(CheckpointFormat):
     name = "hf-folder"
 
     def sniff(self, path: Path, head: bytes) -> bool:
-        return path.is_dir() and any((path / f).is_file() for layout in WEIGHT_LAYOUTS for f in layout[:2])
+        return path.is_dir() and any((path / f).is_file() for layout in WEIGHT_LAYOUTS for f in layout[:2] if f)
 
     def open(self, path: Path) -> CheckpointReader:
         return HfFolderReader(path)

@@ -151,6 +151,10 @@ def shared_storage(names: dict[str, View], others: list[tuple[str, View]], opaqu
 # ---- the zip archive ---------------------------------------------------------------------------
 
 _LOCAL, _CENTRAL, _DESCRIPTOR = 0x04034B50, 0x02014B50, 0x08074B50
+# The highest value of each version record of a torch.save archive that pdt knows: torch 2.13 writes
+# `version` 3 (its loader reads up to 10, TorchScript's) and `.format_version` 1. A higher one is a
+# layout a newer torch wrote, which pdt's reader would misread.
+KNOWN_VERSIONS = {"version": 10, ".format_version": 1}
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,19 @@ def _crc(fd: int, member: Member, path: Path) -> int:
     return crc
 
 
+def _check_versions(archive: zipfile.ZipFile, prefix: str, path: Path) -> None:
+    """Refuse (CheckpointError) an archive whose version records are newer than `KNOWN_VERSIONS`."""
+    names = set(archive.namelist())
+    for record, known in KNOWN_VERSIONS.items():
+        if f"{prefix}{record}" not in names:
+            continue
+        text = archive.read(f"{prefix}{record}").strip()
+        if not text.isdigit() or int(text) > known:
+            raise CheckpointError(f"torch archive format {record} {text.decode(errors='replace')[:20]!r} is newer "
+                                  f"than pdt reads (up to {known}): a torch newer than pdt knows saved it; upgrade pdt",
+                                  path)
+
+
 class TorchReader(CheckpointReader):
     """A torch.save zip archive, read without executing its pickle."""
 
@@ -244,6 +261,7 @@ class TorchReader(CheckpointReader):
             with archive:
                 if f"{prefix}byteorder" in self._members and archive.read(f"{prefix}byteorder").strip() != b"little":
                     raise CheckpointError("saved on a big-endian machine; pdt reads little-endian archives", self.path)
+                _check_versions(archive, prefix, self.path)
                 self._obj = load_inert(archive.read(f"{prefix}data.pkl"))
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
             raise CheckpointError(f"corrupt or truncated PyTorch checkpoint ({type(exc).__name__}: {exc})"[:300],

@@ -157,7 +157,7 @@ def layout_from_plan(plan: LayoutPlan, selection: Selection) -> Layout:
     ]
     signature = json.dumps([(e.name, e.shape) for e in entries]).encode()
     return Layout(entries, skipped, selection.as_dict(), offset, hashlib.sha256(signature).hexdigest()[:16],
-                  plan.objects)
+                  plan.objects, plan.adapter)
 
 class Store:
     """An open store; change it only while holding the session's lock, publish with `commit()`."""

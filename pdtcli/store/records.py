@@ -61,6 +61,7 @@ class Layout(Record):
     n: int
     fingerprint: str = ""
     objects: list[dict] = field(default_factory=list)  # carried, of classes pdt does not know: where, type
+    adapter: dict | None = None  # the tensors are a fine-tuning adapter (`CheckpointReader.adapter`), not the model
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Layout:
