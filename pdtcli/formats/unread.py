@@ -29,11 +29,6 @@ UNREAD = (
            "convert with DeepSpeed's zero_to_fp32.py (saved beside them), or save full weights with "
            "stage3_gather_16bit_weights_on_model_save (the Trainer then writes model.safetensors)",
            holds=("*_model_states.pt", "*_optim_states.pt")),
-    Unread("Orbax checkpoint folder", "pdt does not read Orbax (TensorStore) checkpoints",
-           "save the params with flax.serialization.to_bytes into a .msgpack file",
-           holds=("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt")),
-    Unread("Keras .keras archive", "pdt reads Keras weights files, not whole-model archives",
-           "save with model.save_weights('NAME.weights.h5')", files=("*.keras",)),
     Unread("TensorFlow SavedModel folder", "pdt does not read TensorFlow graphs or checkpoints",
            "save the weights with Keras model.save_weights('NAME.weights.h5')", holds=("saved_model.pb",)),
     Unread("TensorFlow checkpoint", "pdt does not read TensorFlow checkpoints",
