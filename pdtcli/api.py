@@ -260,7 +260,10 @@ def _no_fit(store: Store, otherwise: str) -> str:
     """Why a command that needs the stored fit cannot run, as the one next step: while the window is
     short of checkpoints nothing can fit, so the checkpoints it lacks; else `otherwise`."""
     short = schedule.window_short(store)
-    return f"no fit yet: {short}; run `pdt predict` once training has saved them" if short else otherwise
+    if not short:
+        return otherwise
+    why = "no fit yet" if store.fit is None else otherwise.split(";")[0]  # a fit the window no longer holds
+    return f"{why}: {short}; run `pdt predict` once training has saved them"
 
 
 def _check_writes(s: Session, path: Path | None) -> None:
