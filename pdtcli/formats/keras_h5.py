@@ -14,10 +14,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
 
 from ..confine import stored_outside
 from ..errors import CheckpointError
+from ..lazy import torch
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo, torch_dtype
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
