@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .mask import CRITERIA, summarize_counts, tensor_rows
+from .options import as_flags
 from .selection import LAYER_TYPES
 from .store.lineage import FUSED_ABOVE, PLAIN_BELOW
 
@@ -44,6 +45,7 @@ def build_report(data: dict[str, Any]) -> dict:
         "fit_window": data["fit_window"],
         "resumed_from": data["resumed_from"],
         "schedule": data.get("schedule"),
+        "settings": data.get("settings") or {},  # what the last predict ran with; later runs keep it ({}: none yet)
         "history_len": data["history_len"],
         "predicted_elements": data["n"],
         "selection": layout["selection"],
@@ -172,6 +174,8 @@ def render_report(report: dict, console: Console, *, top: int | None = None) -> 
         start = "as soon as the window is full" if schedule["start"] is None else f"from step {schedule['start']}"
         console.print(f"schedule: {start}, every {schedule['every']} checkpoint(s); {schedule['next']}",
                       highlight=False, markup=False)
+    kept = as_flags(report.get("settings") or {}) or "none yet (the defaults)"
+    console.print(f"settings kept for the flags a run is not given: {kept}", highlight=False, markup=False)
     fit = report["fit"]
     if fit:
         steps = ", ".join(_label(w) for w in report["fit_window"])
