@@ -111,8 +111,6 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
             check_output(Path(output), guard_of(s.folder, s.root, s.store), force=True)
         ingested, skipped = ingest(s, live)                              # line 17: the optimizer's states
         st = s.store
-        if audit is None:
-            s.keep_settings()
         changed = restart.waiting(st)  # the model changed: the window waits for h checkpoints of the new one
         if changed:
             return StepResult("waiting", changed[0], str(s.root), ingested, skipped, needed=changed[1],

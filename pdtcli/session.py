@@ -63,12 +63,14 @@ class Session:
     order: str = "name"
     unlocked: str | None = None  # why a command that only reads holds no lock, when it does not
     notes: list[str] = field(default_factory=list)  # lines the result shows: a store adopted, a window restarted
+    keeps: bool = False  # the command keeps its settings in the store once it completes (`kept_settings`)
 
     def kept_settings(self, audit: str | None = None) -> Settings:
         """The run's settings, each KEPT one it was not given taken from the store (`options.KEPT`; the default
         where the store keeps none), and one note when it was given another value than the store keeps.
         `audit`: what makes this run one that keeps no setting (`pdt mask`, `--dry-run`); else the values
-        are kept for later runs by `keep_settings`."""
+        are kept for later runs once the command completes (`keep_settings`; a run that fails keeps none)."""
+        self.keeps = audit is None
         kept = self.store.settings if self.store is not None else {}
         self.settings = self.settings.with_kept(kept)
         changed = self.settings.changes(kept)
@@ -78,8 +80,10 @@ class Session:
         return self.settings
 
     def keep_settings(self) -> None:
-        """Keep the run's KEPT settings in the store for later runs (a commit when they change)."""
-        store = self.require_store()
+        """Keep the run's KEPT settings in the store for later runs (a commit when they change), when it asked."""
+        store = self.store
+        if not self.keeps or store is None:
+            return
         values = self.settings.run_values(store.settings)
         if values != store.settings:
             store.set_settings(values)
@@ -319,6 +323,7 @@ def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *
                         unlocked=unlocked, notes=notes)
         try:
             yield state
+            state.keep_settings()  # only for a command that completed
         finally:
             if state.store is not None:
                 state.store.close()
