@@ -214,15 +214,15 @@ def cpu_threads(count: int | None) -> Iterator[None]:
     slower (67 s against 11 s with one; benchmarks/RESULTS.md). Ranks on one node then also never
     oversubscribe its cores. A command that touches no tensor does not import torch for this
     (`LazyModule.first_use`)."""
-    before: list[int] = []
+    if count is None and "OMP_NUM_THREADS" not in os.environ:
+        count = 1
+    before: list[int] = []  # the caller's count, once torch is there to ask
 
     def limit(module: ModuleType) -> None:
         before.append(module.get_num_threads())
         if count is not None:
             module.set_num_threads(count)
 
-    if count is None and "OMP_NUM_THREADS" not in os.environ:
-        count = 1
     with LAZY_TORCH.first_use(limit):
         try:
             yield
