@@ -19,7 +19,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 import typer.core
-import typer.rich_utils
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -61,6 +60,8 @@ class PdtGroup(typer.core.TyperGroup):
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except _USAGE_ERRORS as error:
+            import typer.rich_utils  # only to show an error: its Markdown and tracebacks cost ~0.1 s at start
+
             typer.rich_utils.rich_format_error(error)  # as Typer shows it
             if "--json" in argv and type(error).__name__ != "NoArgsIsHelpError":
                 _json_line({"status": "error", "exit_code": error.exit_code, "error": error.format_message(),
