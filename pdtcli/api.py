@@ -82,7 +82,7 @@ def snapshot(target: Path, *, store: Path | None = None, rebuild: bool = False,
 
 
 def predict(target: Path, *, store: Path | None = None, output: Path | None = None, dry_run: bool = False,
-            force: bool = False, in_place: bool = False, settings: Settings | None = None,
+            force: bool = False, in_place: bool | None = None, settings: Settings | None = None,
             live: Live | None = None) -> StepResult:
     """The whole step: ingest, fit, mask, and (unless `dry_run`) write the fused checkpoint.
 
@@ -93,13 +93,18 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
     the store has committed them: training resumes from them with no file in between. When
     another run (cron) wrote the fused checkpoint of that checkpoint since it was saved, the
     model takes those fused values, as the store records that training resumes from them.
+
+    The settings not given (`in_place` None: not given) are those the store keeps from the last predict
+    (`options.KEPT`); this run's are kept in turn, unless it is an audit (`dry_run`, an `output`).
     """
-    settings = settings or Settings()
-    if in_place and output is not None:
-        raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
-    if live is not None and (in_place or output is not None or dry_run):
+    settings = (settings or Settings()).giving(in_place=in_place)
+    _in_place_alone(settings, output)
+    if live is not None and (settings.given.get("in_place") or output is not None or dry_run):
         raise UsageError("a live model takes the fused values itself; it takes no output, --in-place or --dry-run")
+    audit = "--dry-run" if dry_run else "-o" if output is not None else None
     with session(target, store, settings, ingests=True) as s:
+        settings = s.kept_settings(audit)
+        in_place = settings.in_place and output is None and live is None  # a kept --in-place: for the default output
         _single_only(in_place, live)
         if output is not None:  # what no --force allows is refused before the store takes anything in; an
             # existing output pdt wrote may still be up to date, so --force is asked for only when writing it
@@ -156,6 +161,7 @@ def remask(target: Path, *, store: Path | None = None, settings: Settings | None
     settings = settings or Settings()
     with session(target, store, settings) as s:
         st = s.require_store()
+        settings = s.kept_settings("pdt mask")  # the criteria not given: those the last predict ran with
         if not st.fit_readable():
             raise StageMissing(_no_fit(st, "no valid fit in the store; run `pdt predict --dry-run` first"), s.root)
         if st.mask_of(settings.mask.as_dict()):
@@ -168,18 +174,19 @@ def remask(target: Path, *, store: Path | None = None, settings: Settings | None
 
 
 def apply(target: Path, *, store: Path | None = None, output: Path | None = None, force: bool = False,
-          in_place: bool = False, settings: Settings | None = None) -> StepResult:
+          in_place: bool | None = None, settings: Settings | None = None) -> StepResult:
     """Write the fused checkpoint from the stored fit and mask.
 
-    To the default output (or `in_place`), training is taken to resume from it; to any other
-    `output`, it is an audit copy. An existing file is replaced only with `force`.
+    To the default output (or `in_place`; None: as the store keeps it from the last predict), training
+    is taken to resume from it; to any other `output`, it is an audit copy. An existing file is replaced
+    only with `force`.
     """
-    settings = settings or Settings()
-    if in_place and output is not None:
-        raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
+    settings = (settings or Settings()).giving(in_place=in_place)
+    _in_place_alone(settings, output)
     with session(target, store, settings) as s:
-        _single_only(in_place, None)
         st = s.require_store()
+        in_place = s.kept_settings("pdt apply").in_place and output is None
+        _single_only(in_place, None)
         if st.fit is None or st.mask is None or st.mask.fit_id != st.fit.id:
             raise StageMissing(_no_fit(st, "no stored fit and mask; run `pdt predict --dry-run` (or `pdt mask`) "
                                           "first"), s.root)
@@ -284,6 +291,12 @@ def _tensor_order(store: Store) -> list[str] | None:
             return [info.name for info in reader.tensors()]
     except (PdtError, OSError):
         return None
+
+
+def _in_place_alone(settings: Settings, output: Path | None) -> None:
+    """`--in-place` given with `-o` (a kept one gives way to `-o`: an audit copy)."""
+    if settings.given.get("in_place") and output is not None:
+        raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
 
 
 def _single_only(in_place: bool, live: Live | None) -> None:

@@ -19,13 +19,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 import typer.core
-import typer.rich_utils
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, api
 from .errors import PdtError, UsageError, os_error
-from .options import OPTIONS, Settings
+from .options import KEPT, OPTIONS, Settings
 from .report import build_report, render_report, render_summary
 from .world import launched_rank
 
@@ -61,6 +60,8 @@ class PdtGroup(typer.core.TyperGroup):
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except _USAGE_ERRORS as error:
+            import typer.rich_utils  # only to show an error: its Markdown and tracebacks cost ~0.1 s at start
+
             typer.rich_utils.rich_format_error(error)  # as Typer shows it
             if "--json" in argv and type(error).__name__ != "NoArgsIsHelpError":
                 _json_line({"status": "error", "exit_code": error.exit_code, "error": error.format_message(),
@@ -97,10 +98,13 @@ log = logging.getLogger("pdtcli")
 def flag(name: str) -> Any:
     """The Typer option for `OPTIONS[name]`: flags, help, limits and shown default in one place."""
     option = OPTIONS[name]
+    default = option.shown_default if option.shown_default is not None else option.default
     if isinstance(option.default, bool):  # a flag takes no value and shows no default
         return typer.Option(*option.flags, help=option.help, show_default=False)
-    default = option.shown_default if option.shown_default is not None else option.default
-    shown = f" [default: {default}]" if default is not None else ""
+    kept = "the store's, else " if name in KEPT else ""  # not given: what the last predict ran with
+    shown = f" [default: {kept}{default}]" if default is not None else ""
+    if option.flag:
+        return typer.Option(*option.flags, help=option.help + shown, show_default=False)
     return typer.Option(*option.flags, help=option.help + shown, metavar=option.value_name, show_default=False)
 
 
@@ -111,17 +115,17 @@ Store = Annotated[Optional[Path], flag("store")]
 Output = Annotated[Optional[Path], flag("output")]
 DryRun = Annotated[bool, flag("dry_run")]
 Force = Annotated[bool, flag("force")]
-InPlace = Annotated[bool, flag("in_place")]
+InPlace = Annotated[Optional[bool], flag("in_place")]
 History = Annotated[Optional[int], flag("history")]
 Start = Annotated[Optional[int], flag("start")]
 Every = Annotated[Optional[int], flag("every")]
-Tau = Annotated[int, flag("tau")]
-Modes = Annotated[str, flag("modes")]
+Tau = Annotated[Optional[int], flag("tau")]
+Modes = Annotated[Optional[str], flag("modes")]
 Rank = Annotated[Optional[int], flag("rank")]
-Rtol = Annotated[float, flag("rtol")]
-Criteria = Annotated[str, flag("criteria")]
-Random = Annotated[bool, flag("random")]
-Seed = Annotated[int, flag("seed")]
+Rtol = Annotated[Optional[float], flag("rtol")]
+Criteria = Annotated[Optional[str], flag("criteria")]
+Random = Annotated[Optional[bool], flag("random")]
+Seed = Annotated[Optional[int], flag("seed")]
 Include = Annotated[Optional[list[str]], flag("include")]
 Exclude = Annotated[Optional[list[str]], flag("exclude")]
 Files = Annotated[Optional[list[str]], flag("files")]
@@ -296,10 +300,10 @@ def snapshot(target: Target, store: Store = None, history: History = None, start
 
 @app.command(cls=PdtCommand, short_help="Ingest, fit DMD, mask, write the fused checkpoint.")
 def predict(target: Target, store: Store = None, output: Output = None, dry_run: DryRun = False, force: Force = False,
-            in_place: InPlace = False, history: History = None, start: Start = None, every: Every = None,
-            tau: Tau = D["tau"], modes: Modes = D["modes"],
-            rank: Rank = None, rtol: Rtol = D["rtol"], criteria: Criteria = D["criteria"], random: Random = False,
-            seed: Seed = D["seed"], include: Include = None, exclude: Exclude = None, store_dtype: StoreDtype = None,
+            in_place: InPlace = None, history: History = None, start: Start = None, every: Every = None,
+            tau: Tau = None, modes: Modes = None,
+            rank: Rank = None, rtol: Rtol = None, criteria: Criteria = None, random: Random = None,
+            seed: Seed = None, include: Include = None, exclude: Exclude = None, store_dtype: StoreDtype = None,
             order: Order = None, files: Files = None, device: Device = D["device"], block: Block = D["block"],
             threads: Threads = None, wait: Wait = D["wait"], backend: Backend = D["backend"],
             dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False, strict: Strict = False,
@@ -322,15 +326,14 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
         s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, history=history,
                      include=include, exclude=exclude, store_dtype=store_dtype, order=order, files=files, tau=tau,
                      modes=modes, rank=rank, rtol=rtol, criteria=criteria, random=random, seed=seed, start=start,
-                     every=every, backend=backend, dist_timeout=dist_timeout)
-        result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, in_place=in_place,
-                             settings=s)
+                     every=every, backend=backend, dist_timeout=dist_timeout, in_place=in_place)
+        result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, settings=s)
         finish(result, json_out=json_out, strict=strict)
 
 
 @app.command("mask", cls=PdtCommand, short_help="Mask again from the stored fit (the paper's ablations).")
-def mask_cmd(target: Target, store: Store = None, criteria: Criteria = D["criteria"], random: Random = False,
-             seed: Seed = D["seed"], device: Device = D["device"], block: Block = D["block"], threads: Threads = None,
+def mask_cmd(target: Target, store: Store = None, criteria: Criteria = None, random: Random = None,
+             seed: Seed = None, device: Device = D["device"], block: Block = D["block"], threads: Threads = None,
              wait: Wait = D["wait"],
              backend: Backend = D["backend"], dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False,
              verbose: Verbose = False) -> None:
@@ -350,7 +353,7 @@ def mask_cmd(target: Target, store: Store = None, criteria: Criteria = D["criter
 
 @app.command("apply", cls=PdtCommand, short_help="Write the fused checkpoint from the stored fit and mask.")
 def apply_cmd(target: Target, store: Store = None, output: Output = None, force: Force = False,
-              in_place: InPlace = False, device: Device = D["device"], block: Block = D["block"],
+              in_place: InPlace = None, device: Device = D["device"], block: Block = D["block"],
               threads: Threads = None, wait: Wait = D["wait"], backend: Backend = D["backend"],
               dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False, verbose: Verbose = False) -> None:
     """Write the fused checkpoint from the stored fit and mask: the default output, or an audit copy.
@@ -362,8 +365,8 @@ def apply_cmd(target: Target, store: Store = None, output: Output = None, force:
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, backend=backend,
-                     dist_timeout=dist_timeout)
-        result = api.apply(target, store=store, output=output, force=force, in_place=in_place, settings=s)
+                     dist_timeout=dist_timeout, in_place=in_place)
+        result = api.apply(target, store=store, output=output, force=force, settings=s)
         finish(result, json_out=json_out, strict=False)
 
 

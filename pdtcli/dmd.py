@@ -16,7 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+from .lazy import torch
 
 MODES = ("projected", "exact")
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .atomic import atomic_path, shared_atomic_path
 from .dmd import accumulate_r
 from .errors import CheckpointError, UsageError
 from .formats import open_checkpoint, open_share, own_files, write_converted
 from .identity import HeldStill
+from .lazy import torch
 from .live import Live
 from .mask import (
     COUNT_COLUMNS,

@@ -16,7 +16,6 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import restart
 from .discover import Candidate, list_checkpoints, located
@@ -24,6 +23,7 @@ from .errors import CheckpointError, NotACheckpoint, StoreError, UsageError, os_
 from .formats import CheckpointReader, TensorInfo, checkpoint_digest, open_share
 from .formats.base import PIECE_MARK
 from .identity import Digest, Hashes, HeldStill
+from .lazy import torch
 from .live import Live
 from .options import DEFAULT_HISTORY
 from .order import order_key, resolve_order

@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .discover import Candidate, located
 from .errors import CheckpointError, UsageError
+from .lazy import torch
 from .order import with_recorded_step
 from .store.records import Snapshot
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .formats.base import split_piece
+from .lazy import torch
 from .selection import LAYER_TYPES
 
 CRITERIA = ("lower", "upper", "sign")

@@ -8,7 +8,7 @@ command line or from Python, into checked settings: every invalid value is a `Us
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .dmd import MODES, FitOptions
@@ -26,6 +26,10 @@ DEFAULT_MASK = ",".join(DEFAULT_CRITERIA)
 DEFAULT_WAIT = 60.0  # seconds a second pdt waits for the store's lock
 DEVICES = ("auto", "cpu", "cuda")
 FIT = FitOptions()
+# The settings that shape a run's step, kept in the store by `pdt predict` as `--files` and the schedule are:
+# a later run without the flag takes the kept value (a store that keeps none: the default). The others
+# (--device, --block, --threads, --wait, --json, ...) are for one invocation.
+KEPT = ("tau", "modes", "rank", "rtol", "criteria", "random", "seed", "in_place")
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,13 @@ class Option:
     min: float | None = None
     metavar: str | None = None
     shown_default: str | None = None  # what help shows when the default is None ("the store's")
+    flag: bool = False  # takes no value (also when its default is None: not given, the store's)
+    kept: Any = None  # for the KEPT settings (default None: "not given"), the value a store that keeps none uses
 
     @property
     def value_name(self) -> str | None:
         """What help shows for the value (None for a flag): the metavar, the choices, else N or X."""
-        if isinstance(self.default, bool):
+        if self.flag or isinstance(self.default, bool):
             return None
         if self.metavar:
             return self.metavar
@@ -63,8 +69,9 @@ OPTIONS: dict[str, Option] = {
     "dry_run": Option(("--dry-run",), False, "Fit and mask; write no checkpoint."),
     "force": Option(("--force",), False, "Replace an existing output: a regular file, or a folder pdt wrote; never "
                     "an input checkpoint, the checkpoint folder or the store."),
-    "in_place": Option(("--in-place",), False, "Write over the newest checkpoint (for scripts that resume from one "
-                       "path), keeping a backup for `pdt restore`; never through a symbolic link."),
+    "in_place": Option(("--in-place/--no-in-place",), None, "Write over the newest checkpoint (for scripts that "
+                       "resume from one path), keeping a backup for `pdt restore`; never through a symbolic link.",
+                       shown_default="off", flag=True, kept=False),
     "history": Option(("--history",), None, "Snapshots in the window, h; fixed when the store is made.", min=2,
                       shown_default=str(DEFAULT_HISTORY)),
     "start": Option(("--start",), None, "Write a fused checkpoint only from this step on (Algorithm 1's T_0); fixed "
@@ -72,14 +79,19 @@ OPTIONS: dict[str, Option] = {
     "every": Option(("--every",), None, "Write one only after this many plain checkpoints since the last fused one "
                     "(Algorithm 1's T_i: 1 writes at every other checkpoint); fixed once one is written.", min=0,
                     shown_default="0: at every new checkpoint"),
-    "tau": Option(("--tau",), FIT.tau, "Checkpoints to predict ahead.", min=1),
-    "modes": Option(("--modes",), FIT.modes, "DMD modes; projected is the paper's eq. 11.", choices=MODES),
-    "rank": Option(("--rank",), None, "Fixed DMD rank instead of --rtol.", min=1),
-    "rtol": Option(("--rtol",), FIT.rtol, "Keep singular values above rtol x the largest."),
-    "criteria": Option(("--criteria",), DEFAULT_MASK, "all (the paper's eqs. 6 and 7), none, or a comma list of "
-                       "lower,upper,sign; the default drops eq. 6's lower bound (see the README).", metavar="LIST"),
-    "random": Option(("--random",), False, "Audit: random mask at the criteria's per-tensor ratio."),
-    "seed": Option(("--seed",), 0, "Seed of --random.", min=0),
+    "tau": Option(("--tau",), None, "Checkpoints to predict ahead.", min=1, shown_default=str(FIT.tau),
+                  kept=FIT.tau),
+    "modes": Option(("--modes",), None, "DMD modes; projected is the paper's eq. 11.", choices=MODES,
+                    shown_default=FIT.modes, kept=FIT.modes),
+    "rank": Option(("--rank",), None, "Fixed DMD rank instead of --rtol.", min=1, shown_default="none: --rtol"),
+    "rtol": Option(("--rtol",), None, "Keep singular values above rtol x the largest (and no fixed --rank).",
+                   shown_default=f"{FIT.rtol:g}", kept=FIT.rtol, metavar="X"),
+    "criteria": Option(("--criteria",), None, "all (the paper's eqs. 6 and 7), none, or a comma list of "
+                       "lower,upper,sign; the default drops eq. 6's lower bound (see the README).", metavar="LIST",
+                       shown_default=DEFAULT_MASK, kept=DEFAULT_MASK),
+    "random": Option(("--random/--no-random",), None, "Audit: random mask at the criteria's per-tensor ratio.",
+                     shown_default="off", flag=True, kept=False),
+    "seed": Option(("--seed",), None, "Seed of --random.", min=0, shown_default="0", kept=0),
     "include": Option(("--include",), None, "Also predict tensors matching this glob (repeatable).", metavar="GLOB"),
     "exclude": Option(("--exclude",), None, "Never predict tensors matching this glob (repeatable).",
                       metavar="GLOB"),
@@ -108,6 +120,25 @@ OPTIONS: dict[str, Option] = {
     "strict": Option(("--strict",), False, "Exit 10 when waiting for checkpoints, 11 when nothing is new."),
     "verbose": Option(("--verbose", "-v"), False, "Say why checkpoints were skipped and fits reused (on stderr)."),
 }
+
+
+def criteria_text(criteria: tuple[str, ...]) -> str:
+    """The one spelling of a set of criteria that the store keeps and messages show: all, none, or a list."""
+    return "all" if set(criteria) == set(CRITERIA) else ",".join(criteria) or "none"
+
+
+def _shown(name: str, value: Any) -> str:
+    """A KEPT setting as a user writes it: `--tau 3`, `--in-place`, `--no-random`, `--rank none`."""
+    flag = OPTIONS[name].flags[0]
+    if OPTIONS[name].flag:
+        on, off = flag.split("/")
+        return on if value else off
+    return f"{flag} {'none' if value is None else value}"
+
+
+def as_flags(values: dict[str, Any]) -> str:
+    """KEPT settings as the flags that give them (`--tau 5 --modes exact ... --no-in-place`), for reports."""
+    return " ".join(_shown(name, values[name]) for name in KEPT if name in values)
 
 
 def parse_criteria(text: str) -> tuple[str, ...]:
@@ -154,6 +185,8 @@ class Settings:
     progress: Progress = field(default_factory=NoProgress)
     backend: str = "auto"  # under torchrun
     dist_timeout: float = DEFAULT_TIMEOUT
+    in_place: bool = False  # write over the newest checkpoint
+    given: dict[str, Any] = field(default_factory=dict)  # the KEPT settings this run was given: {name: value}
 
     def __post_init__(self) -> None:
         for name, value in (("history", self.history), ("device", self.device), ("block", self.block),
@@ -164,19 +197,56 @@ class Settings:
             _check(name, value)
 
     @classmethod
-    def build(cls, *, tau: int = FIT.tau, modes: str = FIT.modes, rank: int | None = None, rtol: float = FIT.rtol,
-              criteria: str = DEFAULT_MASK, random: bool = False, seed: int = 0, include: list[str] | None = None,
+    def build(cls, *, tau: int | None = None, modes: str | None = None, rank: int | None = None,
+              rtol: float | None = None, criteria: str | None = None, random: bool | None = None,
+              seed: int | None = None, in_place: bool | None = None, include: list[str] | None = None,
               exclude: list[str] | None = None, files: list[str] | None = None, wait: float = DEFAULT_WAIT,
               progress: Progress | None = None, **rest: Any) -> Settings:
-        """Settings from the flat values of the options (as the CLI takes them), each checked."""
-        for name, value in (("tau", tau), ("modes", modes), ("rank", rank), ("seed", seed)):
-            _check(name, value)
-        try:
-            fit = FitOptions(tau=tau, modes=modes, rank=rank, rtol=rtol)
-            mask = MaskOptions(parse_criteria(criteria), random, seed)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+        """Settings from the flat values of the options (as the CLI takes them), each checked. A KEPT one left
+        None is not given: the run takes the store's (`with_kept`), else its default."""
+        given = {name: value for name, value in (("tau", tau), ("modes", modes), ("rank", rank), ("rtol", rtol),
+                                                 ("criteria", criteria), ("random", random), ("seed", seed),
+                                                 ("in_place", in_place)) if value is not None}
         selection = Selection(tuple(include or ()), tuple(exclude or ())) if (include or exclude) else None
-        return cls(fit=fit, mask=mask, selection=selection,
-                   files=tuple(files) if files else None, lock_timeout=wait, progress=progress or NoProgress(),
-                   **rest)
+        settings = cls(selection=selection, files=tuple(files) if files else None, lock_timeout=wait,
+                       progress=progress or NoProgress(), **rest)
+        return settings.giving(**given)
+
+    def giving(self, **given: Any) -> Settings:
+        """These settings, also given these KEPT ones (None: not given), checked; UsageError for a bad one."""
+        given = {name: value for name, value in given.items() if value is not None}
+        for name, value in given.items():
+            _check(name, value)
+        if "criteria" in given:
+            given["criteria"] = criteria_text(parse_criteria(given["criteria"]))
+        return replace(self, given={**self.given, **given}).with_kept({})
+
+    def run_values(self, kept: dict[str, Any]) -> dict[str, Any]:
+        """Every KEPT setting of this run: as given, else as `kept` (a store's), else the default."""
+        values = {name: OPTIONS[name].kept for name in KEPT}
+        values.update({name: value for name, value in kept.items() if name in KEPT})
+        values.update(self.given)
+        if "rtol" in self.given and "rank" not in self.given:  # --rtol chooses the rank: a kept --rank goes
+            values["rank"] = None
+        return values
+
+    def with_kept(self, kept: dict[str, Any]) -> Settings:
+        """These settings with the store's `kept` values for the KEPT ones not given (a UsageError, exit 2,
+        for a combination no fit or mask takes)."""
+        values = self.run_values(kept)
+        try:
+            fit = FitOptions(tau=values["tau"], modes=values["modes"], rank=values["rank"], rtol=values["rtol"])
+            mask = MaskOptions(parse_criteria(values["criteria"]), bool(values["random"]), values["seed"])
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        return replace(self, fit=fit, mask=mask, in_place=bool(values["in_place"]))
+
+    def changes(self, kept: dict[str, Any]) -> str | None:
+        """The KEPT settings in which this run differs from what the store `kept`, as flags with the old values
+        (`--criteria upper,sign (was all), --tau 3 (was 5)`); None when none differs or the store keeps none."""
+        if not kept:
+            return None
+        before, after = Settings().run_values(kept), self.run_values(kept)
+        changed = [f"{_shown(name, after[name])} (was {_shown(name, before[name]).split(' ', 1)[-1]})"
+                   for name in KEPT if after[name] != before[name]]
+        return ", ".join(changed) or None

@@ -32,6 +32,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .mask import CRITERIA, criteria_of, summarize_counts, tensor_rows
+from .options import as_flags
 from .selection import LAYER_TYPES
 from .store.lineage import FUSED_ABOVE, PLAIN_BELOW
 from .store.schedule import every_text
@@ -59,6 +60,7 @@ def build_report(data: dict[str, Any]) -> dict:
         "fit_window": data["fit_window"],
         "resumed_from": data["resumed_from"],
         "schedule": data.get("schedule"),
+        "settings": data.get("settings") or {},  # what the last predict ran with; later runs keep it ({}: none yet)
         "history_len": data["history_len"],
         "predicted_elements": data["n"],
         "selection": layout["selection"],
@@ -320,6 +322,8 @@ def render_report(report: dict, console: Console, *, top: int | None = None) -> 
         start = "as soon as the window is full" if schedule["start"] is None else f"from step {schedule['start']}"
         console.print(f"schedule: {start}, {every_text(schedule['every'])}; {schedule['next']}",
                       highlight=False, markup=False)
+    kept = as_flags(report.get("settings") or {}) or "none yet (the defaults)"
+    console.print(f"settings kept for the flags a run is not given: {kept}", highlight=False, markup=False)
     fit = report["fit"]
     if fit:
         _render_fit(report, fit, console)

@@ -188,7 +188,7 @@ def restarted(s: Session, first: Path) -> Iterator[Store]:
     """A new store for the layout of the checkpoint `first`, in place of the session's, for the block
     to ingest into; committed at the end.
 
-    Carried over: h, the order, `--files`, the schedule, the selection, a float64 store's dtype (else
+    Carried over: h, the order, `--files`, the schedule, the kept settings, the selection, a float64 store's dtype (else
     the new model's dtype decides, as for a new store), and the records that stay true of the folder:
     every checkpoint seen (so none is read or reported again), the outputs pdt wrote (never taken for
     checkpoints; the schedule counts from the last), the history (without its per-tensor counts, which
@@ -222,6 +222,7 @@ def restarted(s: Session, first: Path) -> Iterator[Store]:
 
 def _carry(old: Store, new: Store) -> None:
     new.seen = old.seen
+    new.settings = old.settings
     new.outputs = old.outputs
     new.history = [replace(entry, per_tensor_accepted=[]) for entry in old.history]
     new.next_id, new.next_fit, new.next_mask = old.next_id, old.next_fit, old.next_mask

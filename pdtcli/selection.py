@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-import torch
-
 from .formats import BIAS_NAMES, RUNNING_STATS, TensorInfo
 from .formats.base import whole_name
+from .lazy import torch
 
 # Running statistics by the names frameworks give them; formats that name them otherwise
 # declare their own (`CheckpointFormat.running_stats`).

@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import filelock
 
@@ -35,6 +36,7 @@ from .errors import (
     os_error,
     os_errors_as,
 )
+from .lazy import LAZY_TORCH
 from .options import Settings
 from .placement import is_default_store, side_folder, store_root
 from .store import (
@@ -61,6 +63,31 @@ class Session:
     order: str = "name"
     unlocked: str | None = None  # why a command that only reads holds no lock, when it does not
     notes: list[str] = field(default_factory=list)  # lines the result shows: a store adopted, a window restarted
+    keeps: bool = False  # the command keeps its settings in the store once it completes (`kept_settings`)
+
+    def kept_settings(self, audit: str | None = None) -> Settings:
+        """The run's settings, each KEPT one it was not given taken from the store (`options.KEPT`; the default
+        where the store keeps none), and one note when it was given another value than the store keeps.
+        `audit`: what makes this run one that keeps no setting (`pdt mask`, `--dry-run`); else the values
+        are kept for later runs once the command completes (`keep_settings`; a run that fails keeps none)."""
+        self.keeps = audit is None
+        kept = self.store.settings if self.store is not None else {}
+        self.settings = self.settings.with_kept(kept)
+        changed = self.settings.changes(kept)
+        if changed:
+            self.notes.append(f"settings changed from those kept in the store: {changed}; " + (
+                "kept from now on" if audit is None else f"for this run only ({audit} keeps no setting)"))
+        return self.settings
+
+    def keep_settings(self) -> None:
+        """Keep the run's KEPT settings in the store for later runs (a commit when they change), when it asked."""
+        store = self.store
+        if not self.keeps or store is None:
+            return
+        values = self.settings.run_values(store.settings)
+        if values != store.settings:
+            store.set_settings(values)
+            store.commit()
 
     def require_store(self) -> Store:
         if self.store is None:
@@ -185,18 +212,23 @@ def cpu_threads(count: int | None) -> Iterator[None]:
     process). One unless the user says otherwise: a row block is 2^16 elements, too little to share out,
     and on a machine busy with other work threads that wait for each other made the 100M steady step 6x
     slower (67 s against 11 s with one; benchmarks/RESULTS.md). Ranks on one node then also never
-    oversubscribe its cores."""
-    import torch
-
-    before = torch.get_num_threads()
+    oversubscribe its cores. A command that touches no tensor does not import torch for this
+    (`LazyModule.first_use`)."""
     if count is None and "OMP_NUM_THREADS" not in os.environ:
         count = 1
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    before: list[int] = []  # the caller's count, once torch is there to ask
+
+    def limit(module: ModuleType) -> None:
+        before.append(module.get_num_threads())
+        if count is not None:
+            module.set_num_threads(count)
+
+    with LAZY_TORCH.first_use(limit):
+        try:
+            yield
+        finally:
+            if before:
+                LAZY_TORCH.set_num_threads(before[0])
 
 
 @contextlib.contextmanager
@@ -291,6 +323,7 @@ def _locked(root: Path, folder: Path | None, settings: Settings, world: World, *
                         unlocked=unlocked, notes=notes)
         try:
             yield state
+            state.keep_settings()  # only for a command that completed
         finally:
             if state.store is not None:
                 state.store.close()

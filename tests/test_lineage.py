@@ -110,10 +110,11 @@ def test_restore_after_training_went_on_from_the_in_place_file_keeps_the_fused_s
     assert code == 0, output
     assert (run / "epoch_6.pt").read_bytes() != fused.read_bytes()  # the plain checkpoint is back
 
-    code, output = pdt("predict", run)
+    code, output = pdt("predict", run, "--no-in-place")  # the store keeps --in-place; epoch_7.pt stays training's
     assert code == 0, output
     evidence = report(run)["window"][-1]["lineage_evidence"]
     assert warnings_of(output) == [
+        "warning: settings changed from those kept in the store: --no-in-place (was --in-place); kept from now on",
         "warning: epoch_7.pt descends from the fused state pdt wrote over epoch_6.pt, not from epoch_6.pt as "
         "restored: training resumed from the fused state before `pdt restore`, so the window holds it "
         f"(evidence {evidence:.2f})"]

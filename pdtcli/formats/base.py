@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
 import numpy as np
-import torch
 
 from ..errors import CheckpointError
+from ..lazy import TorchDtypes, torch
 
 # Keys under which checkpoints record the step or epoch they were saved at, first match wins:
 # the optimizer-step counter training resumes from before coarser counters.
@@ -29,11 +29,8 @@ STEP_KEYS = ("global_step", "step", "epoch", "iteration")
 PIECE_MARK = "@"
 
 # Element types by their NumPy-style name, the one table every format maps its own names onto.
-DTYPES = {
-    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+DTYPES = TorchDtypes({name: name for name in (
+    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")})
 
 
 T = TypeVar("T")

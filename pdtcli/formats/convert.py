@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from ..errors import UsageError
+from ..lazy import torch
 from .base import CheckpointFormat, CheckpointReader, Fuse
 
 
 def _safetensors(tensors: dict[str, torch.Tensor], out: Path) -> None:
+    from safetensors.torch import save_file  # imports torch: only when a tensor is written
+
     save_file(tensors, str(out), metadata={"format": "pt"})  # "pt": what Transformers' loader asks of a file
 
 

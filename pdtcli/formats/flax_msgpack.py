@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import torch
 
 from ..errors import CheckpointError
+from ..lazy import torch
 from .base import DTYPES, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, unique_names
 
 EXT_NDARRAY = 1

@@ -17,10 +17,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
+from ..lazy import torch
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo, no_duplicate_keys
 from .safetensors_file import SafetensorsReader
 from .torch_pickle import open_torch

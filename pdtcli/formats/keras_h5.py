@@ -16,10 +16,10 @@ from typing import BinaryIO
 
 import h5py
 import numpy as np
-import torch
 
 from ..confine import stored_outside
 from ..errors import CheckpointError
+from ..lazy import torch
 from .base import CheckpointFormat, CheckpointReader, Fuse, TensorInfo, torch_dtype
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"

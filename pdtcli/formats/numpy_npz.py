@@ -12,9 +12,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import CheckpointError
+from ..lazy import torch
 from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, torch_dtype, unique_names
 
 

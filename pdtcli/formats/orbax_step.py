@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..confine import refuse_links_out
 from ..errors import CheckpointError
+from ..lazy import torch
 from .base import DTYPES, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, unique_names
 
 STEP_METADATA = "_CHECKPOINT_METADATA"  # a CheckpointManager step

@@ -16,13 +16,11 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from ..errors import CheckpointError, os_reason
+from ..lazy import TorchDtypes, torch
 from ..rawio import WriteBehind, read_into
 from . import base
 from .base import (
-    DTYPES,
     STEP_KEYS,
     CheckpointFormat,
     CheckpointReader,
@@ -32,10 +30,10 @@ from .base import (
     no_duplicate_keys,
 )
 
-# safetensors' dtype codes, by the names of the shared table
-_DTYPES = {code: DTYPES[name] for code, name in (
-    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
-    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"))}
+# safetensors' dtype codes, by the names of the shared table (`base.DTYPES`)
+_DTYPES = TorchDtypes({
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"})
 _MAX_HEADER = 100 * 1024 * 1024
 
 

@@ -27,10 +27,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from ..confine import member, refuse_links_out
 from ..errors import CheckpointError
+from ..lazy import torch
 from . import base
 from .base import PIECE_MARK, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, copy_bytes
 from .torch_pickle import STATE_DICT_KEYS

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import CheckpointError, NotACheckpoint, os_reason
+from ..lazy import torch
 from ..rawio import read_into
 from . import base
 from .base import STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, unique_names

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .. import __version__
 from ..atomic import fsync_dir, remove_path
 from ..errors import StoreError, UsageError, os_errors_as
+from ..lazy import torch
 from ..mask import COUNT_COLUMNS, join_pieces, tensor_rows, whole_rows
 from ..selection import LayoutPlan, Selection, layer_type
 from ..world import World, current
@@ -46,10 +46,10 @@ DATA_NAME = "snapshots.bin"
 NEXT_NAME = "store.h5.next"  # a distributed commit's records, written by every rank before any puts them in place
 LOCK_NAME = "lock"
 PART_PREFIX = "rank-"  # the part of a store that one rank of a distributed step keeps: rank-00001-of-00004
-# How snapshot values are kept: the torch dtype, and the NumPy type of its bytes in snapshots.bin
-# (bfloat16 has no NumPy type, so its 16 bits are kept as int16 and viewed back).
-STORE_DTYPES = {"float32": (torch.float32, np.float32), "float64": (torch.float64, np.float64),
-                "float16": (torch.float16, np.float16), "bfloat16": (torch.bfloat16, np.int16)}
+# How snapshot values are kept: by the torch dtype's name, the NumPy type of its bytes in snapshots.bin
+# (bfloat16 has no NumPy type, so its 16 bits are kept as int16 and viewed back). Names, not torch
+# dtypes: opening a store must not import torch (`pdtcli.lazy`).
+STORE_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.int16}
 LOSSLESS_16 = ("bfloat16", "float16")  # kept in their own dtype when every predicted tensor has it
 ORDER_OF_OLD_STORES = "name"  # stores made before --order existed ordered by name
 AUDIT_COMMANDS = ("mask", "predict --dry-run")  # history rows that never write what training resumes from
@@ -176,6 +176,8 @@ class Store:
         self.start: int | None = state.get("start")  # Algorithm 1's T_0 (None: as soon as the window is full)
         self.every = int(state.get("every") or 0)  # its T_i
         self.files: list[str] = list(state.get("files") or [])
+        # the settings `pdt predict` was last run with (`options.KEPT`); none in a store older than them
+        self.settings: dict[str, Any] = dict(state.get("settings") or {})
         self.created = state.get("created")
         self.generation = int(state.get("generation", 0))  # commits so far: the ranks' parts must agree on it
         self.layout = layout
@@ -335,7 +337,7 @@ class Store:
             "format_version": h5file.FORMAT_VERSION, "pdt_version": __version__, "created": self.created,
             "generation": self.generation,
             "folder": str(self.folder), "history_len": self.history_len, "order": self.order, "files": self.files,
-            "start": self.start, "every": self.every,
+            "start": self.start, "every": self.every, "settings": self.settings,
             "capacity": self.capacity, "n": self.n, "dtype": self.dtype_name,
             "snapshots": {str(k): v.as_dict() for k, v in self.snapshots.items()}, "slots": self.slots,
             "window": self.window, "next_id": self.next_id, "next_fit": self.next_fit, "next_mask": self.next_mask,
@@ -382,11 +384,11 @@ class Store:
     @property
     def dtype(self) -> np.dtype:
         """The NumPy type of the matrix's bytes (int16 for bfloat16: see `values`)."""
-        return np.dtype(STORE_DTYPES[self.dtype_name][1])
+        return np.dtype(STORE_DTYPES[self.dtype_name])
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return STORE_DTYPES[self.dtype_name][0]
+        return getattr(torch, self.dtype_name)
 
     def values(self, raw: np.ndarray) -> torch.Tensor:
         """Snapshot values read from the matrix, as a tensor of the store's dtype (no copy)."""
@@ -478,6 +480,10 @@ class Store:
     def set_files(self, patterns: list[str]) -> None:
         """The `--files` globs later runs keep using."""
         self.files = list(patterns)
+
+    def set_settings(self, values: dict[str, Any]) -> None:
+        """The settings later runs take for the flags they are not given (`options.KEPT`)."""
+        self.settings = dict(values)
 
     def set_schedule(self, start: int | None, every: int) -> None:
         """Algorithm 1's T_0 and T_i, while no fused checkpoint was written under other ones."""
@@ -605,6 +611,7 @@ class Store:
             "store": str(self.root), "folder": str(self.folder), "order": self.order, "history_len": self.history_len,
             "schedule": {"start": self.start, "every": self.every, **schedule.next_due(self).as_dict()},
             "waiting": schedule.window_short(self),
+            "settings": self.settings,
             "n": self.n, "layout": self.layout.as_dict(),
             "window": [self.view(i) for i in self.window],
             "fit_window": [self.view(i) for i in self.fit.window] if self.fit else [],

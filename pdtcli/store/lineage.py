@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..identity import unchanged
+from ..lazy import torch
 from ..world import current
 from .records import Output, Snapshot, now
 
