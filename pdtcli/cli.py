@@ -101,8 +101,8 @@ def flag(name: str) -> Any:
     default = option.shown_default if option.shown_default is not None else option.default
     if isinstance(option.default, bool):  # a flag takes no value and shows no default
         return typer.Option(*option.flags, help=option.help, show_default=False)
-    kept = "the store's, else " if name in KEPT else ""  # not given: what the last predict ran with
-    shown = f" [default: {kept}{default}]" if default is not None else ""
+    kept = "; kept" if name in KEPT else ""  # not given: what the last predict ran with (the commands' help)
+    shown = f" [default: {default}{kept}]" if default is not None else ""
     if option.flag:
         return typer.Option(*option.flags, help=option.help + shown, show_default=False)
     return typer.Option(*option.flags, help=option.help + shown, metavar=option.value_name, show_default=False)
@@ -309,6 +309,8 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
             dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False, strict: Strict = False,
             verbose: Verbose = False) -> None:
     """Ingest new checkpoints, fit DMD, mask, and write the fused checkpoint next to the newest.
+
+    Options marked "kept" take, when not given, the value the last predict ran with (kept in the store).
 
     \b
     Examples:

@@ -59,26 +59,23 @@ class Option:
 
 
 OPTIONS: dict[str, Option] = {
-    "store": Option(("--store",), None, "Store folder; never the checkpoint folder, above it, or at or inside a "
-                    "checkpoint.", metavar="PATH", shown_default="DIR/.pdt (DIR.pdt/.pdt for accelerate)"),
-    "output": Option(("--output", "-o"), None, "Write an audit copy here instead; training is taken to resume from "
-                     "the default output, NAME.pdt.EXT beside the newest checkpoint (in DIR.pdt/ for Trainer and "
-                     "accelerate folders), which alone enters the window. Its suffix is the checkpoint's own, or "
-                     ".safetensors / .pt (the fused tensors only).",
+    "store": Option(("--store",), None, "Store folder, outside the checkpoints.", metavar="PATH",
+                    shown_default="DIR/.pdt; DIR.pdt/.pdt for accelerate"),
+    "output": Option(("--output", "-o"), None, "Write an audit copy here instead (the window is unchanged); its suffix "
+                     "is the checkpoint's own, or .safetensors / .pt (the fused tensors only).",
                      metavar="PATH"),
     "dry_run": Option(("--dry-run",), False, "Fit and mask; write no checkpoint."),
-    "force": Option(("--force",), False, "Replace an existing output: a regular file, or a folder pdt wrote; never "
-                    "an input checkpoint, the checkpoint folder or the store."),
+    "force": Option(("--force",), False, "Replace an existing output pdt wrote, or a plain file; never an input or "
+                    "the store."),
     "in_place": Option(("--in-place/--no-in-place",), None, "Write over the newest checkpoint (for scripts that "
                        "resume from one path), keeping a backup for `pdt restore`; never through a symbolic link.",
                        shown_default="off", flag=True, kept=False),
     "history": Option(("--history",), None, "Snapshots in the window, h; fixed when the store is made.", min=2,
                       shown_default=str(DEFAULT_HISTORY)),
-    "start": Option(("--start",), None, "Write a fused checkpoint only from this step on (Algorithm 1's T_0); fixed "
-                    "once one is written.", min=0, shown_default="as soon as the window holds h"),
-    "every": Option(("--every",), None, "Write one only after this many plain checkpoints since the last fused one "
-                    "(Algorithm 1's T_i: 1 writes at every other checkpoint); fixed once one is written.", min=0,
-                    shown_default="0: at every new checkpoint"),
+    "start": Option(("--start",), None, "First step a fused checkpoint may be written at (Algorithm 1's T_0); "
+                    "fixed once one is written.", min=0, shown_default="when the window holds h"),
+    "every": Option(("--every",), None, "Plain checkpoints between two fused ones (Algorithm 1's T_i); like --start, "
+                    "fixed once one is written.", min=0, shown_default="0"),
     "tau": Option(("--tau",), None, "Checkpoints to predict ahead.", min=1, shown_default=str(FIT.tau),
                   kept=FIT.tau),
     "modes": Option(("--modes",), None, "DMD modes; projected is the paper's eq. 11.", choices=MODES,
@@ -97,23 +94,21 @@ OPTIONS: dict[str, Option] = {
                       metavar="GLOB"),
     "files": Option(("--files",), None, "Only names matching this glob are checkpoints (repeatable; kept in the "
                     "store for later runs).", metavar="GLOB"),
-    "order": Option(("--order",), None, "Training order: auto takes the step recorded inside when every checkpoint "
-                    "has one, else the number in the names (an error when they do not settle it); name: the last "
-                    "number in the name; fixed when the store is made.", choices=ORDERS, shown_default="auto"),
+    "order": Option(("--order",), None, "Training order: auto takes the step saved inside, else the number in the "
+                    "names; fixed when the store is made.", choices=ORDERS, metavar="RULE", shown_default="auto"),
     "store_dtype": Option(("--store-dtype",), None, f"How the store keeps values: {', '.join(STORE_DTYPES)}; "
                           "fixed when the store is made.", choices=tuple(STORE_DTYPES), metavar="DTYPE",
                           shown_default="the model's bf16 or fp16, else float32"),
     "device": Option(("--device",), "auto", "Where the arithmetic runs (auto: cuda if there is one).", choices=DEVICES),
     "block": Option(("--block",), None, "Elements per row block (bounds memory).", min=8,
-                    shown_default=f"{DEFAULT_BLOCK['cpu']:,} on a CPU, {DEFAULT_BLOCK['cuda']:,} on CUDA"),
-    "threads": Option(("--threads",), None, "CPU threads for the arithmetic (more gain little, and slow a busy "
-                      "machine).",
-                      min=1, shown_default="1, or OMP_NUM_THREADS when set"),
+                    shown_default=f"{DEFAULT_BLOCK['cpu']:,}; CUDA {DEFAULT_BLOCK['cuda']:,}"),
+    "threads": Option(("--threads",), None, "CPU threads for the arithmetic.", min=1,
+                      shown_default="1, or OMP_NUM_THREADS"),
     "wait": Option(("--wait",), DEFAULT_WAIT, "Seconds to wait for another pdt's lock.", min=0, metavar="SECONDS"),
-    "backend": Option(("--backend",), "auto", "Under torchrun: the process group's backend (auto: nccl when each "
-                      "rank has a GPU, else gloo).", choices=BACKENDS),
+    "backend": Option(("--backend",), "auto", "Under torchrun: the process group's backend (auto: nccl on GPUs).",
+                      choices=BACKENDS),
     "dist_timeout": Option(("--dist-timeout",), DEFAULT_TIMEOUT, "Under torchrun: seconds a rank waits for the "
-                           "others at each step before it gives up (exit 7).", min=1, metavar="SECONDS"),
+                           "others (then exit 7).", min=1, metavar="SECONDS"),
     "rebuild": Option(("--rebuild",), False, "Set the store aside unread (it may be damaged) and ingest the folder's "
                       "newest checkpoints into a new one; backups are kept."),
     "json_out": Option(("--json",), False, "Print the result as one JSON line on stdout (JSON Lines; errors too)."),
