@@ -14,7 +14,7 @@ from typing import Any
 from .dmd import MODES, FitOptions
 from .errors import UsageError
 from .fuse import DEFAULT_BLOCK
-from .mask import CRITERIA, DEFAULT_CRITERIA, MaskOptions
+from .mask import CRITERIA, DEFAULT_CRITERIA, OFFICIAL_RULE, MaskOptions
 from .order import ORDERS
 from .progress import NoProgress, Progress
 from .selection import Selection
@@ -76,8 +76,9 @@ OPTIONS: dict[str, Option] = {
     "modes": Option(("--modes",), FIT.modes, "DMD modes; projected is the paper's eq. 11.", choices=MODES),
     "rank": Option(("--rank",), None, "Fixed DMD rank instead of --rtol.", min=1),
     "rtol": Option(("--rtol",), FIT.rtol, "Keep singular values above rtol x the largest."),
-    "criteria": Option(("--criteria",), DEFAULT_MASK, "all (the paper's eqs. 6 and 7), none, or a comma list of "
-                       "lower,upper,sign; the default drops eq. 6's lower bound (see the README).", metavar="LIST"),
+    "criteria": Option(("--criteria",), DEFAULT_MASK, "all (the paper's eqs. 6 and 7), official (the "
+                       "official code's reading of them), none, or a comma list of lower,upper,sign; the default drops "
+                       "eq. 6's lower bound (see the README).", metavar="LIST"),
     "random": Option(("--random",), False, "Audit: random mask at the criteria's per-tensor ratio."),
     "seed": Option(("--seed",), 0, "Seed of --random.", min=0),
     "include": Option(("--include",), None, "Also predict tensors matching this glob (repeatable).", metavar="GLOB"),
@@ -110,6 +111,14 @@ OPTIONS: dict[str, Option] = {
 }
 
 
+def mask_options(criteria: str, random: bool, seed: int) -> MaskOptions:
+    """The mask of `--criteria`, `--random` and `--seed`; `official` is all three criteria under the official
+    code's rule. Raises ValueError (a bad seed) and UsageError (bad criteria)."""
+    if criteria.strip().lower() == OFFICIAL_RULE:
+        return MaskOptions(CRITERIA, random, seed, OFFICIAL_RULE)
+    return MaskOptions(parse_criteria(criteria), random, seed)
+
+
 def parse_criteria(text: str) -> tuple[str, ...]:
     """`all`, `none`, or a comma list of criteria, as the mask takes them."""
     words = [w.strip().lower() for w in text.split(",") if w.strip()]
@@ -119,7 +128,7 @@ def parse_criteria(text: str) -> tuple[str, ...]:
         return ()
     unknown = [w for w in words if w not in CRITERIA]
     if unknown or not words:
-        raise UsageError(f"--criteria {text!r}: use all, none, or a comma list of {', '.join(CRITERIA)}")
+        raise UsageError(f"--criteria {text!r}: use all, official, none, or a comma list of {', '.join(CRITERIA)}")
     return tuple(words)
 
 
@@ -173,7 +182,7 @@ class Settings:
             _check(name, value)
         try:
             fit = FitOptions(tau=tau, modes=modes, rank=rank, rtol=rtol)
-            mask = MaskOptions(parse_criteria(criteria), random, seed)
+            mask = mask_options(criteria, random, seed)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         selection = Selection(tuple(include or ()), tuple(exclude or ())) if (include or exclude) else None
