@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=40, help="epochs of the digits families")
     p.add_argument("--gpt-steps", type=int, default=600)
     p.add_argument("--gpt-lrs", type=float, nargs="+", default=None, help="the GPT's grid (default 1e-3 3e-3 1e-2)")
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help="the digits' grid (default 3e-3 1e-2 3e-2 1e-1)")
     args = p.parse_args(argv)
     logging.getLogger("pdtcli").setLevel(logging.ERROR)  # the lineage notes of each step, not needed here
     args.out.mkdir(parents=True, exist_ok=True)
@@ -364,8 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="pdt-evidence-") as scratch:
         for name in args.families:
             family = digits_family(name, args.epochs) if name != "gpt" else gpt_family(args.gpt_steps)
-            if name == "gpt" and args.gpt_lrs:
-                family.lrs = tuple(args.gpt_lrs)
+            grid = args.gpt_lrs if name == "gpt" else args.lrs
+            if grid:
+                family.lrs = tuple(grid)
             seeds = args.gpt_seeds if name == "gpt" and args.gpt_seeds else args.seeds
             results[name] = evaluate_family(name, family, seeds, args.variants, Path(scratch), log)
             results[name]["command"] = command

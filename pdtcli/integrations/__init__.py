@@ -10,8 +10,9 @@ training resumes from a fused file.
 
 `verify` is a loss gate: a callable that gives the model's held-out loss (a float; lower is better). With it, the
 fused state is kept only when its loss is not worse than that of the optimizer's own weights, which are otherwise
-put back into the model (status "rejected"; the step's history row in the store still says what was fused, and
-`PDTStep.rejected` lists the rejected checkpoints). It costs two evaluations and a copy of the weights per step.
+put back into the model (status "rejected"), the store forgets the fused state (`api.reject_live`: its history
+gets an `in-loop rejected` row) and `PDTStep.rejected` lists the checkpoints. It costs two evaluations and a
+copy of the weights per step.
 
 A step that fails (a full disk, NaN in the weights, the store locked by a running `pdt`)
 warns and leaves the model unchanged: training goes on without that prediction.
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..api import StepResult, predict
+from ..api import StepResult, predict, reject_live
 from ..live import Live
 from ..options import Settings
 
@@ -91,6 +92,7 @@ class PDTStep:
                                     live=Live(tensors, Path(checkpoint) if checkpoint is not None else None, step))
                 if gate is not None and self.last.status == "loaded" and not gate.keeps_fused():
                     self.rejected.append(where)
+                    reject_live(self.folder, store=self.store, settings=self.settings)
                     self.last = replace(self.last, status="rejected", message=f"{self.last.message}; {gate.why}")
                 log.info("pdt at %s: %s", where, self.last.message)
                 for warning in self.last.warnings:  # the step happened; what it found (the lineage) is worth a look
