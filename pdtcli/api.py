@@ -443,6 +443,23 @@ def _load_live(s: Session, ids: list[int], options: MaskOptions, live: Live, use
     return live.load_fused()
 
 
+def reject_live(target: Path, *, store: Path | None = None, settings: Settings | None = None) -> None:
+    """A loss gate turned down the fused state just loaded into the live model, which took the optimizer's
+    weights back: the store forgets that state as `restore` forgets an in-place write (the checkpoint it came
+    from is the newest of the window again, the schedule does not count it) and its history gets an audit row,
+    command `in-loop rejected`. StageMissing when the window's newest state is not one loaded into a model."""
+    settings = settings or Settings()
+    with session(target, store, settings, joins=False) as s:
+        st = s.require_store()
+        output = lineage.output_of(st, st.window[-1]) if st.window else None
+        if output is None or not output.live or output.restored:
+            raise StageMissing("the window's newest state is no fused state loaded into a model; nothing to reject",
+                               s.root)
+        lineage.undo(st, output)
+        st.append_history("in-loop rejected", LIVE_OUTPUT, training=False)
+        st.commit()
+
+
 def _load_written(s: Session, ids: list[int], options: MaskOptions, live: Live) -> int:
     """Pass 2 into memory with the stored mask, as the run that wrote the window's fused state made it,
     so the live model takes bit for bit those values; the store, which already records them as the
@@ -472,4 +489,5 @@ def _result(store: Store, status: str, message: str, s: Session, ingested: list[
                       warnings=warnings, tensors=tensors)
 
 
-__all__ = ["Live", "Settings", "StepResult", "apply", "load_state", "predict", "remask", "restore", "snapshot"]
+__all__ = ["Live", "Settings", "StepResult", "apply", "load_state", "predict", "reject_live", "remask", "restore",
+           "snapshot"]

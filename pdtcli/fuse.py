@@ -118,7 +118,7 @@ class Predictor:
     def _verdict(self, entry: TensorEntry, w: torch.Tensor, p: torch.Tensor) -> BlockVerdict:
         """The criteria on a block, with predictions that the tensor's own dtype cannot hold (an fp16
         weight predicted past 65504, an integer past its range) rejected as non-finite."""
-        verdict = evaluate(p, self.options.criteria, self.all_finite)
+        verdict = evaluate(p, self.options.criteria, self.all_finite, self.options.rule)
         dtype = getattr(torch, entry.dtype)
         if dtype == torch.bool:  # never predicted (selection refuses it), never out of range
             return verdict

@@ -7,7 +7,9 @@ sign         sign(w_pred(k) - w_pred(k-1)) = sign(delta) for every k = 1..tau
 A non-finite prediction is rejected in its own category (and only there).
 
 The default is the upper bound and the sign (`DEFAULT_CRITERIA`); `all` is the paper's
-mask, all three. The audit settings of the paper's ablations are subsets of the criteria
+mask, all three. `official` is the mask of the paper's official code (`OFFICIAL_RULE`): all three
+criteria, read as aicip/PDT's `kcl/lib/trainers/pdt_trainer.py` (`PDTTrainer.compute_mask`) computes them.
+The audit settings of the paper's ablations are subsets of the criteria
 (each alone, or none: non-selective Koopman training) and a random mask at the criteria's
 ratio.
 """
@@ -28,6 +30,12 @@ CRITERIA = ("lower", "upper", "sign")
 # 85-95% of the elements and the mask then did no better than a random one at its ratio,
 # and without it the step gained more on the digits MLP too (benchmarks/results/gpt, speedup).
 DEFAULT_CRITERIA = ("upper", "sign")
+# The official code (aicip/PDT, kcl/lib/trainers/pdt_trainer.py, `compute_mask`) differs from the paper's
+# equations: lower bound |move| >= |delta| (inclusive), upper bound |move| <= (tau + 1) |delta|, and the sign of the
+# final move w_pred(tau) - w_h against delta's (not every increment). Its move is measured from the newest window
+# state and the prediction replaces the weights there, which is how pdt applies every mask: w_h + move.
+OFFICIAL_RULE = "official"
+RULES = ("paper", OFFICIAL_RULE)
 COUNT_COLUMNS = ("elements", "accepted", "fail_lower", "fail_upper", "fail_sign", "nonfinite")
 
 
@@ -36,8 +44,11 @@ class MaskOptions:
     criteria: tuple[str, ...] = DEFAULT_CRITERIA
     random: bool = False
     seed: int = 0
+    rule: str = "paper"  # how the criteria are read: the paper's equations, or the official code's (`RULES`)
 
     def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown mask rule {self.rule!r}; use one of {', '.join(RULES)}")
         unknown = set(self.criteria) - set(CRITERIA)
         if unknown:
             raise ValueError(f"unknown criteria {sorted(unknown)}; use {', '.join(CRITERIA)} or none")
@@ -47,21 +58,26 @@ class MaskOptions:
 
     @property
     def label(self) -> str:
-        base = "+".join(self.criteria) if self.criteria else "none"
+        base = OFFICIAL_RULE if self.rule == OFFICIAL_RULE else "+".join(self.criteria) if self.criteria else "none"
         return f"random@{base}(seed={self.seed})" if self.random else base
 
     def as_dict(self) -> dict:
-        return {"criteria": list(self.criteria), "random": self.random, "seed": self.seed}
+        """The options as the store keeps them; the rule only when not the paper's, so that the masks of stores
+        made before the official rule existed still match theirs."""
+        rule = {} if self.rule == "paper" else {"rule": self.rule}
+        return {"criteria": list(self.criteria), "random": self.random, "seed": self.seed, **rule}
 
     @classmethod
     def from_dict(cls, data: dict) -> MaskOptions:
-        return cls(tuple(data["criteria"]), bool(data["random"]), int(data["seed"]))
+        return cls(tuple(data["criteria"]), bool(data["random"]), int(data["seed"]), data.get("rule", "paper"))
 
 
 def criteria_of(label: str) -> tuple[str, ...]:
     """The criteria a mask applied, read back from its label (`MaskOptions.label`, which every mask and
-    history record keeps): `random@upper+sign(seed=3)` -> ("upper", "sign"), `none` -> ()."""
+    history record keeps): `random@upper+sign(seed=3)` -> ("upper", "sign"), `none` -> (), `official` -> all three."""
     base = label.removeprefix("random@").split("(seed=")[0]
+    if base == OFFICIAL_RULE:
+        return CRITERIA
     return tuple(c for c in base.split("+") if c in CRITERIA)
 
 
@@ -130,18 +146,25 @@ def _same_sign_throughout(increments: torch.Tensor, delta: torch.Tensor) -> torc
     return same
 
 
-def evaluate(rows: torch.Tensor, criteria: tuple[str, ...], all_finite: bool = False) -> BlockVerdict:
-    """Apply the criteria to a block, given `rows` = E^T W_b from `step_matrix`.
+def evaluate(rows: torch.Tensor, criteria: tuple[str, ...], all_finite: bool = False,
+             rule: str = "paper") -> BlockVerdict:
+    """Apply the criteria to a block, given `rows` = E^T W_b (tau + 2, b) from `step_matrix`.
 
     `all_finite`: every entry of `rows` is known to be finite (`finite_guaranteed`), so the
-    per-element test is skipped; the verdicts are the same.
+    per-element test is skipped; the verdicts are the same. `rule`: the paper's equations, or the
+    official code's reading of them (`OFFICIAL_RULE`).
     """
     tau = rows.shape[0] - 2
     increments, move, delta = rows[:tau], rows[tau], rows[tau + 1]
     distance, step = move.abs(), delta.abs()
-    fail_lower = ~(step < distance)
-    fail_upper = ~(distance <= tau * step)
-    fail_sign = ~_same_sign_throughout(increments, delta)
+    if rule == OFFICIAL_RULE:
+        fail_lower = ~(distance >= step)
+        fail_upper = ~(distance <= (tau + 1) * step)
+        fail_sign = torch.sign(move) != torch.sign(delta)
+    else:
+        fail_lower = ~(step < distance)
+        fail_upper = ~(distance <= tau * step)
+        fail_sign = ~_same_sign_throughout(increments, delta)
     nonfinite = None
     if not all_finite:
         finite = torch.isfinite(move) & torch.isfinite(increments).all(dim=0)

@@ -14,7 +14,7 @@ from typing import Any
 from .dmd import MODES, FitOptions
 from .errors import UsageError
 from .fuse import DEFAULT_BLOCK
-from .mask import CRITERIA, DEFAULT_CRITERIA, MaskOptions
+from .mask import CRITERIA, DEFAULT_CRITERIA, OFFICIAL_RULE, MaskOptions
 from .order import ORDERS
 from .progress import NoProgress, Progress
 from .selection import Selection
@@ -83,8 +83,9 @@ OPTIONS: dict[str, Option] = {
     "rank": Option(("--rank",), None, "Fixed DMD rank instead of --rtol.", min=1, shown_default="none: --rtol"),
     "rtol": Option(("--rtol",), None, "Keep singular values above rtol x the largest (and no fixed --rank).",
                    shown_default=f"{FIT.rtol:g}", kept=FIT.rtol, metavar="X"),
-    "criteria": Option(("--criteria",), None, "all (the paper's eqs. 6 and 7), none, or a comma list of "
-                       "lower,upper,sign; the default drops eq. 6's lower bound (see the README).", metavar="LIST",
+    "criteria": Option(("--criteria",), None, "all (the paper's eqs. 6 and 7), official (the official code's reading "
+                       "of them), none, or a comma list of lower,upper,sign; the default drops eq. 6's lower bound.",
+                       metavar="LIST",
                        shown_default=DEFAULT_MASK, kept=DEFAULT_MASK),
     "random": Option(("--random/--no-random",), None, "Audit: random mask at the criteria's per-tensor ratio.",
                      shown_default="off", flag=True, kept=False),
@@ -117,8 +118,20 @@ OPTIONS: dict[str, Option] = {
 }
 
 
-def criteria_text(criteria: tuple[str, ...]) -> str:
-    """The one spelling of a set of criteria that the store keeps and messages show: all, none, or a list."""
+def mask_options(criteria: str, random: bool, seed: int) -> MaskOptions:
+    """The mask of `--criteria`, `--random` and `--seed`; `official` is all three criteria under the official
+    code's rule. Raises ValueError (a bad seed) and UsageError (bad criteria)."""
+    if criteria.strip().lower() == OFFICIAL_RULE:
+        return MaskOptions(CRITERIA, random, seed, OFFICIAL_RULE)
+    return MaskOptions(parse_criteria(criteria), random, seed)
+
+
+def criteria_text(text: str) -> str:
+    """The one spelling of `--criteria` that the store keeps and messages show: official, all, none, or a list
+    (UsageError for criteria no mask takes)."""
+    if text.strip().lower() == OFFICIAL_RULE:
+        return OFFICIAL_RULE
+    criteria = parse_criteria(text)
     return "all" if set(criteria) == set(CRITERIA) else ",".join(criteria) or "none"
 
 
@@ -145,7 +158,7 @@ def parse_criteria(text: str) -> tuple[str, ...]:
         return ()
     unknown = [w for w in words if w not in CRITERIA]
     if unknown or not words:
-        raise UsageError(f"--criteria {text!r}: use all, none, or a comma list of {', '.join(CRITERIA)}")
+        raise UsageError(f"--criteria {text!r}: use all, official, none, or a comma list of {', '.join(CRITERIA)}")
     return tuple(words)
 
 
@@ -213,7 +226,7 @@ class Settings:
         for name, value in given.items():
             _check(name, value)
         if "criteria" in given:
-            given["criteria"] = criteria_text(parse_criteria(given["criteria"]))
+            given["criteria"] = criteria_text(given["criteria"])
         return replace(self, given={**self.given, **given}).with_kept({})
 
     def run_values(self, kept: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +244,7 @@ class Settings:
         values = self.run_values(kept)
         try:
             fit = FitOptions(tau=values["tau"], modes=values["modes"], rank=values["rank"], rtol=values["rtol"])
-            mask = MaskOptions(parse_criteria(values["criteria"]), bool(values["random"]), values["seed"])
+            mask = mask_options(values["criteria"], bool(values["random"]), values["seed"])
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         return replace(self, fit=fit, mask=mask, in_place=bool(values["in_place"]))

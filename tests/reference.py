@@ -43,3 +43,15 @@ def mask(previous: np.ndarray, current: np.ndarray, preds: np.ndarray,
             ok &= np.sign(preds[:, k] - prev) == np.sign(delta)
         prev = preds[:, k]
     return ok & np.isfinite(preds).all(axis=1)
+
+
+def official_mask(previous: np.ndarray, current: np.ndarray, preds: np.ndarray) -> np.ndarray:
+    """The official code's mask (aicip/PDT, kcl/lib/trainers/pdt_trainer.py, `compute_mask`, mask_mode "both"),
+    written as it is there: the move to w_pred(tau) against the last step, lower bound inclusive, upper
+    (tau + 1) x the step, the sign of the final move only; (N,) bool for preds (N, tau)."""
+    tau = preds.shape[1]
+    weight_diff, epoch_gradient = preds[:, -1] - current, current - previous
+    same_direction = np.sign(weight_diff) == np.sign(epoch_gradient)
+    lower = np.abs(weight_diff) >= np.abs(epoch_gradient)
+    upper = np.abs(weight_diff) <= (tau + 1) * np.abs(epoch_gradient)
+    return same_direction & lower & upper & np.isfinite(preds).all(axis=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import filelock
@@ -210,3 +211,51 @@ def test_values_in_memory_are_never_fused_into_a_model_they_did_not_come_from(tm
     loop(folder, 4, None, on_epoch=each)
     assert "not the one the live model was saved to" in messages[0]
     assert "not the one the live model was saved to" in messages[1]
+
+
+def distance_to_plain(folder: Path) -> Callable[[nn.Module], float]:
+    """A held-out criterion that every fused state fails: the squared distance of the model's weights to the
+    checkpoint the loop saved last (0 for the optimizer's own weights, more for any fused state)."""
+    def loss(net: nn.Module) -> float:
+        newest = max(folder.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        saved = torch.load(newest, weights_only=True)["model"]
+        return float(sum(((v.double() - saved[k].double()) ** 2).sum() for k, v in net.state_dict().items()))
+    return loss
+
+
+def test_the_loss_gate_keeps_the_optimizers_weights_when_the_fused_state_is_worse(tmp_path):
+    """verify= that prefers the plain state: every fused state is turned down, the model keeps bit for bit
+    the weights it was saved with, and the store forgets each fused state (its window holds the checkpoints,
+    the history has an audit row per rejection)."""
+    folder = tmp_path / "gated"
+    gate = PDTStep(folder, verify=distance_to_plain(folder), **OPTIONS)
+    after: dict[int, dict] = {}
+    statuses = []
+    folder.mkdir()
+    x, y = training.data()
+    net = training.model()
+    optim = training.optimizer(net, "sgd")
+    for epoch in range(1, 7):
+        training.train_epoch(net, optim, x, y, epoch)
+        path = folder / f"epoch_{epoch}.pt"
+        torch.save({"model": net.state_dict(), "optimizer": optim.state_dict(), "epoch": epoch}, path)
+        statuses.append(gate.step(net, path).status)
+        after[epoch] = {k: v.clone() for k, v in net.state_dict().items()}
+    assert statuses == ["waiting", "waiting", "rejected", "rejected", "rejected", "rejected"]
+    assert gate.rejected == [f"epoch_{e}.pt" for e in range(3, 7)]
+    for epoch, state in after.items():
+        saved = torch.load(folder / f"epoch_{epoch}.pt", weights_only=True)["model"]
+        assert all(torch.equal(saved[k], state[k]) for k in saved), epoch
+    report = json.loads(pdt("report", folder, "--json")[1])
+    assert [h["command"] for h in report["history"]] == ["in-loop", "in-loop rejected"] * 4
+    assert [w["kind"] for w in report["window"]] == ["checkpoint"] * 3
+
+
+def test_the_loss_gate_keeps_a_fused_state_that_is_not_worse(tmp_path):
+    """verify= that prefers the fused state: the gated loop is bit for bit the ungated one."""
+    plain = distance_to_plain(tmp_path / "gated")
+    fused = loop(tmp_path / "gated", 5, PDTStep(tmp_path / "gated", verify=lambda net: -plain(net), **OPTIONS))
+    ungated = loop(tmp_path / "free", 5, PDTStep(tmp_path / "free", **OPTIONS))
+    assert sorted(fused) == sorted(ungated) == [3, 4, 5]
+    for epoch, state in ungated.items():
+        assert all(torch.equal(state[k], fused[epoch][k]) for k in state), epoch

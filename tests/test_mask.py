@@ -172,3 +172,41 @@ def test_a_prediction_the_tensors_dtype_cannot_hold_is_rejected_as_non_finite(tm
     (tmp_path / "later.pt").rename(run / "epoch_05.pt")
     result = CliRunner().invoke(app, ["predict", str(run), "--json", "--tau", "3"])
     assert result.exit_code == 0, result.output  # the fused state in the window is finite too
+
+
+def test_official_preset_agrees_with_the_official_codes_mask_on_a_real_trajectory(sgd_run):
+    """`--criteria official` on a real SGD window, against the official code's mask written densely: the
+    same verdict on every element, and not the paper's (the bounds and the sign test differ)."""
+    import training
+    from reference import official_mask
+
+    from pdtcli.dmd import FitOptions, accumulate_r, solve
+    from pdtcli.options import mask_options
+
+    names = [k for k, v in torch.load(sgd_run / "epoch_1.pt", weights_only=True)["model"].items()
+             if v.is_floating_point() and "running" not in k]
+    window = training.flat_weights([sgd_run / f"epoch_{e}.pt" for e in range(4, 9)], names).T.contiguous()
+    options = mask_options("official", False, 0)
+    assert options.label == "official" and MaskOptions.from_dict(options.as_dict()) == options
+    for tau in (1, 3, 5):
+        coefficients = solve(accumulate_r([window], window.shape[0]), FitOptions(tau=tau)).coefficients
+        rows = torch.from_numpy(step_matrix(coefficients).T) @ window
+        got = evaluate(rows, options.criteria, rule=options.rule).accepted.numpy()
+        w = window.numpy()
+        expected = official_mask(w[-2], w[-1], (w.T @ coefficients))
+        assert 0.02 < expected.mean() < 0.98, tau
+        assert np.array_equal(got, expected), tau
+        assert not np.array_equal(got, evaluate(rows, CRITERIA).accepted.numpy()), tau
+
+
+def test_official_preset_on_the_command_line(sgd_run):
+    """`pdt predict --criteria official` applies it and names it; a made-up preset is refused with exit 2."""
+    from typer.testing import CliRunner
+
+    from pdtcli.cli import app
+
+    done = CliRunner().invoke(app, ["predict", str(sgd_run), "--criteria", "official", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output)["mask"]["label"] == "official"
+    refused = CliRunner().invoke(app, ["predict", str(sgd_run), "--criteria", "officious"])
+    assert refused.exit_code == 2 and "use all, official, none" in refused.output

@@ -8,6 +8,12 @@ frameworks' own hooks. The newest checkpoint's values are taken from the model i
 into the model's parameters in place, so the optimizer keeps its state exactly as when
 training resumes from a fused file.
 
+`verify` is a loss gate: a callable that gives the model's held-out loss (a float; lower is better). With it, the
+fused state is kept only when its loss is not worse than that of the optimizer's own weights, which are otherwise
+put back into the model (status "rejected"), the store forgets the fused state (`api.reject_live`: its history
+gets an `in-loop rejected` row) and `PDTStep.rejected` lists the checkpoints. It costs two evaluations and a
+copy of the weights per step.
+
 A step that fails (a full disk, NaN in the weights, the store locked by a running `pdt`)
 warns and leaves the model unchanged: training goes on without that prediction.
 
@@ -24,13 +30,14 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..api import StepResult, predict
+from ..api import StepResult, predict, reject_live
 from ..live import Live
 from ..options import Settings
 
@@ -51,9 +58,11 @@ class PDTStep:
     """
 
     def __init__(self, folder: str | Path, *, store: str | Path | None = None, wait: float = 0.0,
-                 **options: Any) -> None:
+                 verify: Callable[[torch.nn.Module], float] | None = None, **options: Any) -> None:
         self.folder = Path(folder)
         self.store = Path(store) if store is not None else None
+        self.verify = verify
+        self.rejected: list[str] = []  # the checkpoints whose fused state the gate turned down
         self.settings = Settings.build(wait=wait, **options)
         self.last: StepResult | None = None
         self.seconds: list[float] = []  # wall time of each call, what pdt costs the training loop
@@ -78,8 +87,13 @@ class PDTStep:
         reason = _single_process_only()
         if reason is None:
             try:
+                gate = _Gate(self.verify, model) if self.verify is not None else None
                 self.last = predict(self.folder, store=self.store, settings=self.settings,
                                     live=Live(tensors, Path(checkpoint) if checkpoint is not None else None, step))
+                if gate is not None and self.last.status == "loaded" and not gate.keeps_fused():
+                    self.rejected.append(where)
+                    reject_live(self.folder, store=self.store, settings=self.settings)
+                    self.last = replace(self.last, status="rejected", message=f"{self.last.message}; {gate.why}")
                 log.info("pdt at %s: %s", where, self.last.message)
                 for warning in self.last.warnings:  # the step happened; what it found (the lineage) is worth a look
                     log.warning("pdt at %s: %s", where, warning)
@@ -89,6 +103,32 @@ class PDTStep:
         warnings.warn(f"pdt: no fused step at {where}, the model is unchanged: {reason}", PDTStepWarning,
                       stacklevel=3)
         return None
+
+
+class _Gate:
+    """The loss gate of `PDTStep(verify=...)`: the plain state's loss and a copy of its weights, taken before the
+    step, and after it the choice between them and the fused state in the model."""
+
+    def __init__(self, verify: Callable[[torch.nn.Module], float], model: torch.nn.Module | Mapping) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError("verify= needs the model itself (a torch.nn.Module) to measure its loss")
+        self.verify, self.model = verify, model
+        self.plain = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        self.plain_loss = float(verify(model))
+        self.why = ""
+
+    def keeps_fused(self) -> bool:
+        """Whether the fused state in the model stays (its loss not above the plain state's; a NaN loss never
+        does); otherwise the plain weights are copied back in place, so the optimizer's state still fits them."""
+        fused_loss = float(self.verify(self.model))
+        if fused_loss <= self.plain_loss:
+            return True
+        with torch.no_grad():
+            for name, value in self.model.state_dict().items():
+                value.copy_(self.plain[name])
+        self.why = (f"rejected by verify: held-out loss {fused_loss:.6g} fused against {self.plain_loss:.6g} "
+                    "plain; the model keeps the optimizer's weights")
+        return False
 
 
 def _single_process_only() -> str | None:
