@@ -11,6 +11,12 @@ training resumes from a fused file.
 A step that fails (a full disk, NaN in the weights, the store locked by a running `pdt`)
 warns and leaves the model unchanged: training goes on without that prediction.
 
+Under DDP (replicated weights) every rank calls the step after rank 0 saved the checkpoint:
+rank 0 runs it as one process would, and the fused values reach every rank over the training's
+own process group before any rank takes them (all ranks or none; the group's timeout bounds the
+wait). Sharded models (FSDP, FSDP2) are refused with a warning: `pdt predict` under `torchrun`
+fuses their DCP folders between runs.
+
     pdt = PDTStep("ckpts", history=5, tau=5)
     for epoch in range(epochs):
         train_one_epoch(model, optimizer)
@@ -73,32 +79,119 @@ class PDTStep:
     def _step(self, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None,
               step: int | None) -> StepResult | None:
         self.last = None
-        tensors = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        tensors = _state_of(model)
         where = Path(checkpoint).name if checkpoint is not None else f"step {step}"
-        reason = _single_process_only()
-        if reason is None:
+        rank, size = _ranks()
+        reason = sharded = _sharded(model, tensors)  # every rank finds the same
+        # under DDP rank 0 alone runs the step (it saved the file; the store has one writer) and keeps
+        # the fused values aside until every rank holds them (`_replicate`)
+        live = (_Held if size > 1 else Live)(tensors, Path(checkpoint) if checkpoint is not None else None, step)
+        result = None
+        if reason is None and rank == 0:
             try:
-                self.last = predict(self.folder, store=self.store, settings=self.settings,
-                                    live=Live(tensors, Path(checkpoint) if checkpoint is not None else None, step))
-                log.info("pdt at %s: %s", where, self.last.message)
-                for warning in self.last.warnings:  # the step happened; what it found (the lineage) is worth a look
-                    log.warning("pdt at %s: %s", where, warning)
-                return self.last
+                result = predict(self.folder, store=self.store, settings=self.settings, live=live)
             except Exception as exc:  # noqa: BLE001 - whatever went wrong, training must go on
                 reason = str(exc) or type(exc).__name__
+        if size > 1 and sharded is None:
+            result, reason = _replicate(live, result, reason, rank)
+        if reason is None and result is not None:
+            self.last = result
+            log.info("pdt at %s: %s", where, result.message)
+            for warning in result.warnings:  # the step happened; what it found (the lineage) is worth a look
+                log.warning("pdt at %s: %s", where, warning)
+            return result
         warnings.warn(f"pdt: no fused step at {where}, the model is unchanged: {reason}", PDTStepWarning,
                       stacklevel=3)
         return None
 
 
-def _single_process_only() -> str | None:
-    """Why the step must not run here: with several ranks, one rank's fused weights would leave
-    the replicas apart (a step split across ranks is the command line's `torchrun` mode)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
-        return (f"training runs on {torch.distributed.get_world_size()} ranks; the in-loop step runs in a "
-                "single process only (run `pdt predict` on the checkpoint folder between runs instead)")
+class _Held(Live):
+    """Rank 0's live model among replicas: the fused values wait in `fused` (nothing is copied into
+    the model) until every rank has received them, so that no rank changes its weights alone."""
+
+    def load_fused(self) -> int:
+        return len(self.fused)
+
+
+def _state_of(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The model's state dict under the names it was saved with: a `DistributedDataParallel`
+    wrapper's own names carry a `module.` prefix that the saved checkpoint does not."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.state_dict() if isinstance(model, torch.nn.Module) else model
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of the training's process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _sharded(model: torch.nn.Module | Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Why the step refuses a sharded model (FSDP, FSDP2/DTensor): each rank holds only a shard of each
+    tensor, and fusing it in the loop would need each rank's share of the DCP checkpoint, which the
+    in-loop step does not read yet. The same on every rank (every rank holds the same kind of model)."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+    if any(isinstance(t, DTensor) for t in tensors.values()) or \
+            any(isinstance(m, FullyShardedDataParallel) for m in modules):
+        return ("sharded (FSDP) models are not fused inside the loop: run `torchrun --nproc-per-node N -m pdtcli "
+                "predict` on the checkpoint folder (the DCP folders) between runs")
     return None
+
+
+def _replicate(live: Live, result: StepResult | None, reason: str | None,
+               rank: int) -> tuple[StepResult | None, str | None]:
+    """Rank 0's outcome on every rank of the training's process group (which the framework made; no
+    other is made): first whether the step loaded fused values (or why not), then those values, then
+    one agreement that every rank received all of them; only then does each rank copy them into its
+    model. Any failure (rank 0's step, a broadcast, a rank gone, the group's timeout: it bounds every
+    wait) leaves every rank's model as it was. Returns (rank 0's result, why not)."""
+    dist = torch.distributed
+    device = _device()
+    try:
+        names = list(live.fused) if result is not None and result.status == "loaded" else []
+        header = [(result, reason, names)]
+        dist.broadcast_object_list(header, src=0, device=device)
+        result, reason, names = header[0]
+        if reason is not None:
+            return None, f"rank 0: {reason}"
+        received = _received(live, names, rank, device)
+        agreed = torch.ones(1, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # one decision: a rank short of any value says no
+    except Exception as exc:  # noqa: BLE001 - a rank gone or the timeout passed: training must go on
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return None, f"rank {rank} did not receive rank 0's fused values ({text}); every rank keeps its own"
+    if agreed.item() < 1:
+        return None, "a rank did not receive rank 0's fused values; every rank keeps its own"
+    live.fused = received
+    Live.load_fused(live)  # `_Held` keeps them aside; now that every rank has them, each takes them
+    return result, None
+
+
+def _received(live: Live, names: list[str], rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The fused values named `names` (rank 0's `live.fused`) on this rank, in this model's own dtypes
+    and shapes: one broadcast per tensor, from a buffer rank 0 fills as its model would take them."""
+    received = {}
+    for name in names:
+        buffer = torch.empty_like(live.tensors[name], device=device)
+        if rank == 0:
+            buffer.copy_(live.fused[name].view_as(buffer))
+        torch.distributed.broadcast(buffer, src=0)
+        received[name] = buffer
+    return received
+
+
+def _device() -> torch.device:
+    """Where the training's process group moves tensors: its GPU under nccl, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 __all__ = ["PDTStep", "PDTStepWarning"]
