@@ -7,8 +7,8 @@ store locked by a `pdt` from cron at epoch 4), `hf` (the Hugging Face Trainer, `
 `lightning` (`strategy="ddp"`), `fsdp` (FSDP2 `fully_shard`). Each rank writes `OUT/rank<R>.pt`:
 `{"fused": {step: state dict right after a step that loaded}, "warnings": [PDTStepWarning texts],
 "statuses": {step: status or None}, "parameters": [names]}` (a rank's buffers, such as BatchNorm's
-running statistics, are its own until DDP broadcasts rank 0's at the next forward), so that the test compares the ranks with each other and with
-`pdt predict`.
+running statistics, are its own until DDP broadcasts rank 0's at the next forward), so that the
+test compares the ranks with each other and with `pdt predict`.
 """
 
 from __future__ import annotations

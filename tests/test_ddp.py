@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_hostile import pdt
-from test_in_loop import replay
+from test_integrations import replay
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "ddp_worker.py"
@@ -49,9 +49,11 @@ def test_a_plain_ddp_loop_gives_every_rank_the_fused_weights_of_pdt_predict(tmp_
     ranks = torchrun("loop", tmp_path / "live", tmp_path / "out")
     first = same_on_every_rank(ranks)
     assert [r["warnings"] for r in ranks] == [[], []]
-    written = replay(tmp_path / "live", tmp_path / "cli", 5, "--history", "3")
-    assert sorted(first["fused"]) == sorted(written) == [3, 4, 5]
-    for epoch, path in written.items():
+    names = [f"epoch_{epoch}.pt" for epoch in range(1, 6)]
+    written = replay(tmp_path / "live", tmp_path / "cli", names, "--history", "3")
+    assert sorted(first["fused"]) == [3, 4, 5] and sorted(written) == names[2:]
+    for epoch in (3, 4, 5):
+        path = written[f"epoch_{epoch}.pt"]
         on_disk = torch.load(path, weights_only=True)["model"]
         for name, values in on_disk.items():
             assert torch.equal(values, first["fused"][epoch][name]), (epoch, name)
