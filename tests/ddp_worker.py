@@ -3,7 +3,8 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py MODE FOLDER OUT
 
 MODE: `loop` (a plain loop around `DistributedDataParallel`), `locked` (the same, with rank 0's
-store locked by a `pdt` from cron at epoch 4), `hf` (the Hugging Face Trainer, `ddp_backend="gloo"`),
+store locked by a `pdt` from cron at epoch 4), `differ` (the same, rank 1 passing a state dict
+without `0.weight` at epoch 4), `hf` (the Hugging Face Trainer, `ddp_backend="gloo"`),
 `lightning` (`strategy="ddp"`), `fsdp` (FSDP2 `fully_shard`). Each rank writes `OUT/rank<R>.pt`:
 `{"fused": {step: state dict right after a step that loaded}, "warnings": [PDTStepWarning texts],
 "statuses": {step: status or None}, "parameters": [names]}` (a rank's buffers, such as BatchNorm's
@@ -38,12 +39,12 @@ def record(out: dict, step: int, result, model: nn.Module) -> None:
         out["parameters"] = sorted(name for name, _ in model.named_parameters())
 
 
-def plain_loop(folder: Path, out: dict, locked: bool, shard: bool = False) -> None:
+def plain_loop(folder: Path, out: dict, mode: str) -> None:
     """SGD on this rank's half of the data; rank 0 saves `epoch_E.pt`, then every rank steps."""
     x, y = training.data()
     rank, size = dist.get_rank(), dist.get_world_size()
     net = training.model()
-    if shard:
+    if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         model = fully_shard(net)
@@ -58,11 +59,13 @@ def plain_loop(folder: Path, out: dict, locked: bool, shard: bool = False) -> No
         if rank == 0:
             torch.save({"model": state, "epoch": epoch}, path)
         dist.barrier()  # the file is complete before any rank steps (a training loop's own save does this)
-        if locked and epoch == 4 and rank == 0:
+        if mode == "locked" and epoch == 4 and rank == 0:
             import filelock
 
             with filelock.FileLock(str(folder / ".pdt" / "lock")):  # a `pdt` from cron holds the store
                 result = pdt.step(model, path)
+        elif mode == "differ" and epoch == 4 and rank == 1:  # a state dict that lacks a tensor rank 0 fuses
+            result = pdt.step({k: v for k, v in net.state_dict().items() if k != "0.weight"}, path)
         else:
             result = pdt.step(model, path)
         record(out, epoch, result, net)
@@ -118,7 +121,7 @@ def main() -> None:
         elif mode == "lightning":
             lightning(folder, out)
         else:
-            plain_loop(folder, out, locked=mode == "locked", shard=mode == "fsdp")
+            plain_loop(folder, out, mode)
     out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, PDTStepWarning)]
     torch.save(out, target / f"rank{os.environ['RANK']}.pt")
     if dist.is_initialized():

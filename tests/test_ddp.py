@@ -73,6 +73,15 @@ def test_a_step_that_fails_on_rank_0_leaves_every_rank_unchanged_with_a_warning_
         assert "lock" in rank["warnings"][0]
 
 
+def test_a_rank_whose_model_cannot_take_the_values_leaves_every_rank_unchanged(tmp_path):
+    ranks = torchrun("differ", tmp_path / "live", tmp_path / "out")
+    first = same_on_every_rank(ranks)
+    assert first["statuses"][4] is None and sorted(first["fused"]) == [3, 5]
+    for rank in ranks:
+        assert len(rank["warnings"]) == 1, rank["warnings"]
+        assert "epoch_4.pt, the model is unchanged: rank 1: its model has no tensor '0.weight'" in rank["warnings"][0]
+
+
 def test_the_hf_trainer_under_ddp_gives_every_rank_the_fused_weights_of_pdt_predict(tmp_path):
     ranks = torchrun("hf", tmp_path / "live", tmp_path / "out")
     first = same_on_every_rank(ranks)

@@ -148,37 +148,61 @@ def _sharded(model: torch.nn.Module | Mapping[str, torch.Tensor], tensors: Mappi
 def _replicate(live: Live, result: StepResult | None, reason: str | None,
                rank: int) -> tuple[StepResult | None, str | None]:
     """Rank 0's outcome on every rank of the training's process group (which the framework made; no
-    other is made): first whether the step loaded fused values (or why not), then those values, then
-    one agreement that every rank received all of them; only then does each rank copy them into its
-    model. Any failure (rank 0's step, a broadcast, a rank gone, the group's timeout: it bounds every
-    wait) leaves every rank's model as it was. Returns (rank 0's result, why not)."""
+    other is made): first whether the step loaded fused values (or why not) and their names, shapes
+    and dtypes; then whether every rank's model can take them (one agreed answer); then the values;
+    then one collective that every rank reaches only with all of them. Only then does each rank
+    copy them into its model. Any failure (rank 0's step, a model that differs, a rank gone, the
+    group's timeout: it bounds every wait) leaves every rank's model as it was. Returns (rank 0's
+    result, why not)."""
     dist = torch.distributed
     device = _device()
     try:
-        names = list(live.fused) if result is not None and result.status == "loaded" else []
-        header = [(result, reason, names)]
+        loaded = result is not None and result.status == "loaded"
+        header = [(result, reason, _layout(live.tensors, live.fused) if loaded else {})]
         dist.broadcast_object_list(header, src=0, device=device)
-        result, reason, names = header[0]
+        result, reason, layout = header[0]
         if reason is not None:
             return None, f"rank 0: {reason}"
-        received = _received(live, names, rank, device)
-        agreed = torch.ones(1, device=device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # one decision: a rank short of any value says no
+        if not layout:
+            return result, None
+        problems: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, _differs(live.tensors, layout))
+        refused = [(r, problem) for r, problem in enumerate(problems) if problem is not None]
+        if refused:
+            return None, f"rank {refused[0][0]}: {refused[0][1]}; every rank keeps its own weights"
+        received = _received(live, layout, rank, device)
+        dist.all_reduce(torch.ones(1, device=device))  # reached by a rank only once it holds every value
     except Exception as exc:  # noqa: BLE001 - a rank gone or the timeout passed: training must go on
         text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         return None, f"rank {rank} did not receive rank 0's fused values ({text}); every rank keeps its own"
-    if agreed.item() < 1:
-        return None, "a rank did not receive rank 0's fused values; every rank keeps its own"
     live.fused = received
     Live.load_fused(live)  # `_Held` keeps them aside; now that every rank has them, each takes them
     return result, None
 
 
-def _received(live: Live, names: list[str], rank: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The fused values named `names` (rank 0's `live.fused`) on this rank, in this model's own dtypes
-    and shapes: one broadcast per tensor, from a buffer rank 0 fills as its model would take them."""
+def _layout(tensors: Mapping[str, torch.Tensor], fused: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
+    """Name -> (shape, dtype) of the model's tensors that take fused values, in the order they are sent."""
+    return {name: (tuple(tensors[name].shape), str(tensors[name].dtype)) for name in fused}
+
+
+def _differs(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, tuple]) -> str | None:
+    """Why this rank's model cannot take rank 0's fused values (a tensor it lacks or holds in another
+    shape or dtype), or None."""
+    for name, (shape, dtype) in layout.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            return f"its model has no tensor {name!r}, which rank 0 fused"
+        if (tuple(tensor.shape), str(tensor.dtype)) != (shape, dtype):
+            return (f"its {name!r} is {tuple(tensor.shape)} {tensor.dtype}, rank 0's {shape} {dtype}: "
+                    "the replicas differ")
+    return None
+
+
+def _received(live: Live, layout: Mapping[str, tuple], rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Rank 0's fused values on this rank, in this model's own dtypes and shapes: one broadcast per
+    tensor, from a buffer that rank 0 fills as its own model would take the values."""
     received = {}
-    for name in names:
+    for name in layout:
         buffer = torch.empty_like(live.tensors[name], device=device)
         if rank == 0:
             buffer.copy_(live.fused[name].view_as(buffer))
