@@ -4,7 +4,8 @@
 
 MODE: `loop` (a plain loop around `DistributedDataParallel`), `locked` (the same, with rank 0's
 store locked by a `pdt` from cron at epoch 4), `differ` (the same, rank 1 passing a state dict
-without `0.weight` at epoch 4), `hf` (the Hugging Face Trainer, `ddp_backend="gloo"`),
+without `0.weight` at epoch 4), `dies` (rank 0 exits at epoch 4 instead of stepping; started
+without torchrun, which would stop rank 1 at once), `hf` (the Hugging Face Trainer, `ddp_backend="gloo"`),
 `lightning` (`strategy="ddp"`), `fsdp` (FSDP2 `fully_shard`). Each rank writes `OUT/rank<R>.pt`:
 `{"fused": {step: state dict right after a step that loaded}, "warnings": [PDTStepWarning texts],
 "statuses": {step: status or None}, "parameters": [names]}` (a rank's buffers, such as BatchNorm's
@@ -64,6 +65,13 @@ def plain_loop(folder: Path, out: dict, mode: str) -> None:
 
             with filelock.FileLock(str(folder / ".pdt" / "lock")):  # a `pdt` from cron holds the store
                 result = pdt.step(model, path)
+        elif mode == "dies" and epoch == 4:  # rank 0 is gone (as killed while fusing) while rank 1 waits for it
+            if rank == 0:
+                os._exit(3)
+            before = {k: v.clone() for k, v in net.state_dict().items()}
+            record(out, epoch, pdt.step(model, path), net)
+            out["unchanged"] = all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+            return  # the process group is broken: training would stop here
         elif mode == "differ" and epoch == 4 and rank == 1:  # a state dict that lacks a tensor rank 0 fuses
             result = pdt.step({k: v for k, v in net.state_dict().items() if k != "0.weight"}, path)
         else:
@@ -124,7 +132,7 @@ def main() -> None:
             plain_loop(folder, out, mode)
     out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, PDTStepWarning)]
     torch.save(out, target / f"rank{os.environ['RANK']}.pt")
-    if dist.is_initialized():
+    if dist.is_initialized() and mode != "dies":
         dist.barrier()
         dist.destroy_process_group()
     sys.stdout.flush()

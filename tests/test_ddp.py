@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import launch
 from safetensors.torch import load_file
 from test_hostile import pdt
 from test_integrations import replay
@@ -80,6 +81,19 @@ def test_a_rank_whose_model_cannot_take_the_values_leaves_every_rank_unchanged(t
     for rank in ranks:
         assert len(rank["warnings"]) == 1, rank["warnings"]
         assert "epoch_4.pt, the model is unchanged: rank 1: its model has no tensor '0.weight'" in rank["warnings"][0]
+
+
+def test_a_rank_0_that_dies_in_the_step_leaves_the_other_rank_unchanged_with_a_warning_not_hanging(tmp_path):
+    (tmp_path / "live").mkdir()
+    (tmp_path / "out").mkdir()
+    worker = [str(WORKER)]
+    results = launch(2, ["dies", str(tmp_path / "live"), str(tmp_path / "out")], before_rank={0: worker, 1: worker})
+    assert [r.returncode for r in results] == [3, 0], results[1].stderr[-3000:]
+    survivor = torch.load(tmp_path / "out" / "rank1.pt", weights_only=False)
+    assert survivor["statuses"][4] is None and survivor["unchanged"]
+    assert len(survivor["warnings"]) == 1
+    assert "epoch_4.pt, the model is unchanged: rank 1 did not receive rank 0's fused values" in \
+        survivor["warnings"][0]
 
 
 def test_the_hf_trainer_under_ddp_gives_every_rank_the_fused_weights_of_pdt_predict(tmp_path):
