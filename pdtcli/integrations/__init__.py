@@ -79,30 +79,35 @@ class PDTStep:
     def _step(self, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None,
               step: int | None) -> StepResult | None:
         self.last = None
-        tensors = _state_of(model)
         where = Path(checkpoint).name if checkpoint is not None else f"step {step}"
+        reason = _sharded(model)  # every rank finds the same, before any state dict (FSDP's would gather)
+        if reason is not None:
+            return _skipped(where, reason)
         rank, size = _ranks()
-        reason = sharded = _sharded(model, tensors)  # every rank finds the same
         # under DDP rank 0 alone runs the step (it saved the file; the store has one writer) and keeps
         # the fused values aside until every rank holds them (`_replicate`)
-        live = (_Held if size > 1 else Live)(tensors, Path(checkpoint) if checkpoint is not None else None, step)
+        live = (_Held if size > 1 else Live)(_state_of(model), Path(checkpoint) if checkpoint is not None else None,
+                                             step)
         result = None
-        if reason is None and rank == 0:
+        if rank == 0:
             try:
                 result = predict(self.folder, store=self.store, settings=self.settings, live=live)
             except Exception as exc:  # noqa: BLE001 - whatever went wrong, training must go on
                 reason = str(exc) or type(exc).__name__
-        if size > 1 and sharded is None:
+        if size > 1:
             result, reason = _replicate(live, result, reason, rank)
-        if reason is None and result is not None:
-            self.last = result
-            log.info("pdt at %s: %s", where, result.message)
-            for warning in result.warnings:  # the step happened; what it found (the lineage) is worth a look
-                log.warning("pdt at %s: %s", where, warning)
-            return result
-        warnings.warn(f"pdt: no fused step at {where}, the model is unchanged: {reason}", PDTStepWarning,
-                      stacklevel=3)
-        return None
+        if reason is not None or result is None:
+            return _skipped(where, reason)
+        self.last = result
+        log.info("pdt at %s: %s", where, result.message)
+        for warning in result.warnings:  # the step happened; what it found (the lineage) is worth a look
+            log.warning("pdt at %s: %s", where, warning)
+        return result
+
+
+def _skipped(where: str, reason: str | None) -> None:
+    """Warn (at the training code's `step` call) that no step happened at `where`, and why."""
+    warnings.warn(f"pdt: no fused step at {where}, the model is unchanged: {reason}", PDTStepWarning, stacklevel=4)
 
 
 class _Held(Live):
@@ -128,18 +133,21 @@ def _ranks() -> tuple[int, int]:
     return 0, 1
 
 
-def _sharded(model: torch.nn.Module | Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> str | None:
+def _sharded(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> str | None:
     """Why the step refuses a sharded model (FSDP, FSDP2/DTensor): each rank holds only a shard of each
     tensor, and fusing it in the loop would need each rank's share of the DCP checkpoint, which the
-    in-loop step does not read yet. The same on every rank (every rank holds the same kind of model)."""
+    in-loop step does not read yet."""
     if not torch.distributed.is_available():
         return None
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
-    if any(isinstance(t, DTensor) for t in tensors.values()) or \
-            any(isinstance(m, FullyShardedDataParallel) for m in modules):
+    if isinstance(model, torch.nn.Module):
+        sharded = any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in model.modules()) or \
+            any(isinstance(p, DTensor) for p in model.parameters())
+    else:
+        sharded = any(isinstance(t, DTensor) for t in model.values())
+    if sharded:
         return ("sharded (FSDP) models are not fused inside the loop: run `torchrun --nproc-per-node N -m pdtcli "
                 "predict` on the checkpoint folder (the DCP folders) between runs")
     return None
