@@ -5,7 +5,8 @@ with SGD; after each epoch the checkpoint is saved (`torch.save`) and `PDTStep.s
 script runs the loop once as one process, then as `--ranks` gloo ranks under torchrun around
 `DistributedDataParallel` (rank 0 saves and fuses, every rank takes the values by broadcast),
 and prints, for the steps that loaded fused values, the median seconds of `PDTStep.step` for the
-single process and for each rank (for ranks > 0 that is waiting for rank 0 plus receiving).
+single process and for each rank (for ranks > 0 that is waiting for rank 0 plus receiving), and
+what a bare broadcast of every parameter from rank 0 takes (what DDP adds to rank 0's step).
 
     python benchmarks/ddp_step.py --params 10M --ranks 2
 """
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -35,8 +37,9 @@ def model(params: int) -> nn.Module:
     return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
 
 
-def loop(folder: Path, params: int) -> list[float]:
-    """Seconds of each step that loaded fused values, on this rank."""
+def loop(folder: Path, params: int) -> dict[str, list[float]]:
+    """Seconds of each step that loaded fused values, on this rank (`steps`), and of a bare
+    broadcast of every parameter from rank 0 (`broadcast`: the share of the step that DDP adds)."""
     from pdtcli.integrations import PDTStep
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -61,9 +64,16 @@ def loop(folder: Path, params: int) -> list[float]:
         result = pdt.step(wrapped, path)
         if result is not None and result.status == "loaded":
             loaded.append(pdt.seconds[-1])
+    broadcast = []
     if distributed:
+        for _ in range(3):
+            torch.distributed.barrier()
+            started = time.perf_counter()
+            for tensor in net.state_dict().values():
+                torch.distributed.broadcast(tensor.clone(), src=0)
+            broadcast.append(time.perf_counter() - started)
         torch.distributed.destroy_process_group()
-    return loaded
+    return {"steps": loaded, "broadcast": broadcast}
 
 
 def size(text: str) -> int:
@@ -85,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         single = Path(tmp) / "single"
         single.mkdir()
-        one = loop(single, params)
+        one = loop(single, params)["steps"]
         ranked = Path(tmp) / "ranks"
         ranked.mkdir()
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -97,8 +107,9 @@ def main() -> None:
     print(f"{numel / 1e6:.1f}M float32 parameters, h={HISTORY}, {len(one)} steps that loaded fused values (median)")
     print(f"single process: {statistics.median(one):.3f} s")
     for rank, seconds in enumerate(per_rank):
-        print(f"DDP rank {rank} of {args.ranks}: {statistics.median(seconds):.3f} s "
-              f"({statistics.median(seconds) / statistics.median(one):.2f}x the single process)")
+        step, broadcast = statistics.median(seconds["steps"]), statistics.median(seconds["broadcast"])
+        print(f"DDP rank {rank} of {args.ranks}: {step:.3f} s ({step / statistics.median(one):.2f}x the single "
+              f"process); a bare broadcast of the parameters: {broadcast:.3f} s")
 
 
 if __name__ == "__main__":
