@@ -102,10 +102,12 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
     if live is not None and (settings.given.get("in_place") or output is not None or dry_run):
         raise UsageError("a live model takes the fused values itself; it takes no output, --in-place or --dry-run")
     audit = "--dry-run" if dry_run else "-o" if output is not None else None
-    with session(target, store, settings, ingests=True) as s:
+    # a live model's step is one process's (rank 0's under DDP; the integration shares the result): it never
+    # joins the training's process group, whose other ranks are not in this step
+    with session(target, store, settings, ingests=True, joins=live is None) as s:
         settings = s.kept_settings(audit)
         in_place = settings.in_place and output is None and live is None  # a kept --in-place: for the default output
-        _single_only(in_place, live)
+        _single_only(in_place)
         if output is not None:  # what no --force allows is refused before the store takes anything in; an
             # existing output pdt wrote may still be up to date, so --force is asked for only when writing it
             check_output(Path(output), guard_of(s.folder, s.root, s.store), force=True)
@@ -186,7 +188,7 @@ def apply(target: Path, *, store: Path | None = None, output: Path | None = None
     with session(target, store, settings) as s:
         st = s.require_store()
         in_place = s.kept_settings("pdt apply").in_place and output is None
-        _single_only(in_place, None)
+        _single_only(in_place)
         if st.fit is None or st.mask is None or st.mask.fit_id != st.fit.id:
             raise StageMissing(_no_fit(st, "no stored fit and mask; run `pdt predict --dry-run` (or `pdt mask`) "
                                           "first"), s.root)
@@ -299,11 +301,11 @@ def _in_place_alone(settings: Settings, output: Path | None) -> None:
         raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
 
 
-def _single_only(in_place: bool, live: Live | None) -> None:
-    """What a distributed step does not do (yet): write over the newest checkpoint, take a live model."""
-    if current().active and (in_place or live is not None):
+def _single_only(in_place: bool) -> None:
+    """What a distributed step does not do (yet): write over the newest checkpoint."""
+    if current().active and in_place:
         raise UsageError("under torchrun pdt writes the default output (NAME.pdt, see `placement`); "
-                         "--in-place and a live model are for one process")
+                         "--in-place is for one process")
 
 
 def _window(store: Store, ids: list[int], settings: Settings):

@@ -17,6 +17,12 @@ copy of the weights per step.
 A step that fails (a full disk, NaN in the weights, the store locked by a running `pdt`)
 warns and leaves the model unchanged: training goes on without that prediction.
 
+Under DDP (replicated weights) every rank calls the step after rank 0 saved the checkpoint:
+rank 0 runs it as one process would, and the fused values reach every rank over the training's
+own process group before any rank takes them (all ranks or none; the group's timeout bounds the
+wait). Sharded models (FSDP, FSDP2) are refused with a warning: `pdt predict` under `torchrun`
+fuses their DCP folders between runs.
+
     pdt = PDTStep("ckpts", history=5, tau=5)
     for epoch in range(epochs):
         train_one_epoch(model, optimizer)
@@ -82,27 +88,87 @@ class PDTStep:
     def _step(self, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None,
               step: int | None) -> StepResult | None:
         self.last = None
-        tensors = model.state_dict() if isinstance(model, torch.nn.Module) else model
         where = Path(checkpoint).name if checkpoint is not None else f"step {step}"
-        reason = _single_process_only()
-        if reason is None:
+        reason = _sharded(model)  # every rank finds the same, before any state dict (FSDP's would gather)
+        if reason is not None:
+            return _skipped(where, reason)
+        rank, size = _ranks()
+        # under DDP rank 0 alone runs the step (it saved the file; the store has one writer) and keeps
+        # the fused values aside until every rank holds them (`_replicate`)
+        live = (_Held if size > 1 else Live)(_state_of(model), Path(checkpoint) if checkpoint is not None else None,
+                                             step)
+        result = None
+        if self.verify is not None and size > 1:
+            warnings.warn("pdt: verify= is applied in one process only; under DDP the fused state is taken "
+                          "unverified", PDTStepWarning, stacklevel=3)
+        if rank == 0:
             try:
-                gate = _Gate(self.verify, model) if self.verify is not None else None
-                self.last = predict(self.folder, store=self.store, settings=self.settings,
-                                    live=Live(tensors, Path(checkpoint) if checkpoint is not None else None, step))
-                if gate is not None and self.last.status == "loaded" and not gate.keeps_fused():
+                # the loss gate compares the model before and after: one process's model (under DDP not yet)
+                gate = _Gate(self.verify, model) if self.verify is not None and size == 1 else None
+                result = predict(self.folder, store=self.store, settings=self.settings, live=live)
+                if gate is not None and result.status == "loaded" and not gate.keeps_fused():
                     self.rejected.append(where)
                     reject_live(self.folder, store=self.store, settings=self.settings)
-                    self.last = replace(self.last, status="rejected", message=f"{self.last.message}; {gate.why}")
-                log.info("pdt at %s: %s", where, self.last.message)
-                for warning in self.last.warnings:  # the step happened; what it found (the lineage) is worth a look
-                    log.warning("pdt at %s: %s", where, warning)
-                return self.last
+                    result = replace(result, status="rejected", message=f"{result.message}; {gate.why}")
             except Exception as exc:  # noqa: BLE001 - whatever went wrong, training must go on
                 reason = str(exc) or type(exc).__name__
-        warnings.warn(f"pdt: no fused step at {where}, the model is unchanged: {reason}", PDTStepWarning,
-                      stacklevel=3)
+        if size > 1:
+            result, reason = _replicate(live, result, reason, rank)
+        if reason is not None or result is None:
+            return _skipped(where, reason)
+        self.last = result
+        log.info("pdt at %s: %s", where, result.message)
+        for warning in result.warnings:  # the step happened; what it found (the lineage) is worth a look
+            log.warning("pdt at %s: %s", where, warning)
+        return result
+
+
+def _skipped(where: str, reason: str | None) -> None:
+    """Warn (at the training code's `step` call) that no step happened at `where`, and why."""
+    warnings.warn(f"pdt: no fused step at {where}, the model is unchanged: {reason}", PDTStepWarning, stacklevel=4)
+
+
+class _Held(Live):
+    """Rank 0's live model among replicas: the fused values wait in `fused` (nothing is copied into
+    the model) until every rank has received them, so that no rank changes its weights alone."""
+
+    def load_fused(self) -> int:
+        return len(self.fused)
+
+
+def _state_of(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """The model's state dict under the names it was saved with: a `DistributedDataParallel`
+    wrapper's own names carry a `module.` prefix that the saved checkpoint does not."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.state_dict() if isinstance(model, torch.nn.Module) else model
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of the training's process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _sharded(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> str | None:
+    """Why the step refuses a sharded model (FSDP, FSDP2/DTensor): each rank holds only a shard of each
+    tensor, and fusing it in the loop would need each rank's share of the DCP checkpoint, which the
+    in-loop step does not read yet."""
+    if not torch.distributed.is_available():
         return None
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(model, torch.nn.Module):
+        sharded = any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in model.modules()) or \
+            any(isinstance(p, DTensor) for p in model.parameters())
+    else:
+        sharded = any(isinstance(t, DTensor) for t in model.values())
+    if sharded:
+        return ("sharded (FSDP) models are not fused inside the loop: run `torchrun --nproc-per-node N -m pdtcli "
+                "predict` on the checkpoint folder (the DCP folders) between runs")
+    return None
 
 
 class _Gate:
@@ -131,14 +197,77 @@ class _Gate:
         return False
 
 
-def _single_process_only() -> str | None:
-    """Why the step must not run here: with several ranks, one rank's fused weights would leave
-    the replicas apart (a step split across ranks is the command line's `torchrun` mode)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
-        return (f"training runs on {torch.distributed.get_world_size()} ranks; the in-loop step runs in a "
-                "single process only (run `pdt predict` on the checkpoint folder between runs instead)")
+def _replicate(live: Live, result: StepResult | None, reason: str | None,
+               rank: int) -> tuple[StepResult | None, str | None]:
+    """Rank 0's outcome on every rank of the training's process group (which the framework made; no
+    other is made): first whether the step loaded fused values (or why not) and their names, shapes
+    and dtypes; then whether every rank's model can take them (one agreed answer); then the values;
+    then one collective that every rank reaches only with all of them. Only then does each rank
+    copy them into its model. Any failure (rank 0's step, a model that differs, a rank gone, the
+    group's timeout: it bounds every wait) leaves every rank's model as it was. Returns (rank 0's
+    result, why not)."""
+    dist = torch.distributed
+    device = _device()
+    try:
+        loaded = result is not None and result.status == "loaded"
+        header = [(result, reason, _layout(live.tensors, live.fused) if loaded else {})]
+        dist.broadcast_object_list(header, src=0, device=device)
+        result, reason, layout = header[0]
+        if reason is not None:
+            return None, f"rank 0: {reason}"
+        if not layout:
+            return result, None
+        problems: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, _differs(live.tensors, layout))
+        refused = [(r, problem) for r, problem in enumerate(problems) if problem is not None]
+        if refused:
+            return None, f"rank {refused[0][0]}: {refused[0][1]}; every rank keeps its own weights"
+        received = _received(live, layout, rank, device)
+        dist.all_reduce(torch.ones(1, device=device))  # reached by a rank only once it holds every value
+    except Exception as exc:  # noqa: BLE001 - a rank gone or the timeout passed: training must go on
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return None, f"rank {rank} did not receive rank 0's fused values ({text}); every rank keeps its own"
+    live.fused = received
+    Live.load_fused(live)  # `_Held` keeps them aside; now that every rank has them, each takes them
+    return result, None
+
+
+def _layout(tensors: Mapping[str, torch.Tensor], fused: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
+    """Name -> (shape, dtype) of the model's tensors that take fused values, in the order they are sent."""
+    return {name: (tuple(tensors[name].shape), str(tensors[name].dtype)) for name in fused}
+
+
+def _differs(tensors: Mapping[str, torch.Tensor], layout: Mapping[str, tuple]) -> str | None:
+    """Why this rank's model cannot take rank 0's fused values (a tensor it lacks or holds in another
+    shape or dtype), or None."""
+    for name, (shape, dtype) in layout.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            return f"its model has no tensor {name!r}, which rank 0 fused"
+        if (tuple(tensor.shape), str(tensor.dtype)) != (shape, dtype):
+            return (f"its {name!r} is {tuple(tensor.shape)} {tensor.dtype}, rank 0's {shape} {dtype}: "
+                    "the replicas differ")
     return None
+
+
+def _received(live: Live, layout: Mapping[str, tuple], rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Rank 0's fused values on this rank, in this model's own dtypes and shapes: one broadcast per
+    tensor, from a buffer that rank 0 fills as its own model would take the values."""
+    received = {}
+    for name in layout:
+        buffer = torch.empty_like(live.tensors[name], device=device)
+        if rank == 0:
+            buffer.copy_(live.fused[name].view_as(buffer))
+        torch.distributed.broadcast(buffer, src=0)
+        received[name] = buffer
+    return received
+
+
+def _device() -> torch.device:
+    """Where the training's process group moves tensors: its GPU under nccl, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 __all__ = ["PDTStep", "PDTStepWarning"]

@@ -5,7 +5,8 @@
 The folder is the Trainer's `output_dir`, and only its `checkpoint-<step>` folders are
 checkpoints (`files` says otherwise): a model saved at the top of `output_dir` is not one.
 After `on_save`, the fused weights are in the model and training continues from them; the
-checkpoint folder on disk keeps the optimizer's own weights.
+checkpoint folder on disk keeps the optimizer's own weights. Under DDP (`torchrun`) every rank
+calls the step: rank 0, which saved the checkpoint, fuses, and every rank takes the same values.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class PDTCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None,
                 **kwargs: Any) -> None:
-        if model is None or not state.is_world_process_zero:
+        if model is None:  # every rank steps: under DDP rank 0 fuses and every replica takes the values
             return
         if self.pdt is None:
             self.pdt = PDTStep(args.output_dir, **self.options)

@@ -5,6 +5,8 @@
 Lightning writes a checkpoint after its callbacks' hooks of the same event have run, so the
 step is taken at the start of the next training batch, when the file is complete and the
 model still holds the values it saved. The checkpoint is recognised by the step it records.
+Under `strategy="ddp"` every rank calls the step: rank 0, which saved the checkpoint, fuses, and
+every rank takes the same values.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class PDTCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         saved, self._saved = self._saved, None
-        if saved is None or not trainer.is_global_zero:
+        if saved is None:  # every rank steps: under DDP rank 0 fuses and every replica takes the values
             return
         if self.pdt is None:
             folder = self.folder or (Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None)

@@ -1,0 +1,137 @@
+"""The in-loop step under DDP, on real ranks: 2 gloo processes started by `torchrun`, a plain loop
+around `DistributedDataParallel`, the Hugging Face Trainer and Lightning's `strategy="ddp"`. Every
+rank ends each step with the same parameters, bit for bit those `pdt predict` writes for the same
+checkpoints; a step that fails on rank 0 leaves every rank as it was, with a warning on each."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ranks import launch
+from safetensors.torch import load_file
+from test_hostile import pdt
+from test_integrations import replay
+
+pytestmark = pytest.mark.slow
+WORKER = Path(__file__).parent / "ddp_worker.py"
+
+
+def torchrun(mode: str, folder: Path, out: Path) -> list[dict]:
+    """`tests/ddp_worker.py MODE` as 2 ranks under torchrun; what each rank recorded, in rank order."""
+    folder.mkdir()
+    out.mkdir()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(WORKER), mode, str(folder), str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def same_on_every_rank(ranks: list[dict]) -> dict:
+    """The ranks' records agree bit for bit (statuses and fused parameters; a rank's buffers are its own
+    until DDP's next forward); rank 0's."""
+    first, other = ranks
+    assert first["statuses"] == other["statuses"]
+    assert first["fused"].keys() == other["fused"].keys()
+    for step, state in first["fused"].items():
+        for name in first["parameters"]:
+            assert torch.equal(state[name], other["fused"][step][name]), (step, name)
+    return first
+
+
+def test_a_plain_ddp_loop_gives_every_rank_the_fused_weights_of_pdt_predict(tmp_path):
+    ranks = torchrun("loop", tmp_path / "live", tmp_path / "out")
+    first = same_on_every_rank(ranks)
+    assert [r["warnings"] for r in ranks] == [[], []]
+    names = [f"epoch_{epoch}.pt" for epoch in range(1, 6)]
+    written = replay(tmp_path / "live", tmp_path / "cli", names, "--history", "3")
+    assert sorted(first["fused"]) == [3, 4, 5] and sorted(written) == names[2:]
+    for epoch in (3, 4, 5):
+        path = written[f"epoch_{epoch}.pt"]
+        on_disk = torch.load(path, weights_only=True)["model"]
+        for name, values in on_disk.items():
+            assert torch.equal(values, first["fused"][epoch][name]), (epoch, name)
+        plain = torch.load(tmp_path / "live" / f"epoch_{epoch}.pt", weights_only=True)["model"]
+        assert any(not torch.equal(plain[k], on_disk[k]) for k in plain)
+    report = json.loads(pdt("report", tmp_path / "live", "--json")[1])
+    assert [h["command"] for h in report["history"]] == ["in-loop"] * 3  # one store, written by rank 0
+
+
+def test_a_step_that_fails_on_rank_0_leaves_every_rank_unchanged_with_a_warning_on_each(tmp_path):
+    ranks = torchrun("locked", tmp_path / "live", tmp_path / "out")
+    first = same_on_every_rank(ranks)
+    assert first["statuses"][4] is None and sorted(first["fused"]) == [3, 5]
+    for rank in ranks:
+        assert len(rank["warnings"]) == 1, rank["warnings"]
+        assert "epoch_4.pt, the model is unchanged: rank 0:" in rank["warnings"][0]
+        assert "lock" in rank["warnings"][0]
+
+
+def test_a_rank_whose_model_cannot_take_the_values_leaves_every_rank_unchanged(tmp_path):
+    ranks = torchrun("differ", tmp_path / "live", tmp_path / "out")
+    first = same_on_every_rank(ranks)
+    assert first["statuses"][4] is None and sorted(first["fused"]) == [3, 5]
+    for rank in ranks:
+        assert len(rank["warnings"]) == 1, rank["warnings"]
+        assert "epoch_4.pt, the model is unchanged: rank 1: its model has no tensor '0.weight'" in rank["warnings"][0]
+
+
+def test_a_rank_0_that_dies_in_the_step_leaves_the_other_rank_unchanged_with_a_warning_not_hanging(tmp_path):
+    (tmp_path / "live").mkdir()
+    (tmp_path / "out").mkdir()
+    worker = [str(WORKER)]
+    results = launch(2, ["dies", str(tmp_path / "live"), str(tmp_path / "out")], before_rank={0: worker, 1: worker})
+    assert [r.returncode for r in results] == [3, 0], results[1].stderr[-3000:]
+    survivor = torch.load(tmp_path / "out" / "rank1.pt", weights_only=False)
+    assert survivor["statuses"][4] is None and survivor["unchanged"]
+    assert len(survivor["warnings"]) == 1
+    assert "epoch_4.pt, the model is unchanged: rank 1 did not receive rank 0's fused values" in \
+        survivor["warnings"][0]
+
+
+def test_the_hf_trainer_under_ddp_gives_every_rank_the_fused_weights_of_pdt_predict(tmp_path):
+    ranks = torchrun("hf", tmp_path / "live", tmp_path / "out")
+    first = same_on_every_rank(ranks)
+    assert [r["warnings"] for r in ranks] == [[], []]
+    names = [f"checkpoint-{step}" for step in range(10, 41, 10)]
+    written = replay(tmp_path / "live", tmp_path / "cli", names, "--history", "3", "--files", "checkpoint-*")
+    assert sorted(written) == names[2:] and sorted(first["fused"]) == [30, 40]
+    for name, path in written.items():
+        on_disk = load_file(path / "model.safetensors")
+        for key, values in on_disk.items():
+            assert torch.equal(values, first["fused"][int(name.split("-")[1])][key]), (name, key)
+
+
+def test_lightning_ddp_gives_every_rank_the_fused_weights_of_pdt_predict(tmp_path):
+    ranks = torchrun("lightning", tmp_path / "live", tmp_path / "out")
+    first = same_on_every_rank(ranks)
+    assert [r["warnings"] for r in ranks] == [[], []]
+    names = sorted(p.name for p in (tmp_path / "live").glob("*.ckpt"))
+    assert len(names) == 5
+    written = replay(tmp_path / "live", tmp_path / "cli", names, "--history", "3")
+    steps = [int(name.split("step=")[1].split(".")[0]) for name in names]
+    # the last checkpoint is saved when training ends: no batch follows, so nothing to fuse into
+    assert sorted(written) == names[2:] and sorted(k for k, v in first["statuses"].items() if v == "loaded") == \
+        steps[2:4]
+    for name, step in zip(names[2:4], steps[2:4], strict=True):
+        on_disk = torch.load(written[name], weights_only=True)["state_dict"]
+        for key, values in on_disk.items():
+            assert torch.equal(values, first["fused"][step][key]), (name, key)
+
+
+def test_a_sharded_fsdp2_model_is_refused_on_every_rank_with_the_way_out(tmp_path):
+    ranks = torchrun("fsdp", tmp_path / "live", tmp_path / "out")
+    first = same_on_every_rank(ranks)
+    assert first["fused"] == {} and set(first["statuses"].values()) == {None}
+    for rank in ranks:
+        assert len(rank["warnings"]) == 5
+        assert "sharded (FSDP) models are not fused inside the loop" in rank["warnings"][0]
+        assert "-m pdtcli predict" in rank["warnings"][0]
+    assert not (tmp_path / "live" / ".pdt").exists()  # no rank touched a store
