@@ -68,6 +68,7 @@ def test_every_failure_is_a_json_line(sgd_run, tmp_path):
         assert record["status"] == "error" and record["error"]
 
 
+@pytest.mark.slow
 def test_a_reader_that_stops_early_is_not_a_bug(sgd_run):
     """`pdt predict D --json | head -1`: head exits before pdt prints. The step is done, nothing is said."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test is a fresh interpreter: real processes
+
 ROOT = Path(__file__).resolve().parents[1]
 # pdt's own main, then what the interpreter imported; printed last, on stdout, as one JSON line
 PROBE = """
