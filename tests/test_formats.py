@@ -145,27 +145,13 @@ def test_keras_weights_round_trip_and_keep_training(tmp_path):
 def test_flax_state_bytes_round_trip(tmp_path):
     import jax
     import jax.numpy as jnp
-    import optax
-    from flax import linen as nn
     from flax import serialization
-    from flax.training import train_state
 
-    x, y = (jnp.asarray(t.numpy()) for t in training.data())
-    net = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(training.CLASSES)])
-    state = train_state.TrainState.create(apply_fn=net.apply, params=net.init(jax.random.PRNGKey(0), x[:1]),
-                                          tx=optax.sgd(0.05, momentum=0.9))
+    x, y, state, step, epoch = training.flax_run()
 
-    @jax.jit
-    def step(state, xb, yb):
-        def loss(params):
-            return optax.softmax_cross_entropy_with_integer_labels(state.apply_fn(params, xb), yb).mean()
-
-        return state.apply_gradients(grads=jax.grad(loss)(state.params))
-
-    for epoch in range(1, 7):
-        for i in range(0, len(x), 64):
-            state = step(state, x[i: i + 64], y[i: i + 64])
-        (tmp_path / f"epoch_{epoch}.msgpack").write_bytes(serialization.to_bytes(state))
+    for number in range(1, 7):
+        state = epoch(state)
+        (tmp_path / f"epoch_{number}.msgpack").write_bytes(serialization.to_bytes(state))
     payload = predict(tmp_path)
     assert payload["output"] == str(tmp_path / "epoch_6.pdt.msgpack")
     assert set(payload["mask"]["by_layer_type"]) == {"linear", "bias"}  # params/layers_i/{kernel,bias}
@@ -183,8 +169,6 @@ def test_flax_state_bytes_round_trip(tmp_path):
 
 @pytest.mark.slow
 def test_lightning_checkpoints_resume_from_the_fused_file(tmp_path):
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     x, y = training.data()
 
@@ -193,12 +177,7 @@ def test_lightning_checkpoints_resume_from_the_fused_file(tmp_path):
     def loader():
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
 
-    def trainer(epochs: int) -> L.Trainer:
-        checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-        return L.Trainer(max_epochs=epochs, callbacks=[checkpoints], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", deterministic=True)
-
-    trainer(6).fit(Module(), loader())
+    training.lightning_trainer(tmp_path, 6).fit(Module(), loader())
     payload = predict(tmp_path)
     fused_path = tmp_path / "epoch=5.pdt.ckpt"
     assert payload["output"] == str(fused_path)
@@ -209,7 +188,7 @@ def test_lightning_checkpoints_resume_from_the_fused_file(tmp_path):
                        newest["optimizer_states"][0]["state"][0]["momentum_buffer"])
     assert not torch.equal(fused["state_dict"]["net.0.weight"], newest["state_dict"]["net.0.weight"])
     assert torch.equal(fused["state_dict"]["net.1.running_mean"], newest["state_dict"]["net.1.running_mean"])
-    resumed = trainer(7)
+    resumed = training.lightning_trainer(tmp_path, 7)
     resumed.fit(Module(), loader(), ckpt_path=fused_path)
     assert resumed.current_epoch == 7 and resumed.global_step == newest["global_step"] + len(loader())
 

@@ -84,27 +84,9 @@ def test_keras_archives_from_model_checkpoint_are_fused_loaded_and_trained_on(tm
 def test_orbax_steps_of_a_flax_run_are_fused_after_every_save_and_the_manager_restores_and_rotates(tmp_path):
     import jax
     import jax.numpy as jnp
-    import optax
     import orbax.checkpoint as ocp
-    from flax import linen as nn
-    from flax.training import train_state
 
-    x, y = (jnp.asarray(t.numpy()) for t in training.data())
-    net = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(training.CLASSES)])
-    state = train_state.TrainState.create(apply_fn=net.apply, params=net.init(jax.random.PRNGKey(0), x[:1]),
-                                          tx=optax.sgd(0.05, momentum=0.9))
-
-    @jax.jit
-    def step(state, xb, yb):
-        def loss(params):
-            return optax.softmax_cross_entropy_with_integer_labels(state.apply_fn(params, xb), yb).mean()
-
-        return state.apply_gradients(grads=jax.grad(loss)(state.params))
-
-    def epoch(state):
-        for i in range(0, len(x), 64):
-            state = step(state, x[i: i + 64], y[i: i + 64])
-        return state
+    x, y, state, step, epoch = training.flax_run()
 
     folder = tmp_path / "ckpts"
     manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(max_to_keep=3))

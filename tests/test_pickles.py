@@ -114,8 +114,6 @@ def lightning_regressor():
 
 @pytest.mark.slow
 def test_lightning_hyperparameters_holding_a_loss_module_are_carried_and_the_fused_file_resumes(tmp_path):
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     Module = lightning_regressor()
     x, _ = training.data()
@@ -124,12 +122,7 @@ def test_lightning_hyperparameters_holding_a_loss_module_are_carried_and_the_fus
     def loader():
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, target), batch_size=64)
 
-    def trainer(epochs: int) -> L.Trainer:
-        checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-        return L.Trainer(max_epochs=epochs, callbacks=[checkpoints], logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", deterministic=True)
-
-    trainer(6).fit(Module(), loader())
+    training.lightning_trainer(tmp_path, 6).fit(Module(), loader())
     code, output = pdt("predict", tmp_path, "--json")
     assert code == 0, output  # was exit 3, "refused: loading it would run code"
     fused_path, newest_path = tmp_path / "epoch=5.pdt.ckpt", tmp_path / "epoch=5.ckpt"
@@ -141,7 +134,7 @@ def test_lightning_hyperparameters_holding_a_loss_module_are_carried_and_the_fus
     assert torch.equal(fused["optimizer_states"][0]["state"][0]["momentum_buffer"],
                        newest["optimizer_states"][0]["state"][0]["momentum_buffer"])
     assert not torch.equal(fused["state_dict"]["net.0.weight"], newest["state_dict"]["net.0.weight"])
-    resumed = trainer(7)
+    resumed = training.lightning_trainer(tmp_path, 7)
     model = Module.load_from_checkpoint(fused_path, weights_only=False)  # Lightning's own load, hyper_parameters too
     assert type(model.loss_fn) is nn.MSELoss
     resumed.fit(Module(), loader(), ckpt_path=fused_path, weights_only=False)  # it holds a module, as the input

@@ -116,3 +116,42 @@ def flat_weights(paths: list[Path], names: list[str]) -> torch.Tensor:
             state = torch.load(path, weights_only=True)["model"]
         columns.append(torch.cat([state[n].double().reshape(-1) for n in names]))
     return torch.stack(columns, dim=1)
+
+
+def flax_run():
+    """A Flax `TrainState` of the MLP (hidden 16, SGD with momentum) on the data, `step(state, xb, yb)`: one
+    jitted batch, and `epoch(state)`: batches of 64 over the data. (x, y, state, step, epoch)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import linen
+    from flax.training import train_state
+
+    x, y = (jnp.asarray(t.numpy()) for t in data())
+    net = linen.Sequential([linen.Dense(16), linen.relu, linen.Dense(CLASSES)])
+    state = train_state.TrainState.create(apply_fn=net.apply, params=net.init(jax.random.PRNGKey(0), x[:1]),
+                                          tx=optax.sgd(0.05, momentum=0.9))
+
+    @jax.jit
+    def step(state, xb, yb):
+        def loss(params):
+            return optax.softmax_cross_entropy_with_integer_labels(state.apply_fn(params, xb), yb).mean()
+
+        return state.apply_gradients(grads=jax.grad(loss)(state.params))
+
+    def epoch(state):
+        for i in range(0, len(x), 64):
+            state = step(state, x[i: i + 64], y[i: i + 64])
+        return state
+
+    return x, y, state, step, epoch
+
+
+def lightning_trainer(folder: Path, epochs: int):
+    """A CPU Lightning Trainer, deterministic and quiet, saving a checkpoint `{epoch}.ckpt` into `folder` each epoch."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoints = ModelCheckpoint(dirpath=folder, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    return L.Trainer(max_epochs=epochs, callbacks=[checkpoints], logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, accelerator="cpu", deterministic=True)

@@ -9,6 +9,7 @@ key structure, dtypes) is carried over untouched.
 from __future__ import annotations
 
 import abc
+import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,10 +86,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
+        return math.prod(self.shape)
 
 
 def copy_bytes(src: BinaryIO, dst: BinaryIO, count: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -45,10 +46,7 @@ class View:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
 
     def span(self) -> tuple[int, int]:
         """[first byte, end) of the storage bytes the elements lie in, whatever the strides."""
