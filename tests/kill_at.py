@@ -1,16 +1,14 @@
 """Run `pdt` and SIGKILL it at a chosen point, so kill tests hit each stage on purpose.
 
-    python kill_at.py MODULE:ATTR N before|after|half -- PDT ARGS...
+    python kill_at.py MODULE:ATTR N before|after -- PDT ARGS...
 
-The N-th call of MODULE.ATTR kills the process just before or just after the call runs;
-`half` (for `torch.save`) writes the first half of the file, then kills: a torn write.
+The N-th call of MODULE.ATTR kills the process just before or just after the call runs.
 A real SIGKILL, in a real process, at a point chosen by the test and not by a timer.
 """
 
 from __future__ import annotations
 
 import importlib
-import io
 import os
 import signal
 import sys
@@ -31,12 +29,6 @@ def main() -> None:
         nonlocal calls
         calls += 1
         if calls == nth and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if calls == nth and when == "half":
-            buffer = io.BytesIO()
-            original(a[0], buffer)
-            a[1].write(buffer.getvalue()[: buffer.tell() // 2])  # pdt hands torch.save an open file
-            a[1].flush()
             os.kill(os.getpid(), signal.SIGKILL)
         result = original(*a, **k)
         if calls == nth and when == "after":
