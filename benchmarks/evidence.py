@@ -12,9 +12,9 @@ Data: digits split 70/15/15 (train / validation / test, fixed); the GPT's held-o
 (validation / test). Only the loss gate looks at the validation split; every loss reported is on the training
 split ("train") or the test split ("held-out").
 
-Per family: the baseline over a learning-rate grid (`--lrs`, seeds `--seeds`); the best rate is the one whose
-baseline reaches the lowest held-out loss, mean over seeds (the script says when it is at an edge of the grid).
-At that rate, per seed:
+Per family: the baseline over a learning-rate grid (`--lrs`, seeds `--tune-seeds`, default `--seeds`); the best
+rate is the one whose baseline reaches the lowest held-out loss, mean over those seeds (the script says when it is
+at an edge of the grid). At that rate, per seed of `--seeds`:
 
     baseline   no pdt (the tuned baseline)
     default    pdt's defaults (history 5, tau 5, criteria upper+sign)
@@ -28,6 +28,8 @@ Against the same seed's tuned baseline: steps and wall-clock (training, saving a
 losses excluded) to the baseline's best training loss and best held-out loss; the final held-out loss.
 
     python benchmarks/evidence.py --out benchmarks/results/evidence --families mlp cnn gpt --seeds 0 1 2
+
+`--cache DIR` keeps every run, so that a later invocation with more variants or seeds reuses the runs made.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def gpt_family(steps: int) -> Family:
         return loss_on(model, splits[split])
 
     return Family(lambda seed: make_model(seed, 128, 128, 4), batches, loss, steps=steps, save_every=50, warmup=30,
-                  lrs=(1e-3, 3e-3, 1e-2), threads=2)
+                  lrs=(3e-4, 1e-3, 3e-3), threads=2)
 
 
 def train_step(model: nn.Module, batch) -> None:
@@ -234,11 +236,12 @@ def compare(base: dict, runs: dict[str, dict]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def tune(family: Family, seeds: list[int], scratch: Path, log) -> tuple[float, dict, dict]:
-    """The baseline over the grid; returns the best rate, its runs by seed, and each rate's mean best loss."""
+def tune(family: Family, seeds: list[int], tune_seeds: list[int], runner, log) -> tuple[float, dict, dict]:
+    """The baseline over the grid on `tune_seeds`; returns the best rate, the baseline's runs at it for every seed
+    of `seeds`, and each rate's mean best held-out loss."""
     grid: dict[float, dict[int, dict]] = {}
     for lr in family.lrs:
-        grid[lr] = {seed: run(family, lr, seed, None, scratch / f"base-{lr}-{seed}") for seed in seeds}
+        grid[lr] = {seed: runner(lr, seed, "baseline") for seed in tune_seeds}
         best = [round(min(r["val_loss"] for r in g["rows"]), 4) for g in grid[lr].values()]
         log(f"  lr {lr:g}: best held-out by seed {best}")
     score = {lr: statistics.fmean(min(r["val_loss"] for r in g["rows"]) for g in runs.values())
@@ -246,7 +249,7 @@ def tune(family: Family, seeds: list[int], scratch: Path, log) -> tuple[float, d
     best = min(score, key=score.get)
     if best in (family.lrs[0], family.lrs[-1]):
         log(f"  warning: the best rate {best:g} is at an edge of the grid {family.lrs}")
-    return best, grid[best], score
+    return best, {seed: grid[best].get(seed) or runner(best, seed, "baseline") for seed in seeds}, score
 
 
 def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, Any]]:
@@ -322,18 +325,37 @@ def plot(results: dict[str, dict], path: Path) -> None:
     plt.close(figure)
 
 
-def evaluate_family(name: str, family: Family, seeds: list[int], variants: list[str], scratch: Path,
-                    log) -> dict[str, Any]:
+def cached_runner(name: str, family: Family, scratch: Path, cache: Path | None):
+    """`runner(lr, seed, variant)`: one run, kept as JSON under `cache` (when given) by family, steps, rate, seed
+    and variant, so that a later invocation (more variants, more seeds) reuses the runs already made."""
+
+    def runner(lr: float, seed: int, variant: str) -> dict:
+        key = f"{name}-{family.steps}-{lr:g}-{seed}-{variant}"
+        kept = cache / f"{key}.json" if cache is not None else None
+        if kept is not None and kept.exists():
+            return json.loads(kept.read_text())
+        result = run(family, lr, seed, VARIANTS[variant], scratch / key)
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_text(json.dumps(result))
+        return result
+
+    return runner
+
+
+def evaluate_family(name: str, family: Family, seeds: list[int], tune_seeds: list[int], variants: list[str],
+                    scratch: Path, cache: Path | None, log) -> dict[str, Any]:
     """The grid, then the variants at the tuned rate, compared per seed and summarized."""
-    log(f"{name}: tuning over {family.lrs}")
-    lr, base_runs, grid = tune(family, seeds, scratch / name, log)
+    log(f"{name}: tuning over {family.lrs} on seeds {tune_seeds}")
+    runner = cached_runner(name, family, scratch, cache)
+    lr, base_runs, grid = tune(family, seeds, tune_seeds, runner, log)
     runs: dict[str, dict[int, dict]] = {"baseline": base_runs}
     for variant in variants:
         if variant == "baseline":
             continue
         runs[variant] = {}
         for seed in seeds:
-            runs[variant][seed] = run(family, lr, seed, VARIANTS[variant], scratch / name / f"{variant}-{seed}")
+            runs[variant][seed] = runner(lr, seed, variant)
             log(f"  {variant} seed {seed}: final held-out {runs[variant][seed]['rows'][-1]['val_loss']:.4f}")
     per_seed = {seed: compare(base_runs[seed], {v: runs[v][seed] for v in runs}) for seed in seeds}
     return {"lr": lr, "grid": {f"{k:g}": v for k, v in grid.items()}, "steps": family.steps,
@@ -346,11 +368,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--families", nargs="+", default=["mlp", "cnn", "gpt"], choices=("mlp", "cnn", "gpt"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tune-seeds", type=int, nargs="+", default=None,
+                   help="seeds of the learning-rate grid (default: --seeds); the baseline at the tuned rate runs on "
+                        "every seed")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="keep each run as JSON here and reuse it on a later invocation")
     p.add_argument("--gpt-seeds", type=int, nargs="+", default=None, help="seeds of the GPT (default: --seeds)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--epochs", type=int, default=40, help="epochs of the digits families")
     p.add_argument("--gpt-steps", type=int, default=600)
-    p.add_argument("--gpt-lrs", type=float, nargs="+", default=None, help="the GPT's grid (default 1e-3 3e-3 1e-2)")
+    p.add_argument("--gpt-lrs", type=float, nargs="+", default=None, help="the GPT's grid (default 3e-4 1e-3 3e-3)")
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="the digits' grid (default 3e-3 1e-2 3e-2 1e-1)")
     args = p.parse_args(argv)
     logging.getLogger("pdtcli").setLevel(logging.ERROR)  # the lineage notes of each step, not needed here
@@ -369,7 +396,9 @@ def main(argv: list[str] | None = None) -> None:
             if grid:
                 family.lrs = tuple(grid)
             seeds = args.gpt_seeds if name == "gpt" and args.gpt_seeds else args.seeds
-            results[name] = evaluate_family(name, family, seeds, args.variants, Path(scratch), log)
+            tune_seeds = [s for s in (args.tune_seeds or seeds) if s in seeds] or seeds
+            results[name] = evaluate_family(name, family, seeds, tune_seeds, args.variants, Path(scratch),
+                                            args.cache, log)
             results[name]["command"] = command
             saved.write_text(json.dumps({"results": results}, indent=1))  # each family as soon as it is done
             (args.out / "results.md").write_text(markdown(results, command))
