@@ -377,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--epochs", type=int, default=40, help="epochs of the digits families")
     p.add_argument("--gpt-steps", type=int, default=600)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: 1 for the digits, 2 for the GPT); 1 when invocations "
+                        "sharing a --cache run side by side")
     p.add_argument("--gpt-lrs", type=float, nargs="+", default=None, help="the GPT's grid (default 3e-4 1e-3 3e-3)")
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="the digits' grid (default 3e-3 1e-2 3e-2 1e-1)")
     args = p.parse_args(argv)
@@ -396,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
             if grid:
                 family.lrs = tuple(grid)
             seeds = args.gpt_seeds if name == "gpt" and args.gpt_seeds else args.seeds
+            family.threads = args.threads or family.threads
             tune_seeds = [s for s in (args.tune_seeds or seeds) if s in seeds] or seeds
             results[name] = evaluate_family(name, family, seeds, tune_seeds, args.variants, Path(scratch),
                                             args.cache, log)
