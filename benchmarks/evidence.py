@@ -247,7 +247,7 @@ def tune(family: Family, seeds: list[int], tune_seeds: list[int], runner, log) -
     score = {lr: statistics.fmean(min(r["val_loss"] for r in g["rows"]) for g in runs.values())
              for lr, runs in grid.items()}
     best = min(score, key=score.get)
-    if best in (family.lrs[0], family.lrs[-1]):
+    if best in (min(family.lrs), max(family.lrs)):
         log(f"  warning: the best rate {best:g} is at an edge of the grid {family.lrs}")
     return best, {seed: grid[best].get(seed) or runner(best, seed, "baseline") for seed in seeds}, score
 
