@@ -148,7 +148,8 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
                            ingested, skipped, output=done)
         if mask is not None and not ingested and settings.verify is not None and _rejected_already(st):
             return _result(st, "up-to-date", f"nothing new since --verify rejected the fused checkpoint of "
-                           f"{Path(st.snapshot(ids[-1]).path).name}; no checkpoint to add", s, ingested, skipped)
+                           f"{Path(st.snapshot(ids[-1]).path).name}; no checkpoint to add (to judge it again: "
+                           "pdt apply --verify CMD)", s, ingested, skipped)
         if dry_run:
             if mask is None:                                                   # lines 7-9
                 _masked_pass(s, ids, settings.mask)
@@ -309,12 +310,12 @@ def _in_place_alone(settings: Settings, output: Path | None) -> None:
         raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
 
 
-def _verify_alone(settings: Settings, writes_none: bool) -> None:
-    """`--verify` where it cannot judge: no checkpoint is written (`--dry-run`, a live model), or the ranks of
-    torchrun would each have to publish their share only on one command's word."""
+def _verify_alone(settings: Settings, dry_run: bool) -> None:
+    """`--verify` where it cannot judge (UsageError): `--dry-run` writes no checkpoint, and the ranks of torchrun
+    would each have to publish their share on one command's word."""
     if settings.verify is None:
         return
-    if writes_none:
+    if dry_run:
         raise UsageError("--verify judges the fused checkpoint pdt writes; --dry-run writes none")
     if current().active:
         raise UsageError("--verify runs in one process; under torchrun run `pdt apply --verify CMD` afterwards in one")
