@@ -182,3 +182,36 @@ def test_apply_verifies_too(sgd_run, tmp_path):
     code, output = pdt("apply", sgd_run, "--json", "--verify", script(tmp_path, "yes.py", "print('fine')"))
     assert code == 0 and json.loads(output)["status"] == "written", output
     assert (sgd_run / "epoch_8.pdt.pt").exists()
+
+
+def test_a_folder_checkpoint_is_judged_as_a_folder(tmp_path, monkeypatch):
+    """A sharded Hugging Face folder: the command gets the candidate folder under the output's name, every
+    shard in it, before `step-5.pdt` exists; rejected, neither it nor a temporary is left; in place and
+    rejected, the checkpoint folder keeps every byte."""
+    from huggingface_hub import save_torch_state_dict
+    from test_folders import _save_hf_epochs
+
+    run = tmp_path / "run"
+    _save_hf_epochs(run, 5, lambda state, folder: save_torch_state_dict(state, folder, max_shard_size=600))
+    marker = tmp_path / "seen.json"
+    body = f"""
+path = sys.argv[1]
+json.dump({{"name": os.path.basename(path), "files": sorted(os.listdir(path)),
+           "final_exists": os.path.exists({str(run / "step-5.pdt")!r})}}, open({str(marker)!r}, "w"))
+sys.exit(int(os.environ.get("REJECT", "0")))
+"""
+    command = script(tmp_path, "look.py", body)
+    before = checkpoints_of(run)
+    monkeypatch.setenv("REJECT", "1")
+    for flags in (("predict",), ("apply", "--in-place")):  # apply: a rerun of predict would judge nothing again
+        code, output = pdt(*flags, run, "--json", "--verify", command)
+        assert code == 0 and json.loads(output)["status"] == "rejected", output
+        assert checkpoints_of(run) == before and no_temporaries(run)
+    monkeypatch.delenv("REJECT")
+    code, output = pdt("apply", run, "--json", "--no-in-place", "--verify", command)
+    assert code == 0 and json.loads(output)["status"] == "written", output
+    seen = json.loads(marker.read_text())
+    assert seen["name"] == "step-5.pdt" and seen["final_exists"] is False
+    assert seen["files"] == sorted(p.name for p in (run / "step-5.pdt").iterdir()) == sorted(
+        p.name for p in (run / "step-5").iterdir())
+    assert no_temporaries(run)
