@@ -233,9 +233,10 @@ def _moved(batch: Any, device: torch.device) -> Any:
         return batch.to(device)
     if isinstance(batch, Mapping):
         return {key: _moved(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple takes its fields one by one
+        return type(batch)(*(_moved(value, device) for value in batch))
     if isinstance(batch, list | tuple):
-        return type(batch)(_moved(value, device) for value in batch) if type(batch) in (list, tuple) else \
-            type(batch)(*(_moved(value, device) for value in batch))  # a named tuple
+        return type(batch)(_moved(value, device) for value in batch)
     return batch
 
 
