@@ -322,8 +322,7 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
       pdt predict runs/exp1/ckpts -o a.pt    # an audit copy; the window unchanged
       pdt predict runs/exp1/ckpts --in-place # over the newest; undo: pdt restore
       pdt predict runs/exp1/ckpts --start 10 --every 2   # Algorithm 1's T_0, T_i
-      pdt predict runs/exp1/ckpts --verify 'python eval.py --ckpt {}'
-          # eval.py prints its held-out loss last: kept only if not above the newest checkpoint's
+      pdt predict runs/exp1/ckpts --verify 'python eval.py {}'  # see --verify
     From cron (one JSON line per run; name pdt by its path, `command -v pdt`):
       */30 * * * * /opt/venv/bin/pdt predict /data/r1 --json >> /data/r1/pdt.log
     On many nodes (each rank reads its share; see the README):
@@ -372,7 +371,7 @@ def apply_cmd(target: Target, store: Store = None, output: Output = None, force:
     Examples:
       pdt apply runs/exp1/ckpts --force             # after pdt mask
       pdt apply runs/exp1/ckpts -o /tmp/audit.pt
-      pdt apply runs/exp1/ckpts --force --verify './eval.sh {}'   # exit 0 keeps it
+      pdt apply runs/exp1/ckpts --verify './eval.sh {}'  # exit 0 keeps it
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, backend=backend,

@@ -92,13 +92,11 @@ OPTIONS: dict[str, Option] = {
     "random": Option(("--random/--no-random",), None, "Audit: random mask at the criteria's per-tensor ratio.",
                      shown_default="off", flag=True, kept=False),
     "seed": Option(("--seed",), None, "Seed of --random.", min=0, shown_default="0", kept=0),
-    "verify": Option(("--verify",), None, "Publish the fused checkpoint only if CMD accepts it: CMD runs on it under a "
-                     "temporary name ({} in CMD is its path, else the path is appended); a non-zero exit or a timeout "
-                     "rejects, an exit 0 accepts unless its last line of output is a loss above the one CMD prints "
-                     "for the newest checkpoint. A rejection writes nothing and exits 0.", metavar="CMD",
-                     shown_default="none"),
-    "verify_timeout": Option(("--verify-timeout",), VERIFY_TIMEOUT, "Seconds one run of the --verify command may "
-                             "take (then it is killed and the fused checkpoint rejected).", min=1, metavar="SECONDS"),
+    "verify": Option(("--verify",), None, "Publish the fused checkpoint only if CMD, run on it ({} in CMD: its path, "
+                     "else appended), exits 0 and, if it prints a loss last, one not above the newest checkpoint's.",
+                     metavar="CMD"),
+    "verify_timeout": Option(("--verify-timeout",), VERIFY_TIMEOUT, "Seconds CMD may run (then: rejected).", min=1,
+                             metavar="SECONDS"),
     "include": Option(("--include",), None, "Also predict tensors matching this glob (repeatable).", metavar="GLOB"),
     "exclude": Option(("--exclude",), None, "Never predict tensors matching this glob (repeatable).",
                       metavar="GLOB"),
