@@ -1,6 +1,6 @@
 """`pdt predict --verify CMD` (and `pdt apply --verify`): the user's command judges the fused checkpoint under
 a temporary name before it is published; a rejection publishes nothing, leaves every input as it was, and the
-store forgets the fused state (a history row says so)."""
+store forgets the fused state (a history row says so). The commands are real processes (slow tier)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import training
 from test_hostile import no_temporaries, one_error_line, pdt, snapshot_of
@@ -60,6 +61,7 @@ def report(folder: Path) -> dict:
     return json.loads(output)
 
 
+@pytest.mark.slow
 def test_an_exit_code_that_rejects_publishes_nothing_and_the_store_forgets_the_fused_state(sgd_run, tmp_path,
                                                                                          monkeypatch):
     log = tmp_path / "runs.log"
@@ -91,6 +93,7 @@ def test_an_exit_code_that_rejects_publishes_nothing_and_the_store_forgets_the_f
         "rejected epoch_8.pdt.pt (--verify: the command exited 1); nothing written"], output
 
 
+@pytest.mark.slow
 def test_a_printed_loss_is_compared_with_the_newest_checkpoints(_adamw_run, tmp_path, monkeypatch):
     """The command loads each checkpoint with torch and prints its held-out loss (times SIGN): the fused
     checkpoint is published exactly when its loss is not above the plain one's, as computed here; with the sign
@@ -121,6 +124,7 @@ def test_a_printed_loss_is_compared_with_the_newest_checkpoints(_adamw_run, tmp_
     assert sorted(outcomes.values()) == ["rejected", "written"]
 
 
+@pytest.mark.slow
 def test_the_command_sees_the_candidate_in_the_outputs_format_before_the_output_exists(sgd_run, tmp_path):
     marker = tmp_path / "seen.json"
     final = sgd_run / "epoch_8.pdt.pt"
@@ -141,6 +145,7 @@ json.dump({{"name": os.path.basename(path), "folder": os.path.dirname(os.path.di
     assert no_temporaries(sgd_run)
 
 
+@pytest.mark.slow
 def test_in_place_and_a_rejection_leave_the_original_byte_identical(sgd_run, tmp_path):
     before = checkpoints_of(sgd_run)
     code, output = pdt("predict", sgd_run, "--in-place", "--json", "--verify", script(tmp_path, "no.py", "sys.exit(3)"))
@@ -161,6 +166,7 @@ def test_a_command_that_cannot_run_is_a_usage_error_before_any_work(sgd_run, tmp
     assert checkpoints_of(sgd_run) == before and not (sgd_run / ".pdt").exists()
 
 
+@pytest.mark.slow
 def test_a_command_past_its_timeout_rejects(sgd_run, tmp_path):
     fifo = tmp_path / "never-written"
     os.mkfifo(fifo)  # opening it for reading blocks until a writer comes: none does
@@ -172,6 +178,7 @@ def test_a_command_past_its_timeout_rejects(sgd_run, tmp_path):
     assert not (sgd_run / "epoch_8.pdt.pt").exists() and no_temporaries(sgd_run)
 
 
+@pytest.mark.slow
 def test_apply_verifies_too(sgd_run, tmp_path):
     code, output = pdt("predict", sgd_run, "--dry-run")
     assert code == 0, output
@@ -184,6 +191,7 @@ def test_apply_verifies_too(sgd_run, tmp_path):
     assert (sgd_run / "epoch_8.pdt.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_folder_checkpoint_is_judged_as_a_folder(tmp_path, monkeypatch):
     """A sharded Hugging Face folder: the command gets the candidate folder under the output's name, every
     shard in it, before `step-5.pdt` exists; rejected, neither it nor a temporary is left; in place and
