@@ -34,17 +34,19 @@ from .session import Session, resolve_store_root, session
 from .store import Store, complete_parts, lineage, merge_states, parts_of, schedule
 from .store.records import Mask, Snapshot
 from .targets import check_output, guard_of
+from .verify import Verdict
 from .world import current
 
 log = logging.getLogger(__name__)
 WROTE = ("written", "loaded")  # statuses after which training resumes from a fused state
 LIVE_OUTPUT = "(in memory)"  # what the history shows as the output of a step inside the training loop
+REJECTED = "--verify rejected"  # a history row's command ends so when `--verify` turned the fused checkpoint down
 
 @dataclass
 class StepResult:
     """What a command did, for the CLI's summary and for `--json`."""
 
-    status: str  # written | loaded | dry-run | masked | up-to-date | waiting | not-due | ingested | restored
+    status: str  # written | rejected | loaded | dry-run | masked | up-to-date | waiting | not-due | ingested | restored
     message: str
     store: str
     ingested: list[str] = field(default_factory=list)
@@ -55,6 +57,7 @@ class StepResult:
     mask: dict | None = None
     warnings: list[str] = field(default_factory=list)
     tensors: list[dict] | None = None  # per-tensor counts of the mask, for the summary
+    verify: dict | None = None  # what `--verify` said of the fused checkpoint (`Verdict.as_dict`)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "tensors"}
@@ -99,6 +102,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
     """
     settings = (settings or Settings()).giving(in_place=in_place)
     _in_place_alone(settings, output)
+    _verify_alone(settings, dry_run)
     if live is not None and (settings.given.get("in_place") or output is not None or dry_run):
         raise UsageError("a live model takes the fused values itself; it takes no output, --in-place or --dry-run")
     audit = "--dry-run" if dry_run else "-o" if output is not None else None
@@ -142,6 +146,10 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         if done and not ingested:
             return _result(st, "up-to-date", f"nothing new since {Path(done).name}; no checkpoint to add", s,
                            ingested, skipped, output=done)
+        if mask is not None and not ingested and settings.verify is not None and _rejected_already(st):
+            return _result(st, "up-to-date", f"nothing new since --verify rejected the fused checkpoint of "
+                           f"{Path(st.snapshot(ids[-1]).path).name}; no checkpoint to add (to judge it again: "
+                           "pdt apply --verify CMD)", s, ingested, skipped)
         if dry_run:
             if mask is None:                                                   # lines 7-9
                 _masked_pass(s, ids, settings.mask)
@@ -153,9 +161,9 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
             loaded = _load_live(s, ids, settings.mask, live, use_stored=mask is not None)
             return _result(st, "loaded", f"loaded the fused values of {loaded} tensor(s) into the model", s,
                            ingested, skipped)
-        out = _write(s, ids, settings.mask, output=output, force=force, in_place=in_place,   # lines 7-11, 17
-                     use_stored=mask is not None, command="predict")
-        return _result(st, "written", f"wrote {out}", s, ingested, skipped, output=str(out))
+        out, verdict = _write(s, ids, settings.mask, output=output, force=force, in_place=in_place,  # lines 7-11, 17
+                              use_stored=mask is not None, command="predict")
+        return _written(st, out, verdict, s, ingested, skipped)
 
 
 def remask(target: Path, *, store: Path | None = None, settings: Settings | None = None) -> StepResult:
@@ -185,6 +193,7 @@ def apply(target: Path, *, store: Path | None = None, output: Path | None = None
     """
     settings = (settings or Settings()).giving(in_place=in_place)
     _in_place_alone(settings, output)
+    _verify_alone(settings, False)
     with session(target, store, settings) as s:
         st = s.require_store()
         in_place = s.kept_settings("pdt apply").in_place and output is None
@@ -196,9 +205,9 @@ def apply(target: Path, *, store: Path | None = None, output: Path | None = None
             raise StageMissing(_no_fit(st, "a newer checkpoint replaced the fit's window; run `pdt predict` again"),
                                s.root)
         options = MaskOptions.from_dict(st.mask.options)
-        out = _write(s, st.fit.window, options, output=output, force=force, in_place=in_place, use_stored=True,
-                     command="apply")
-        return _result(st, "written", f"wrote {out}", s, output=str(out))
+        out, verdict = _write(s, st.fit.window, options, output=output, force=force, in_place=in_place,
+                              use_stored=True, command="apply")
+        return _written(st, out, verdict, s)
 
 
 def restore(target: Path, *, store: Path | None = None, path: Path | None = None, force: bool = False,
@@ -301,6 +310,25 @@ def _in_place_alone(settings: Settings, output: Path | None) -> None:
         raise UsageError("--in-place writes over the newest checkpoint; it takes no --output")
 
 
+def _verify_alone(settings: Settings, dry_run: bool) -> None:
+    """`--verify` where it cannot judge (UsageError): `--dry-run` writes no checkpoint, and the ranks of torchrun
+    would each have to publish their share on one command's word."""
+    if settings.verify is None:
+        return
+    if dry_run:
+        raise UsageError("--verify judges the fused checkpoint pdt writes; --dry-run writes none")
+    if current().active:
+        raise UsageError("--verify runs in one process; under torchrun run `pdt apply --verify CMD` afterwards in one")
+
+
+def _rejected_already(store: Store) -> bool:
+    """Whether the store's last masking run was a `--verify` that turned down this very fit and mask: a rerun
+    with nothing new would write and judge the same fused checkpoint again."""
+    last = store.history[-1] if store.history else None
+    return (last is not None and last.command.endswith(REJECTED) and last.fit_id == store.fit.id
+            and last.mask == store.mask.label)
+
+
 def _single_only(in_place: bool) -> None:
     """What a distributed step does not do (yet): write over the newest checkpoint."""
     if current().active and in_place:
@@ -369,9 +397,13 @@ def _source_of(store: Store, newest: Snapshot) -> Path:
 
 
 def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | None, force: bool,
-           in_place: bool, use_stored: bool, command: str) -> Path:
+           in_place: bool, use_stored: bool, command: str) -> tuple[Path, Verdict | None]:
     """Pass 2 with a writer, then the output is recorded (and, when training resumes from it,
-    becomes the newest snapshot), committed.
+    becomes the newest snapshot), committed. Returns the output's path and, with `--verify`, the verdict.
+
+    With `--verify`, the complete output is judged under a temporary name before it is published; a
+    rejected one is removed unpublished (in place: the checkpoint is left as it was, no backup made), and
+    the store keeps the fit and mask but not the fused state, with a history row (`REJECTED`).
 
     In place, the output is the newest checkpoint's own path; what it held is kept as a
     backup (once: a second write from the same checkpoint must not back up pdt's output).
@@ -406,7 +438,19 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
     if backup is not None:
         destination.backup_to = None if recorded_backup(newest, backup) else backup
         destination.before_publish = lambda tmp: note_in_place(store, out, backup, tmp)
+    verdicts: list[Verdict] = []
+    verifier = s.settings.verifier
+    if verifier is not None:
+        def accept(candidate: Path) -> bool:
+            verdicts.append(verifier.judge(candidate, destination.source))
+            return verdicts[-1].accepted
+        destination.accept = accept
     _masked_pass(s, ids, options, write=destination, use_stored=use_stored)
+    verdict = verdicts[0] if verdicts else None
+    if verdict is not None and not verdict.accepted:
+        store.append_history(f"{command} {REJECTED}", None, training=False)
+        store.commit()
+        return out, verdict
     size, mtime = current().gather(stat_of(out) if current().leader else None, "the output's size")[0]
     lineage.record_output(store, ids, located(out), size, mtime, destination.lineage_slot,
                         located(backup) if backup is not None else None)
@@ -415,7 +459,20 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
     store.commit()
     if backup is not None:
         prune_backups(store)
-    return out
+    return out, verdict
+
+
+def _written(store: Store, out: Path, verdict: Verdict | None, s: Session, ingested: list[str] | None = None,
+             skipped: list[dict] | None = None) -> StepResult:
+    """The result of a run that wrote `out`, or, `--verify` having turned it down, that published nothing."""
+    if verdict is not None and not verdict.accepted:
+        result = _result(store, "rejected", f"rejected {out.name} (--verify: {verdict.why}); nothing written", s,
+                         ingested, skipped)
+    else:
+        checked = f" (--verify: {verdict.why})" if verdict is not None else ""
+        result = _result(store, "written", f"wrote {out}{checked}", s, ingested, skipped, output=str(out))
+    result.verify = verdict.as_dict() if verdict is not None else None
+    return result
 
 
 def _conversion(s: Session, source: Path, out: Path) -> str | None:

@@ -49,7 +49,7 @@ def fsync_file(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = None,
                 before_publish: Callable[[Path], None] | None = None,
-                error: type[PdtError] = OutputError) -> Iterator[Path]:
+                error: type[PdtError] = OutputError, accept: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success it is synced and renamed over it.
 
     With `force=False` an existing `final` is refused before anything is written. With
@@ -59,14 +59,24 @@ def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = Non
     about to appear under `final` (and recognise it after a crash in between). An operating-system
     error (disk full, no permission, a file-size limit) is one `error` naming `final` (an OutputError,
     or a StoreError for the store's own files).
+
+    With `accept`, the temporary is `final`'s own name inside a hidden temporary folder beside it (so that a
+    program judging it knows its format by its suffix), and `accept(tmp)`, called once it is complete, decides:
+    False removes it and leaves `final` (and `backup_to`) as they were.
     """
     final = Path(final)
     with os_errors_as(error, "cannot write", final):  # a path pdt may not even look at
         folder = _writable_folder(final, force, error)
-    tmp = folder / f".{final.name}{TMP_TAG}{os.getpid()}"
+    hidden = folder / f".{final.name}{TMP_TAG}{os.getpid()}"  # swept by the next run if this one is killed
+    tmp = hidden / final.name if accept is not None else hidden
     try:
-        remove_path(tmp)  # whatever sits under the name (a planted link, a dead run's file) is not written through
+        remove_path(hidden)  # whatever sits under the name (a planted link, a dead run's file) is not written through
+        if accept is not None:
+            hidden.mkdir()
         yield tmp
+        if accept is not None and not accept(tmp):
+            remove_path(hidden)
+            return
         if backup_to is not None and final.exists():
             keep_copy(final, backup_to)
         for written in files_of(tmp):
@@ -75,8 +85,10 @@ def atomic_path(final: Path, *, force: bool = True, backup_to: Path | None = Non
             before_publish(tmp)
         _publish(tmp, final)
         fsync_dir(folder)
+        if accept is not None:
+            hidden.rmdir()
     except BaseException as exc:
-        remove_path(tmp)
+        remove_path(hidden)
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise os_error(exc, error, "cannot write", final) from exc
         raise

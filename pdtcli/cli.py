@@ -127,6 +127,8 @@ Criteria = Annotated[Optional[str], flag("criteria")]
 Random = Annotated[Optional[bool], flag("random")]
 Seed = Annotated[Optional[int], flag("seed")]
 Include = Annotated[Optional[list[str]], flag("include")]
+Verify = Annotated[Optional[str], flag("verify")]
+VerifyTimeout = Annotated[float, flag("verify_timeout")]
 Exclude = Annotated[Optional[list[str]], flag("exclude")]
 Files = Annotated[Optional[list[str]], flag("files")]
 Order = Annotated[Optional[str], flag("order")]
@@ -306,7 +308,8 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
             seed: Seed = None, include: Include = None, exclude: Exclude = None, store_dtype: StoreDtype = None,
             order: Order = None, files: Files = None, device: Device = D["device"], block: Block = D["block"],
             threads: Threads = None, wait: Wait = D["wait"], backend: Backend = D["backend"],
-            dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False, strict: Strict = False,
+            dist_timeout: DistTimeout = D["dist_timeout"], verify: Verify = None,
+            verify_timeout: VerifyTimeout = D["verify_timeout"], json_out: Json = False, strict: Strict = False,
             verbose: Verbose = False) -> None:
     """Ingest new checkpoints, fit DMD, mask, and write the fused checkpoint next to the newest.
 
@@ -319,6 +322,7 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
       pdt predict runs/exp1/ckpts -o a.pt    # an audit copy; the window unchanged
       pdt predict runs/exp1/ckpts --in-place # over the newest; undo: pdt restore
       pdt predict runs/exp1/ckpts --start 10 --every 2   # Algorithm 1's T_0, T_i
+      pdt predict runs/exp1/ckpts --verify 'python eval.py {}'  # see --verify
     From cron (one JSON line per run; name pdt by its path, `command -v pdt`):
       */30 * * * * /opt/venv/bin/pdt predict /data/r1 --json >> /data/r1/pdt.log
     On many nodes (each rank reads its share; see the README):
@@ -328,7 +332,8 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
         s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, history=history,
                      include=include, exclude=exclude, store_dtype=store_dtype, order=order, files=files, tau=tau,
                      modes=modes, rank=rank, rtol=rtol, criteria=criteria, random=random, seed=seed, start=start,
-                     every=every, backend=backend, dist_timeout=dist_timeout, in_place=in_place)
+                     every=every, backend=backend, dist_timeout=dist_timeout, in_place=in_place, verify=verify,
+                     verify_timeout=verify_timeout)
         result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, settings=s)
         finish(result, json_out=json_out, strict=strict)
 
@@ -357,17 +362,20 @@ def mask_cmd(target: Target, store: Store = None, criteria: Criteria = None, ran
 def apply_cmd(target: Target, store: Store = None, output: Output = None, force: Force = False,
               in_place: InPlace = None, device: Device = D["device"], block: Block = D["block"],
               threads: Threads = None, wait: Wait = D["wait"], backend: Backend = D["backend"],
-              dist_timeout: DistTimeout = D["dist_timeout"], json_out: Json = False, verbose: Verbose = False) -> None:
+              dist_timeout: DistTimeout = D["dist_timeout"], verify: Verify = None,
+              verify_timeout: VerifyTimeout = D["verify_timeout"], json_out: Json = False,
+              verbose: Verbose = False) -> None:
     """Write the fused checkpoint from the stored fit and mask: the default output, or an audit copy.
 
     \b
     Examples:
       pdt apply runs/exp1/ckpts --force             # after pdt mask
       pdt apply runs/exp1/ckpts -o /tmp/audit.pt
+      pdt apply runs/exp1/ckpts --verify './eval.sh {}'  # exit 0 keeps it
     """
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, backend=backend,
-                     dist_timeout=dist_timeout, in_place=in_place)
+                     dist_timeout=dist_timeout, in_place=in_place, verify=verify, verify_timeout=verify_timeout)
         result = api.apply(target, store=store, output=output, force=force, settings=s)
         finish(result, json_out=json_out, strict=False)
 

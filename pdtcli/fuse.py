@@ -264,6 +264,7 @@ class Destination:
     backup_to: Path | None = None  # in place: keep what `path` held here first
     before_publish: Callable[[Path], None] | None = None
     convert: str | None = None  # written as this `formats.convert.CONVERSIONS` suffix, not in the source's format
+    accept: Callable[[Path], bool] | None = None  # judges the complete output before it is published (`--verify`)
 
 
 @dataclass
@@ -302,7 +303,8 @@ def _output(write: Destination) -> contextlib.AbstractContextManager[Path]:
     step one that every rank writes its own files into, published when all have."""
     world = current()
     if not world.active:
-        return atomic_path(write.path, backup_to=write.backup_to, before_publish=write.before_publish)
+        return atomic_path(write.path, backup_to=write.backup_to, before_publish=write.before_publish,
+                           accept=write.accept)
 
     def prepare(tmp: Path) -> None:
         if write.source.is_dir():

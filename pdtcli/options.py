@@ -19,6 +19,8 @@ from .order import ORDERS
 from .progress import NoProgress, Progress
 from .selection import Selection
 from .store import STORE_DTYPES
+from .verify import DEFAULT_TIMEOUT as VERIFY_TIMEOUT
+from .verify import Verifier, command_words
 from .world import BACKENDS, DEFAULT_TIMEOUT
 
 DEFAULT_HISTORY = 5
@@ -90,6 +92,11 @@ OPTIONS: dict[str, Option] = {
     "random": Option(("--random/--no-random",), None, "Audit: random mask at the criteria's per-tensor ratio.",
                      shown_default="off", flag=True, kept=False),
     "seed": Option(("--seed",), None, "Seed of --random.", min=0, shown_default="0", kept=0),
+    "verify": Option(("--verify",), None, "Publish the fused checkpoint only if CMD, run on it ({} in CMD: its path, "
+                     "else appended), exits 0 and, if it prints a loss last, one not above the newest checkpoint's.",
+                     metavar="CMD"),
+    "verify_timeout": Option(("--verify-timeout",), VERIFY_TIMEOUT, "Seconds CMD may run (then: rejected).", min=1,
+                             metavar="SECONDS"),
     "include": Option(("--include",), None, "Also predict tensors matching this glob (repeatable).", metavar="GLOB"),
     "exclude": Option(("--exclude",), None, "Never predict tensors matching this glob (repeatable).",
                       metavar="GLOB"),
@@ -194,6 +201,8 @@ class Settings:
     backend: str = "auto"  # under torchrun
     dist_timeout: float = DEFAULT_TIMEOUT
     in_place: bool = False  # write over the newest checkpoint
+    verify: str | None = None  # the command that judges a fused checkpoint before it is published (not KEPT)
+    verify_timeout: float = VERIFY_TIMEOUT  # seconds per run of it
     given: dict[str, Any] = field(default_factory=dict)  # the KEPT settings this run was given: {name: value}
 
     def __post_init__(self) -> None:
@@ -201,8 +210,15 @@ class Settings:
                             ("threads", self.threads),
                             ("store_dtype", self.store_dtype), ("order", self.order), ("wait", self.lock_timeout),
                             ("start", self.start), ("every", self.every), ("backend", self.backend),
-                            ("dist_timeout", self.dist_timeout)):
+                            ("dist_timeout", self.dist_timeout), ("verify_timeout", self.verify_timeout)):
             _check(name, value)
+        if self.verify is not None:
+            command_words(self.verify)  # a command that cannot run is exit 2 before any work
+
+    @property
+    def verifier(self) -> Verifier | None:
+        """The `--verify` gate of this run, or None."""
+        return Verifier(self.verify, self.verify_timeout) if self.verify is not None else None
 
     @classmethod
     def build(cls, *, tau: int | None = None, modes: str | None = None, rank: int | None = None,

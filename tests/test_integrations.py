@@ -33,7 +33,7 @@ def gpt(seed: int = 0):
     return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2))
 
 
-def trainer_for(model, output: Path, max_steps: int, callbacks=(), **arguments):
+def trainer_for(model, output: Path, max_steps: int, callbacks=(), eval_dataset=None, **arguments):
     """A Trainer saving every 10 steps into `output`; `arguments`: more `TrainingArguments`."""
     from transformers import Trainer, TrainingArguments
 
@@ -41,7 +41,8 @@ def trainer_for(model, output: Path, max_steps: int, callbacks=(), **arguments):
                              per_device_train_batch_size=8, learning_rate=3e-3, weight_decay=0.01,
                              lr_scheduler_type="cosine", warmup_steps=5, report_to="none", use_cpu=True,
                              logging_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, **arguments)
-    return Trainer(model=model, args=args, train_dataset=text_dataset(), callbacks=list(callbacks))
+    return Trainer(model=model, args=args, train_dataset=text_dataset(), eval_dataset=eval_dataset,
+                   callbacks=list(callbacks))
 
 
 def replay(source: Path, folder: Path, names: list[str], *args: str) -> dict[str, Path]:

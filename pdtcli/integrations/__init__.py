@@ -12,7 +12,8 @@ training resumes from a fused file.
 fused state is kept only when its loss is not worse than that of the optimizer's own weights, which are otherwise
 put back into the model (status "rejected"), the store forgets the fused state (`api.reject_live`: its history
 gets an `in-loop rejected` row) and `PDTStep.rejected` lists the checkpoints. It costs two evaluations and a
-copy of the weights per step.
+copy of the weights per step. A `verify` that returns None abstains: the step is taken ungated. The callbacks
+build it from the evaluation data the framework already has (`verify="eval"`, `verify="val"`; `mean_loss`).
 
 A step that fails (a full disk, NaN in the weights, the store locked by a running `pdt`)
 warns and leaves the model unchanged: training goes on without that prediction.
@@ -33,10 +34,11 @@ fuses their DCP folders between runs.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,7 @@ class PDTStep:
     """
 
     def __init__(self, folder: str | Path, *, store: str | Path | None = None, wait: float = 0.0,
-                 verify: Callable[[torch.nn.Module], float] | None = None, **options: Any) -> None:
+                 verify: Callable[[torch.nn.Module], float | None] | None = None, **options: Any) -> None:
         self.folder = Path(folder)
         self.store = Path(store) if store is not None else None
         self.verify = verify
@@ -175,17 +177,21 @@ class _Gate:
     """The loss gate of `PDTStep(verify=...)`: the plain state's loss and a copy of its weights, taken before the
     step, and after it the choice between them and the fused state in the model."""
 
-    def __init__(self, verify: Callable[[torch.nn.Module], float], model: torch.nn.Module | Mapping) -> None:
+    def __init__(self, verify: Callable[[torch.nn.Module], float | None], model: torch.nn.Module | Mapping) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError("verify= needs the model itself (a torch.nn.Module) to measure its loss")
         self.verify, self.model = verify, model
-        self.plain = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        self.plain_loss = float(verify(model))
+        loss = verify(model)
+        self.plain_loss = None if loss is None else float(loss)  # None: verify abstains, the step is ungated
+        self.plain = {name: value.detach().clone() for name, value in model.state_dict().items()} \
+            if self.plain_loss is not None else {}
         self.why = ""
 
     def keeps_fused(self) -> bool:
         """Whether the fused state in the model stays (its loss not above the plain state's; a NaN loss never
         does); otherwise the plain weights are copied back in place, so the optimizer's state still fits them."""
+        if self.plain_loss is None:
+            return True
         fused_loss = float(self.verify(self.model))
         if fused_loss <= self.plain_loss:
             return True
@@ -195,6 +201,51 @@ class _Gate:
         self.why = (f"rejected by verify: held-out loss {fused_loss:.6g} fused against {self.plain_loss:.6g} "
                     "plain; the model keeps the optimizer's weights")
         return False
+
+
+def mean_loss(model: torch.nn.Module, batches: Iterable, loss_of: Callable[[Any, int], Any],
+              limit: int | None = None) -> float | None:
+    """The mean of `loss_of(batch, i)` (a scalar tensor or number) over the first `limit` (None: all) of
+    `batches`, each moved to the model's device first, with the model in eval mode under `torch.no_grad()` and
+    put back in its former mode after. None when `loss_of` gives None (no loss on these batches); ValueError
+    when there is no batch."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    total, count = 0.0, 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(itertools.islice(batches, limit)):
+                loss = loss_of(_moved(batch, device), i)
+                if loss is None:
+                    return None
+                total, count = total + float(loss), count + 1
+    finally:
+        model.train(was_training)
+    if not count:
+        raise ValueError("the evaluation data of the loss gate has no batch")
+    return total / count
+
+
+def _moved(batch: Any, device: torch.device) -> Any:
+    """A batch (tensors in dicts, lists, tuples) on `device`; what is not a tensor as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: _moved(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple takes its fields one by one
+        return type(batch)(*(_moved(value, device) for value in batch))
+    if isinstance(batch, list | tuple):
+        return type(batch)(_moved(value, device) for value in batch)
+    return batch
+
+
+def warn_once(said: set[str], text: str) -> None:
+    """A PDTStepWarning with `text`, unless `said` (the caller's) holds it already: a callback warns once per
+    run of what it cannot do, not at every save."""
+    if text not in said:
+        said.add(text)
+        warnings.warn(f"pdt: {text}", PDTStepWarning, stacklevel=3)
 
 
 def _replicate(live: Live, result: StepResult | None, reason: str | None,
@@ -270,4 +321,4 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["PDTStep", "PDTStepWarning"]
+__all__ = ["PDTStep", "PDTStepWarning", "mean_loss"]
