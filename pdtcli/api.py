@@ -83,7 +83,7 @@ def snapshot(target: Path, *, store: Path | None = None, rebuild: bool = False,
 
 def predict(target: Path, *, store: Path | None = None, output: Path | None = None, dry_run: bool = False,
             force: bool = False, in_place: bool | None = None, settings: Settings | None = None,
-            live: Live | None = None) -> StepResult:
+            live: Live | None = None, in_loop: bool = False) -> StepResult:
     """The whole step: ingest, fit, mask, and (unless `dry_run`) write the fused checkpoint.
 
     Training is taken to resume from the default output (or, `in_place`, the newest checkpoint's
@@ -93,13 +93,15 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
     the store has committed them: training resumes from them with no file in between. When
     another run (cron) wrote the fused checkpoint of that checkpoint since it was saved, the
     model takes those fused values, as the store records that training resumes from them.
+    `in_loop`: the step of a sharded model inside the training loop (`integrations.sharded`), whose ranks load
+    their shards of the default output once it is written: the history records it as `in-loop`.
 
     The settings not given (`in_place` None: not given) are those the store keeps from the last predict
     (`options.KEPT`); this run's are kept in turn, unless it is an audit (`dry_run`, an `output`).
     """
     settings = (settings or Settings()).giving(in_place=in_place)
     _in_place_alone(settings, output)
-    if live is not None and (settings.given.get("in_place") or output is not None or dry_run):
+    if (live is not None or in_loop) and (settings.given.get("in_place") or output is not None or dry_run):
         raise UsageError("a live model takes the fused values itself; it takes no output, --in-place or --dry-run")
     audit = "--dry-run" if dry_run else "-o" if output is not None else None
     # a live model's step is one process's (rank 0's under DDP; the integration shares the result): it never
@@ -154,7 +156,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
             return _result(st, "loaded", f"loaded the fused values of {loaded} tensor(s) into the model", s,
                            ingested, skipped)
         out = _write(s, ids, settings.mask, output=output, force=force, in_place=in_place,   # lines 7-11, 17
-                     use_stored=mask is not None, command="predict")
+                     use_stored=mask is not None, command="predict", history="in-loop" if in_loop else None)
         return _result(st, "written", f"wrote {out}", s, ingested, skipped, output=str(out))
 
 
@@ -369,9 +371,9 @@ def _source_of(store: Store, newest: Snapshot) -> Path:
 
 
 def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | None, force: bool,
-           in_place: bool, use_stored: bool, command: str) -> Path:
+           in_place: bool, use_stored: bool, command: str, history: str | None = None) -> Path:
     """Pass 2 with a writer, then the output is recorded (and, when training resumes from it,
-    becomes the newest snapshot), committed.
+    becomes the newest snapshot), committed; `history`: the command the store's history names (default `command`).
 
     In place, the output is the newest checkpoint's own path; what it held is kept as a
     backup (once: a second write from the same checkpoint must not back up pdt's output).
@@ -410,7 +412,7 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
     size, mtime = current().gather(stat_of(out) if current().leader else None, "the output's size")[0]
     lineage.record_output(store, ids, located(out), size, mtime, destination.lineage_slot,
                         located(backup) if backup is not None else None)
-    store.append_history(command, located(out), training=resumes)
+    store.append_history(history or command, located(out), training=resumes)
     store.set_pending(None)
     store.commit()
     if backup is not None:
