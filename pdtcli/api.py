@@ -83,7 +83,7 @@ def snapshot(target: Path, *, store: Path | None = None, rebuild: bool = False,
 
 def predict(target: Path, *, store: Path | None = None, output: Path | None = None, dry_run: bool = False,
             force: bool = False, in_place: bool | None = None, settings: Settings | None = None,
-            live: Live | None = None, in_loop: bool = False) -> StepResult:
+            live: Live | None = None, saved: Live | None = None) -> StepResult:
     """The whole step: ingest, fit, mask, and (unless `dry_run`) write the fused checkpoint.
 
     Training is taken to resume from the default output (or, `in_place`, the newest checkpoint's
@@ -93,15 +93,16 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
     the store has committed them: training resumes from them with no file in between. When
     another run (cron) wrote the fused checkpoint of that checkpoint since it was saved, the
     model takes those fused values, as the store records that training resumes from them.
-    `in_loop`: the step of a sharded model inside the training loop (`integrations.sharded`), whose ranks load
-    their shards of the default output once it is written: the history records it as `in-loop`.
+    `saved`: the checkpoint a sharded model inside the training loop was just saved to (a `Live` without tensors:
+    each rank reads its own files, `integrations.sharded`); as with `live`, nothing is done unless it is the
+    window's newest, and the history records the step as `in-loop`; the ranks then load their shards of the output.
 
     The settings not given (`in_place` None: not given) are those the store keeps from the last predict
     (`options.KEPT`); this run's are kept in turn, unless it is an audit (`dry_run`, an `output`).
     """
     settings = (settings or Settings()).giving(in_place=in_place)
     _in_place_alone(settings, output)
-    if (live is not None or in_loop) and (settings.given.get("in_place") or output is not None or dry_run):
+    if (live or saved) is not None and (settings.given.get("in_place") or output is not None or dry_run):
         raise UsageError("a live model takes the fused values itself; it takes no output, --in-place or --dry-run")
     audit = "--dry-run" if dry_run else "-o" if output is not None else None
     # a live model's step is one process's (rank 0's under DDP; the integration shares the result): it never
@@ -127,7 +128,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         if not_due:                                                            # line 3
             return StepResult("not-due", not_due, str(s.root), ingested, skipped, warnings=s.notes)
         ids = lineage.base_window(st)
-        if live is not None and not live.saved_as(st.snapshot(ids[-1])):  # before any work for it
+        if (live or saved) is not None and not (live or saved).saved_as(st.snapshot(ids[-1])):  # before any work
             raise UsageError(f"the newest checkpoint of the window is {Path(st.snapshot(ids[-1]).path).name}, not "
                              "the one the live model was saved to; nothing loaded", s.folder)
         fitted = _fit(st, ids, settings)                                       # line 6
@@ -156,7 +157,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
             return _result(st, "loaded", f"loaded the fused values of {loaded} tensor(s) into the model", s,
                            ingested, skipped)
         out = _write(s, ids, settings.mask, output=output, force=force, in_place=in_place,   # lines 7-11, 17
-                     use_stored=mask is not None, command="predict", history="in-loop" if in_loop else None)
+                     use_stored=mask is not None, command="predict", history="in-loop" if saved is not None else None)
         return _result(st, "written", f"wrote {out}", s, ingested, skipped, output=str(out))
 
 

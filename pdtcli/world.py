@@ -74,11 +74,10 @@ class World:
         self._calls += 1
         out: list[Any] = [None] * self.size
         self._collective(what, lambda: dist.all_gather_object(out, (self._calls, what, obj), group=self.group))
-        left = [(rank, value) for rank, (_, at, value) in enumerate(out) if at == _LEFT]
+        left = [rank for rank, (_, at, _) in enumerate(out) if at == _LEFT]
         if left:  # a rank whose part failed inside a training loop, which goes on: it waits in `settle`
-            rank, reason = left[0]
-            raise DistributedError(f"rank {self.rank}: rank {rank} failed before {what} ({reason}); nothing was "
-                                   "committed or published")
+            raise DistributedError(f"rank {self.rank}: rank {left[0]} failed before {what}; its own error says why; "
+                                   "nothing was committed or published")
         behind = [(rank, call, at) for rank, (call, at, _) in enumerate(out) if (call, at) != (self._calls, what)]
         if behind:  # a rank took another branch: stop here rather than pair unrelated collectives
             rank, call, at = behind[0]

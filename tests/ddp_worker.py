@@ -6,9 +6,12 @@ MODE: `loop` (a plain loop around `DistributedDataParallel`), `locked` (the same
 store locked by a `pdt` from cron at epoch 4), `differ` (the same, rank 1 passing a state dict
 without `0.weight` at epoch 4), `dies` (rank 0 exits at epoch 4 instead of stepping; started
 without torchrun, which would stop rank 1 at once), `hf` (the Hugging Face Trainer, `ddp_backend="gloo"`),
-`lightning` (`strategy="ddp"`), `fsdp` (FSDP2 `fully_shard`, every rank saving its shards with DCP each epoch,
+`lightning` (`strategy="ddp"`), `lightning-fsdp` (Lightning's FSDP2 `ModelParallelStrategy`, saving DCP folders),
+`fsdp` (FSDP2 `fully_shard`, every rank saving its shards with DCP each epoch,
 `OUT/saved/` keeping a copy of each folder as saved, before the step), `fsdp-fails` (the same, rank 1's own
-`.distcp` file of epoch 4 cut short while the step reads it). Each rank writes `OUT/rank<R>.pt`:
+`.distcp` file of epoch 4 cut short while the step reads it), `fsdp-differ` (the same, rank 1 passing a sharded
+state dict without `0.weight` at epoch 4: it fails after the fused folder is published). Each rank writes
+`OUT/rank<R>.pt`:
 `{"fused": {step: state dict right after a step that loaded}, "warnings": [PDTStepWarning texts],
 "statuses": {step: status or None}, "parameters": [names]}` (a rank's buffers, such as BatchNorm's
 running statistics, are its own until DDP broadcasts rank 0's at the next forward), so that the
@@ -87,7 +90,8 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 def sharded_loop(folder: Path, out: dict, saved: Path, mode: str) -> None:
     """SGD on this rank's half of the data under FSDP2; every rank saves its shards (`dcp.save`) to `step_E`, then
-    every rank steps. `fsdp-fails`: rank 1's own file of epoch 4 is cut short while the step reads it."""
+    every rank steps. `fsdp-fails`: rank 1's own file of epoch 4 is cut short while the step reads it;
+    `fsdp-differ`: rank 1 passes its sharded state dict without `0.weight` at epoch 4."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -111,7 +115,10 @@ def sharded_loop(folder: Path, out: dict, saved: Path, mode: str) -> None:
         if mode == "fsdp-fails" and epoch == 4 and rank == 1:
             own.write_bytes(kept[: len(kept) // 2])
         before = {k: local(v).clone() for k, v in net.state_dict().items()}
-        result = pdt.step(model, path)
+        target = model
+        if mode == "fsdp-differ" and epoch == 4 and rank == 1:
+            target = {k: v for k, v in get_model_state_dict(model).items() if k != "0.weight"}
+        result = pdt.step(target, path)
         out["seconds"][epoch] = pdt.seconds[-1]
         own.write_bytes(kept)
         if result is None or result.status != "loaded":
@@ -134,15 +141,27 @@ def hf(folder: Path, out: dict) -> None:
     trainer_for(gpt(), folder, 40, [callback, Record()], ddp_backend="gloo").train()
 
 
-def lightning(folder: Path, out: dict) -> None:
+def lightning(folder: Path, out: dict, mode: str) -> None:
+    """`strategy="ddp"`, or (`lightning-fsdp`) Lightning's FSDP2 strategy, `ModelParallelStrategy`, with the module
+    sharded by `fully_shard` in `configure_model`: Lightning then saves each checkpoint as a DCP folder."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from pdtcli.integrations.lightning import PDTCallback
 
     x, y = training.data()
     Module = training.lightning_module(lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01))
-    callback = PDTCallback(**OPTIONS)
+    strategy = "ddp"
+    if mode == "lightning-fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        class Sharded(Module):
+            def configure_model(self):
+                fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+        Module, strategy = Sharded, ModelParallelStrategy()
+    callback = PDTCallback(dist_timeout=TIMEOUT, **OPTIONS)
 
     class Record(L.Callback):  # runs after PDTCallback, at the batch that took the step
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -152,22 +171,22 @@ def lightning(folder: Path, out: dict) -> None:
     checkpoints = ModelCheckpoint(dirpath=folder, filename="{epoch}-{step}", save_top_k=-1, every_n_epochs=1)
     trainer = L.Trainer(max_epochs=EPOCHS, callbacks=[callback, Record(), checkpoints], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=2,
-                        strategy="ddp", deterministic=True)
+                        strategy=strategy, deterministic=True)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
     trainer.fit(Module(), loader)
 
 
 def main() -> None:
     mode, folder, target = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    if mode != "lightning":
+    if not mode.startswith("lightning"):
         dist.init_process_group("gloo")
     out: dict = {"fused": {}, "warnings": [], "statuses": {}}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PDTStepWarning)
         if mode == "hf":
             hf(folder, out)
-        elif mode == "lightning":
-            lightning(folder, out)
+        elif mode.startswith("lightning"):
+            lightning(folder, out, mode)
         elif mode.startswith("fsdp"):
             (target / "saved").mkdir(exist_ok=True)
             sharded_loop(folder, out, target / "saved", mode)

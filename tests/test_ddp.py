@@ -152,18 +152,49 @@ def test_a_plain_fsdp2_loop_gives_every_rank_its_shards_of_what_pdt_predict_writ
     assert [h["command"] for h in report["history"]] == ["in-loop"] * 3  # the ranks' parts of one store
 
 
+def test_lightning_fsdp2_gives_every_rank_its_shards_of_what_pdt_predict_writes(tmp_path):
+    ranks = torchrun("lightning-fsdp", tmp_path / "live", tmp_path / "out")
+    first = same_on_every_rank(ranks)
+    assert [r["warnings"] for r in ranks] == [[], []]
+    names = sorted(p.name for p in (tmp_path / "live").glob("*.ckpt"))  # DCP folders, the step in their meta.pt
+    assert len(names) == 5
+    written = replay(tmp_path / "live", tmp_path / "cli", names, "--history", "3")
+    steps = [int(name.split("step=")[1].split(".")[0]) for name in names]
+    # the last checkpoint is saved when training ends: no batch follows, so nothing to fuse into
+    assert sorted(written) == names[2:] and sorted(k for k, v in first["statuses"].items() if v == "loaded") == \
+        steps[2:4]
+    for name, step in zip(names[2:4], steps[2:4], strict=True):
+        on_disk = DcpReader(written[name])
+        for key, values in first["fused"][step].items():
+            assert torch.equal(on_disk.read(f"state_dict.{key}"), values), (name, key)
+        assert _files(tmp_path / "live" / f"{name}.pdt") == _files(written[name])
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def the_sharded_warning_at_epoch_4(mode: str, tmp_path: Path) -> list[str]:
+    """`the_warning_at_epoch_4` under FSDP2: every rank's shards also bit for bit as before the failed step, which
+    took less than its dist_timeout (60 s: no rank waited for it)."""
+    warnings = the_warning_at_epoch_4(mode, tmp_path)
+    for rank in range(2):
+        record = torch.load(tmp_path / "out" / f"rank{rank}.pt", weights_only=False)
+        assert record["unchanged"][4] and record["seconds"][4] < 60
+    return warnings
+
+
 def test_a_sharded_step_that_fails_on_one_rank_leaves_every_rank_unchanged_with_a_warning_on_each(tmp_path):
-    ranks = torchrun("fsdp-fails", tmp_path / "live", tmp_path / "out")
-    first = same_on_every_rank(ranks)
-    assert first["statuses"][4] is None and sorted(first["fused"]) == [3, 5]  # the group still serves the next step
-    for rank in ranks:
-        assert rank["unchanged"][4]
-        assert rank["seconds"][4] < 60  # the step's dist_timeout: no rank waited for it
-        assert rank["warnings"] == ["pdt: no fused step at step_4, the model is unchanged: rank 1: "
-                                    f"{tmp_path / 'live' / 'step_4'}: truncated: 'model.1.bias@16' runs past the end "
-                                    "of __1_0.distcp; every rank keeps its own weights"]
+    for warning in the_sharded_warning_at_epoch_4("fsdp-fails", tmp_path):  # the next step still loads
+        assert warning == ("pdt: no fused step at step_4, the model is unchanged: rank 1: "
+                           f"{tmp_path / 'live' / 'step_4'}: truncated: 'model.1.bias@16' runs past the end of "
+                           "__1_0.distcp; every rank keeps its own weights")
     assert not (tmp_path / "live" / "step_4.pdt").exists()
+
+
+def test_a_rank_that_cannot_take_its_fused_shards_leaves_every_rank_unchanged(tmp_path):
+    for warning in the_sharded_warning_at_epoch_4("fsdp-differ", tmp_path):  # after the fused folder is published
+        assert warning == ("pdt: no fused step at step_4, the model is unchanged: rank 1: "
+                           f"{tmp_path / 'live' / 'step_4.pdt'}: tensor 'model.0.weight' of the fused checkpoint is "
+                           "not in the model's state dict (get_model_state_dict); save the model's own state dict; "
+                           "every rank keeps its own weights")

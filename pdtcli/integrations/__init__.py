@@ -99,7 +99,7 @@ class PDTStep:
             if self.verify is not None:
                 warnings.warn("pdt: verify= is applied in one process only; a sharded model takes the fused state "
                               "unverified", PDTStepWarning, stacklevel=3)
-            return self._outcome(where, *step_shards(self, model, checkpoint))
+            return self._outcome(where, *step_shards(self, model, checkpoint, step))
         rank, size = _ranks()
         # under DDP rank 0 alone runs the step (it saved the file; the store has one writer) and keeps
         # the fused values aside until every rank holds them (`_replicate`)

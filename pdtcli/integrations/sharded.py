@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..api import StepResult, predict
-from ..discover import located
 from ..errors import CheckpointError, DistributedError, UsageError
 from ..formats.torch_dcp import METADATA, DcpReader
 from ..formats.torch_pickle import STATE_DICT_KEYS
-from ..placement import default_output
+from ..live import Live
 from ..world import World, gloo_group, within
 
 if TYPE_CHECKING:
@@ -46,18 +45,22 @@ def holds_shards(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> bool:
     return any(isinstance(t, DTensor) for t in model.values())
 
 
-def step_shards(pdt: PDTStep, model: torch.nn.Module, checkpoint: str | Path | None
-                ) -> tuple[StepResult | None, str | None]:
-    """One step of every rank of a sharded model (see the module): (the result, None) when every rank took its
+def step_shards(pdt: PDTStep, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None,
+                step: int | None) -> tuple[StepResult | None, str | None]:
+    """One step of every rank of a sharded model (see the module), saved to the DCP folder `checkpoint` (or to the
+    one that records `step`, when the framework names it: Lightning): (the result, None) when every rank took its
     fused shards or none was due ("waiting", "not-due"); (None, why) when no rank changed its weights."""
     dist = torch.distributed
-    if pdt._group is None:  # made once, by every rank at its first step (torch numbers groups by creation)
-        pdt._group = gloo_group(pdt.settings.dist_timeout)
-    world = World(dist.get_rank(), dist.get_world_size(), pdt._group)  # this step's collectives, counted from 0
+    try:
+        if pdt._group is None:  # made once, by every rank at its first step (torch numbers groups by creation)
+            pdt._group = gloo_group(pdt.settings.dist_timeout)
+        world = World(dist.get_rank(), dist.get_world_size(), pdt._group)  # this step's collectives, counted from 0
+    except Exception as exc:  # noqa: BLE001 - a rank that never steps: the group's timeout, then training goes on
+        return None, f"cannot make the ranks' group for pdt ({_reason(exc)}); every rank keeps its own weights"
     result, staged, problem = None, [], None
     try:
         with within(world):
-            result, staged = _fused_shards(pdt, model, checkpoint)
+            result, staged = _fused_shards(pdt, model, Live({}, Path(checkpoint) if checkpoint else None, step))
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, training must go on (on every rank)
         problem = (_reason(exc), not isinstance(exc, DistributedError))
     try:
@@ -75,33 +78,40 @@ def step_shards(pdt: PDTStep, model: torch.nn.Module, checkpoint: str | Path | N
     return result, None
 
 
-def _fused_shards(pdt: PDTStep, model: torch.nn.Module, checkpoint: str | Path | None
+def _fused_shards(pdt: PDTStep, model: torch.nn.Module | Mapping[str, torch.Tensor], saved: Live
                   ) -> tuple[StepResult, list[tuple[torch.Tensor, torch.Tensor]]]:
     """`pdt predict` on the folder as this rank's part of the step, then this rank's shards of the fused folder
     read into copies: (the result, [(the model's tensor, its fused copy)]); no copies unless it was written."""
-    if checkpoint is None or not (Path(checkpoint) / METADATA).is_file():
-        raise UsageError("a sharded model is stepped from the DCP folder it was just saved to "
-                         "(torch.distributed.checkpoint.save): pass that folder's path", checkpoint)
-    result = predict(pdt.folder, store=pdt.store, settings=pdt.settings, in_loop=True)
+    if saved.path is not None:  # known before any work; a checkpoint named by its step is known once written
+        _dcp_folder(saved.path)
+    result = predict(pdt.folder, store=pdt.store, settings=pdt.settings, saved=saved)
     if result.status != "written":
         return result, []
-    out = Path(result.output)
-    if located(out) != located(default_output(Path(checkpoint))):
-        raise UsageError(f"the newest checkpoint of the window is not the folder the model was saved to (pdt wrote "
-                         f"{out.name}); nothing loaded", checkpoint)
-    staged = _read_shards(model, out)
+    staged = _read_shards(model, _dcp_folder(Path(result.output)))
     return replace(result, status="loaded", message=f"{result.message}; every rank loaded its shards of it"), staged
 
 
-def _read_shards(model: torch.nn.Module, folder: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's shards of the model's tensors in the DCP folder `folder`, each read into a new tensor of the
-    model's own placement, dtype and device (no collective, no other rank's chunk): [(the model's tensor, the
-    copy)]. CheckpointError when a tensor of the folder is not in the model's state dict."""
+def _dcp_folder(path: Path) -> Path:
+    """`path`, a DCP folder; UsageError (before any rank reads it) for another kind of checkpoint."""
+    if not (path / METADATA).is_file():
+        raise UsageError("a sharded model is stepped from the DCP folders its ranks save (torch.distributed."
+                         "checkpoint.save of get_model_state_dict); this is none", path)
+    return path
+
+
+def _read_shards(model: torch.nn.Module | Mapping[str, torch.Tensor], folder: Path
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's shards of the model's tensors (a module, or its sharded state dict) in the DCP folder `folder`,
+    each read into a new tensor of the model's own placement, dtype and device (no collective, no other rank's
+    chunk): [(the model's tensor, the copy)]. CheckpointError when a tensor of the folder is not in the model's
+    state dict."""
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    state = get_model_state_dict(model)  # this rank's shards, views of its parameters, under the names saved
-    keys = _model_keys(folder, state)
+    # this rank's shards, views of its parameters, under the names saved (no collective without full_state_dict)
+    state = get_model_state_dict(model) if isinstance(model, torch.nn.Module) else model
+    keys = _model_keys(folder, state)  # first: pdt's reader admits DCP's own records only, so that DCP's load,
+    # which unpickles `.metadata` as it is (a byte copy of the one this training just saved), meets no other
     staged = {name: torch.empty_like(state[key]) for name, key in keys.items()}
     load(staged, checkpoint_id=folder, no_dist=True)
     return [(state[key], staged[name]) for name, key in keys.items()]
