@@ -86,7 +86,7 @@ def snapshot(target: Path, *, store: Path | None = None, rebuild: bool = False,
 
 def predict(target: Path, *, store: Path | None = None, output: Path | None = None, dry_run: bool = False,
             force: bool = False, in_place: bool | None = None, settings: Settings | None = None,
-            live: Live | None = None) -> StepResult:
+            live: Live | None = None, saved: Live | None = None) -> StepResult:
     """The whole step: ingest, fit, mask, and (unless `dry_run`) write the fused checkpoint.
 
     Training is taken to resume from the default output (or, `in_place`, the newest checkpoint's
@@ -96,6 +96,9 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
     the store has committed them: training resumes from them with no file in between. When
     another run (cron) wrote the fused checkpoint of that checkpoint since it was saved, the
     model takes those fused values, as the store records that training resumes from them.
+    `saved`: the checkpoint a sharded model inside the training loop was just saved to (a `Live` without tensors:
+    each rank reads its own files, `integrations.sharded`); as with `live`, nothing is done unless it is the
+    window's newest, and the history records the step as `in-loop`; the ranks then load their shards of the output.
 
     The settings not given (`in_place` None: not given) are those the store keeps from the last predict
     (`options.KEPT`); this run's are kept in turn, unless it is an audit (`dry_run`, an `output`).
@@ -103,7 +106,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
     settings = (settings or Settings()).giving(in_place=in_place)
     _in_place_alone(settings, output)
     _verify_alone(settings, dry_run)
-    if live is not None and (settings.given.get("in_place") or output is not None or dry_run):
+    if (live or saved) is not None and (settings.given.get("in_place") or output is not None or dry_run):
         raise UsageError("a live model takes the fused values itself; it takes no output, --in-place or --dry-run")
     audit = "--dry-run" if dry_run else "-o" if output is not None else None
     # a live model's step is one process's (rank 0's under DDP; the integration shares the result): it never
@@ -129,7 +132,7 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
         if not_due:                                                            # line 3
             return StepResult("not-due", not_due, str(s.root), ingested, skipped, warnings=s.notes)
         ids = lineage.base_window(st)
-        if live is not None and not live.saved_as(st.snapshot(ids[-1])):  # before any work for it
+        if (live or saved) is not None and not (live or saved).saved_as(st.snapshot(ids[-1])):  # before any work
             raise UsageError(f"the newest checkpoint of the window is {Path(st.snapshot(ids[-1]).path).name}, not "
                              "the one the live model was saved to; nothing loaded", s.folder)
         fitted = _fit(st, ids, settings)                                       # line 6
@@ -162,7 +165,8 @@ def predict(target: Path, *, store: Path | None = None, output: Path | None = No
             return _result(st, "loaded", f"loaded the fused values of {loaded} tensor(s) into the model", s,
                            ingested, skipped)
         out, verdict = _write(s, ids, settings.mask, output=output, force=force, in_place=in_place,  # lines 7-11, 17
-                              use_stored=mask is not None, command="predict")
+                              use_stored=mask is not None, command="predict",
+                              history="in-loop" if saved is not None else None)
         return _written(st, out, verdict, s, ingested, skipped)
 
 
@@ -397,9 +401,11 @@ def _source_of(store: Store, newest: Snapshot) -> Path:
 
 
 def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | None, force: bool,
-           in_place: bool, use_stored: bool, command: str) -> tuple[Path, Verdict | None]:
+           in_place: bool, use_stored: bool, command: str, history: str | None = None
+           ) -> tuple[Path, Verdict | None]:
     """Pass 2 with a writer, then the output is recorded (and, when training resumes from it,
-    becomes the newest snapshot), committed. Returns the output's path and, with `--verify`, the verdict.
+    becomes the newest snapshot), committed; `history`: the command the store's history names (default
+    `command`). Returns the output's path and, with `--verify`, the verdict.
 
     With `--verify`, the complete output is judged under a temporary name before it is published; a
     rejected one is removed unpublished (in place: the checkpoint is left as it was, no backup made), and
@@ -454,7 +460,7 @@ def _write(s: Session, ids: list[int], options: MaskOptions, *, output: Path | N
     size, mtime = current().gather(stat_of(out) if current().leader else None, "the output's size")[0]
     lineage.record_output(store, ids, located(out), size, mtime, destination.lineage_slot,
                         located(backup) if backup is not None else None)
-    store.append_history(command, located(out), training=resumes)
+    store.append_history(history or command, located(out), training=resumes)
     store.set_pending(None)
     store.commit()
     if backup is not None:

@@ -74,6 +74,10 @@ class World:
         self._calls += 1
         out: list[Any] = [None] * self.size
         self._collective(what, lambda: dist.all_gather_object(out, (self._calls, what, obj), group=self.group))
+        left = [rank for rank, (_, at, _) in enumerate(out) if at == _LEFT]
+        if left:  # a rank whose part failed inside a training loop, which goes on: it waits in `settle`
+            raise DistributedError(f"rank {self.rank}: rank {left[0]} failed before {what}; its own error says why; "
+                                   "nothing was committed or published")
         behind = [(rank, call, at) for rank, (call, at, _) in enumerate(out) if (call, at) != (self._calls, what)]
         if behind:  # a rank took another branch: stop here rather than pair unrelated collectives
             rank, call, at = behind[0]
@@ -116,6 +120,25 @@ class World:
         ordered = sorted(files, key=natural_key)
         return [name for index, name in enumerate(ordered) if index % self.size == self.rank]
 
+    def settle(self, problem: Any) -> list[Any]:
+        """Every rank's outcome of its part of a step (None: done; else why it failed), once every rank has one.
+
+        For ranks that go on after a failed step (a training loop): a rank that failed may have left the others
+        waiting at any collective of the step. Each gather here reaches those as a rank that left (`gather` then
+        raises there), and is repeated until every rank is settling, so each rank makes as many collectives as
+        the others and the group stays usable. Bounded by the group's timeout per gather; RuntimeError (as
+        DistributedError) when a rank is gone."""
+        if not self.active:
+            return [problem]
+        import torch.distributed as dist
+
+        while True:
+            out: list[Any] = [None] * self.size
+            self._collective("settling the step", lambda out=out: dist.all_gather_object(
+                out, (self._calls, _LEFT, problem), group=self.group))
+            if all(at == _LEFT for _, at, _ in out):
+                return [value for _, _, value in out]
+
     def digest(self, own: str) -> str:
         """One hash of a checkpoint from each rank's hash of its own share: the same on every rank."""
         if not self.active:
@@ -131,6 +154,7 @@ def natural_key(name: str) -> tuple:
 
 
 SINGLE = World()
+_LEFT = "(left the step)"  # what a settling rank is at: no collective of a step has this name
 _CURRENT: ContextVar[World] = ContextVar("pdt_world", default=SINGLE)
 
 
@@ -184,6 +208,9 @@ def joined(backend: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Iterator[
     """
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if current().active:  # a step inside a training loop, in the world it made of the training's ranks (`within`)
+        yield current()
+        return
     if launched_size() == 1 or not _launched_for_pdt():
         yield SINGLE
         return
@@ -201,14 +228,30 @@ def joined(backend: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Iterator[
         except (RuntimeError, ValueError) as exc:
             raise DistributedError(f"cannot join the process group ({backend}): {str(exc).splitlines()[0][:200]}") \
                 from exc
-    group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout)) \
-        if dist.get_backend() != "gloo" else None
-    world = World(dist.get_rank(), dist.get_world_size(), group)
+    world = World(dist.get_rank(), dist.get_world_size(), gloo_group(timeout) if dist.get_backend() != "gloo" else None)
+    try:
+        with within(world):
+            yield world
+    finally:
+        if made:
+            with contextlib.suppress(Exception):  # a group broken by a dead rank cannot be torn down cleanly
+                dist.destroy_process_group()
+
+
+def gloo_group(timeout: float) -> Any:
+    """A gloo group of all the ranks of the process group this process joined, whose collectives wait at most
+    `timeout` seconds. Every rank must make it at the same point (torch numbers groups by creation)."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout))
+
+
+@contextlib.contextmanager
+def within(world: World) -> Iterator[World]:
+    """`world` as the one of the steps run inside (`current`); a training loop's step makes its own of the
+    training's ranks (`gloo_group`), and `joined` then uses it as it is."""
     token = _CURRENT.set(world)
     try:
         yield world
     finally:
         _CURRENT.reset(token)
-        if made:
-            with contextlib.suppress(Exception):  # a group broken by a dead rank cannot be torn down cleanly
-                dist.destroy_process_group()

@@ -6,16 +6,24 @@ MODE: `loop` (a plain loop around `DistributedDataParallel`), `locked` (the same
 store locked by a `pdt` from cron at epoch 4), `differ` (the same, rank 1 passing a state dict
 without `0.weight` at epoch 4), `dies` (rank 0 exits at epoch 4 instead of stepping; started
 without torchrun, which would stop rank 1 at once), `hf` (the Hugging Face Trainer, `ddp_backend="gloo"`),
-`lightning` (`strategy="ddp"`), `fsdp` (FSDP2 `fully_shard`). Each rank writes `OUT/rank<R>.pt`:
+`lightning` (`strategy="ddp"`), `lightning-fsdp` (Lightning's FSDP2 `ModelParallelStrategy`, saving DCP folders),
+`fsdp` (FSDP2 `fully_shard`, every rank saving its shards with DCP each epoch,
+`OUT/saved/` keeping a copy of each folder as saved, before the step), `fsdp-fails` (the same, rank 1's own
+`.distcp` file of epoch 4 cut short while the step reads it), `fsdp-differ` (the same, rank 1 passing a sharded
+state dict without `0.weight` at epoch 4: it fails after the fused folder is published). Each rank writes
+`OUT/rank<R>.pt`:
 `{"fused": {step: state dict right after a step that loaded}, "warnings": [PDTStepWarning texts],
 "statuses": {step: status or None}, "parameters": [names]}` (a rank's buffers, such as BatchNorm's
 running statistics, are its own until DDP broadcasts rank 0's at the next forward), so that the
-test compares the ranks with each other and with `pdt predict`.
+test compares the ranks with each other and with `pdt predict`. Under FSDP2 the fused state is the whole model's
+(`full_tensor`, gathered here for the test only), and `unchanged` says, for each step that did not load, whether
+this rank's shards were left bit for bit as they were, `seconds` what each step took.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -31,12 +39,14 @@ from pdtcli.integrations import PDTStep, PDTStepWarning  # noqa: E402
 
 EPOCHS = 5
 OPTIONS = {"history": 3}
+TIMEOUT = 60  # seconds a sharded step waits for the other ranks (`dist_timeout`)
 
 
 def record(out: dict, step: int, result, model: nn.Module) -> None:
     out["statuses"][step] = result.status if result is not None else None
-    if result is not None and result.status == "loaded":
-        out["fused"][step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if result is not None and result.status == "loaded":  # a sharded model's whole tensors: gathered, for the test
+        out["fused"][step] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                              for k, v in model.state_dict().items()}
         out["parameters"] = sorted(name for name, _ in model.named_parameters())
 
 
@@ -45,20 +55,14 @@ def plain_loop(folder: Path, out: dict, mode: str) -> None:
     x, y = training.data()
     rank, size = dist.get_rank(), dist.get_world_size()
     net = training.model()
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        model = fully_shard(net)
-    else:
-        model = nn.parallel.DistributedDataParallel(net)
+    model = nn.parallel.DistributedDataParallel(net)
     optim = training.optimizer(model, "sgd")
     pdt = PDTStep(folder, **OPTIONS)
     for epoch in range(1, EPOCHS + 1):
         training.train_epoch(model, optim, x[rank::size], y[rank::size], epoch)
-        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in net.state_dict().items()}
         path = folder / f"epoch_{epoch}.pt"
         if rank == 0:
-            torch.save({"model": state, "epoch": epoch}, path)
+            torch.save({"model": net.state_dict(), "epoch": epoch}, path)
         dist.barrier()  # the file is complete before any rank steps (a training loop's own save does this)
         if mode == "locked" and epoch == 4 and rank == 0:
             import filelock
@@ -79,6 +83,49 @@ def plain_loop(folder: Path, out: dict, mode: str) -> None:
         record(out, epoch, result, net)
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's parameters); a buffer as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def sharded_loop(folder: Path, out: dict, saved: Path, mode: str) -> None:
+    """SGD on this rank's half of the data under FSDP2; every rank saves its shards (`dcp.save`) to `step_E`, then
+    every rank steps. `fsdp-fails`: rank 1's own file of epoch 4 is cut short while the step reads it;
+    `fsdp-differ`: rank 1 passes its sharded state dict without `0.weight` at epoch 4."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    x, y = training.data()
+    rank, size = dist.get_rank(), dist.get_world_size()
+    net = training.model()
+    model = fully_shard(net)
+    optim = training.optimizer(model, "sgd")
+    pdt = PDTStep(folder, dist_timeout=TIMEOUT, **OPTIONS)
+    out["unchanged"], out["seconds"] = {}, {}
+    for epoch in range(1, EPOCHS + 1):
+        training.train_epoch(model, optim, x[rank::size], y[rank::size], epoch)
+        path = folder / f"step_{epoch}"
+        dcp.save({"model": get_model_state_dict(model), "epoch": epoch}, checkpoint_id=path)
+        if rank == 0:
+            shutil.copytree(path, saved / path.name)
+        dist.barrier()  # the copy is complete before any rank steps
+        own = path / f"__{rank}_0.distcp"
+        kept = own.read_bytes()
+        if mode == "fsdp-fails" and epoch == 4 and rank == 1:
+            own.write_bytes(kept[: len(kept) // 2])
+        before = {k: local(v).clone() for k, v in net.state_dict().items()}
+        target = model
+        if mode == "fsdp-differ" and epoch == 4 and rank == 1:
+            target = {k: v for k, v in get_model_state_dict(model).items() if k != "0.weight"}
+        result = pdt.step(target, path)
+        out["seconds"][epoch] = pdt.seconds[-1]
+        own.write_bytes(kept)
+        if result is None or result.status != "loaded":
+            out["unchanged"][epoch] = all(torch.equal(local(v), before[k]) for k, v in net.state_dict().items())
+        record(out, epoch, result, net)
+
+
 def hf(folder: Path, out: dict) -> None:
     from test_integrations import gpt, trainer_for
     from transformers import TrainerCallback
@@ -94,15 +141,27 @@ def hf(folder: Path, out: dict) -> None:
     trainer_for(gpt(), folder, 40, [callback, Record()], ddp_backend="gloo").train()
 
 
-def lightning(folder: Path, out: dict) -> None:
+def lightning(folder: Path, out: dict, mode: str) -> None:
+    """`strategy="ddp"`, or (`lightning-fsdp`) Lightning's FSDP2 strategy, `ModelParallelStrategy`, with the module
+    sharded by `fully_shard` in `configure_model`: Lightning then saves each checkpoint as a DCP folder."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from pdtcli.integrations.lightning import PDTCallback
 
     x, y = training.data()
     Module = training.lightning_module(lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01))
-    callback = PDTCallback(**OPTIONS)
+    strategy = "ddp"
+    if mode == "lightning-fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        class Sharded(Module):
+            def configure_model(self):
+                fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+        Module, strategy = Sharded, ModelParallelStrategy()
+    callback = PDTCallback(dist_timeout=TIMEOUT, **OPTIONS)
 
     class Record(L.Callback):  # runs after PDTCallback, at the batch that took the step
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -112,22 +171,25 @@ def lightning(folder: Path, out: dict) -> None:
     checkpoints = ModelCheckpoint(dirpath=folder, filename="{epoch}-{step}", save_top_k=-1, every_n_epochs=1)
     trainer = L.Trainer(max_epochs=EPOCHS, callbacks=[callback, Record(), checkpoints], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=2,
-                        strategy="ddp", deterministic=True)
+                        strategy=strategy, deterministic=True)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
     trainer.fit(Module(), loader)
 
 
 def main() -> None:
     mode, folder, target = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    if mode != "lightning":
+    if not mode.startswith("lightning"):
         dist.init_process_group("gloo")
     out: dict = {"fused": {}, "warnings": [], "statuses": {}}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PDTStepWarning)
         if mode == "hf":
             hf(folder, out)
-        elif mode == "lightning":
-            lightning(folder, out)
+        elif mode.startswith("lightning"):
+            lightning(folder, out, mode)
+        elif mode.startswith("fsdp"):
+            (target / "saved").mkdir(exist_ok=True)
+            sharded_loop(folder, out, target / "saved", mode)
         else:
             plain_loop(folder, out, mode)
     out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, PDTStepWarning)]

@@ -1,7 +1,8 @@
 """The in-loop step under DDP, on real ranks: 2 gloo processes started by `torchrun`, a plain loop
-around `DistributedDataParallel`, the Hugging Face Trainer and Lightning's `strategy="ddp"`. Every
-rank ends each step with the same parameters, bit for bit those `pdt predict` writes for the same
-checkpoints; a step that fails on rank 0 leaves every rank as it was, with a warning on each."""
+around `DistributedDataParallel`, the Hugging Face Trainer and Lightning's `strategy="ddp"`, and a plain loop around
+FSDP2 (`fully_shard`) that saves DCP folders. Every rank ends each step with the same parameters (under FSDP2,
+its shards of them), bit for bit those `pdt predict` writes for the same checkpoints; a step that fails on one
+rank leaves every rank as it was, with a warning on each."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from ranks import launch
 from safetensors.torch import load_file
 from test_hostile import pdt
 from test_integrations import replay
+
+from pdtcli.formats.torch_dcp import DcpReader
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).parent / "ddp_worker.py"
@@ -129,12 +132,69 @@ def test_lightning_ddp_gives_every_rank_the_fused_weights_of_pdt_predict(tmp_pat
             assert torch.equal(values, first["fused"][step][key]), (name, key)
 
 
-def test_a_sharded_fsdp2_model_is_refused_on_every_rank_with_the_way_out(tmp_path):
+def test_a_plain_fsdp2_loop_gives_every_rank_its_shards_of_what_pdt_predict_writes(tmp_path):
     ranks = torchrun("fsdp", tmp_path / "live", tmp_path / "out")
     first = same_on_every_rank(ranks)
-    assert first["fused"] == {} and set(first["statuses"].values()) == {None}
-    for rank in ranks:
-        assert len(rank["warnings"]) == 5
-        assert "sharded (FSDP) models are not fused inside the loop" in rank["warnings"][0]
-        assert "-m pdtcli predict" in rank["warnings"][0]
-    assert not (tmp_path / "live" / ".pdt").exists()  # no rank touched a store
+    assert [r["warnings"] for r in ranks] == [[], []]
+    for step, state in first["fused"].items():  # the buffers too: every rank took rank 0's saved ones, fused
+        assert all(torch.equal(values, ranks[1]["fused"][step][name]) for name, values in state.items())
+    names = [f"step_{epoch}" for epoch in range(1, 6)]
+    written = replay(tmp_path / "out" / "saved", tmp_path / "cli", names, "--history", "3")
+    assert sorted(first["fused"]) == [3, 4, 5] and sorted(written) == names[2:]
+    for epoch in (3, 4, 5):
+        on_disk = DcpReader(written[f"step_{epoch}"])
+        for name, values in first["fused"][epoch].items():
+            assert torch.equal(on_disk.read(f"model.{name}"), values), (epoch, name)
+        plain = DcpReader(tmp_path / "out" / "saved" / f"step_{epoch}")
+        assert any(not torch.equal(plain.read(f"model.{k}"), v) for k, v in first["fused"][epoch].items())
+        assert _files(tmp_path / "live" / f"step_{epoch}.pdt") == _files(written[f"step_{epoch}"])
+    report = json.loads(pdt("report", tmp_path / "live", "--json")[1])
+    assert [h["command"] for h in report["history"]] == ["in-loop"] * 3  # the ranks' parts of one store
+
+
+def test_lightning_fsdp2_gives_every_rank_its_shards_of_what_pdt_predict_writes(tmp_path):
+    ranks = torchrun("lightning-fsdp", tmp_path / "live", tmp_path / "out")
+    first = same_on_every_rank(ranks)
+    assert [r["warnings"] for r in ranks] == [[], []]
+    names = sorted(p.name for p in (tmp_path / "live").glob("*.ckpt"))  # DCP folders, the step in their meta.pt
+    assert len(names) == 5
+    written = replay(tmp_path / "live", tmp_path / "cli", names, "--history", "3")
+    steps = [int(name.split("step=")[1].split(".")[0]) for name in names]
+    # the last checkpoint is saved when training ends: no batch follows, so nothing to fuse into
+    assert sorted(written) == names[2:] and sorted(k for k, v in first["statuses"].items() if v == "loaded") == \
+        steps[2:4]
+    for name, step in zip(names[2:4], steps[2:4], strict=True):
+        on_disk = DcpReader(written[name])
+        for key, values in first["fused"][step].items():
+            assert torch.equal(on_disk.read(f"state_dict.{key}"), values), (name, key)
+        assert _files(tmp_path / "live" / f"{name}.pdt") == _files(written[name])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def the_sharded_warning_at_epoch_4(mode: str, tmp_path: Path) -> list[str]:
+    """`the_warning_at_epoch_4` under FSDP2: every rank's shards also bit for bit as before the failed step, which
+    took less than its dist_timeout (60 s: no rank waited for it)."""
+    warnings = the_warning_at_epoch_4(mode, tmp_path)
+    for rank in range(2):
+        record = torch.load(tmp_path / "out" / f"rank{rank}.pt", weights_only=False)
+        assert record["unchanged"][4] and record["seconds"][4] < 60
+    return warnings
+
+
+def test_a_sharded_step_that_fails_on_one_rank_leaves_every_rank_unchanged_with_a_warning_on_each(tmp_path):
+    for warning in the_sharded_warning_at_epoch_4("fsdp-fails", tmp_path):  # the next step still loads
+        assert warning == ("pdt: no fused step at step_4, the model is unchanged: rank 1: "
+                           f"{tmp_path / 'live' / 'step_4'}: truncated: 'model.1.bias@16' runs past the end of "
+                           "__1_0.distcp; every rank keeps its own weights")
+    assert not (tmp_path / "live" / "step_4.pdt").exists()
+
+
+def test_a_rank_that_cannot_take_its_fused_shards_leaves_every_rank_unchanged(tmp_path):
+    for warning in the_sharded_warning_at_epoch_4("fsdp-differ", tmp_path):  # after the fused folder is published
+        assert warning == ("pdt: no fused step at step_4, the model is unchanged: rank 1: "
+                           f"{tmp_path / 'live' / 'step_4.pdt'}: tensor 'model.0.weight' of the fused checkpoint is "
+                           "not in the model's state dict (get_model_state_dict); save the model's own state dict; "
+                           "every rank keeps its own weights")

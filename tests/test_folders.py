@@ -296,6 +296,16 @@ def test_dcp_entries_that_would_run_code_are_carried_not_loaded(tmp_path):
         run / "step_5" / ".metadata").read_bytes()
 
 
+def test_the_step_of_a_lightning_dcp_folder_is_read_from_its_meta_pt_without_running_it(tmp_path):
+    folder = tmp_path / "epoch=3-step=40.ckpt"  # as Lightning's ModelParallelStrategy saves it: counters apart
+    dcp.save({"state_dict": training.model().state_dict()}, checkpoint_id=folder)
+    marker = tmp_path / "pwned"
+    torch.save({"epoch": 3, "global_step": 40, "loops": _Payload(marker)}, folder / "meta.pt")
+    with open_checkpoint(folder) as reader:
+        assert reader.recorded_step() == 40
+    assert not marker.exists()
+
+
 def test_model_tensors_are_found_under_the_state_dict_key_or_beside_the_optimizer():
     names = ["model.0.weight", "optim.state.0.exp_avg", "step"]
     assert _model_names(names) == ["model.0.weight"]

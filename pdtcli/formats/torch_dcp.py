@@ -32,9 +32,10 @@ from ..errors import CheckpointError
 from ..lazy import torch
 from . import base
 from .base import PIECE_MARK, STEP_KEYS, CheckpointFormat, CheckpointReader, Fuse, TensorInfo, copy_bytes
-from .torch_pickle import STATE_DICT_KEYS
+from .torch_pickle import STATE_DICT_KEYS, archive_step
 
 METADATA = ".metadata"
+LIGHTNING_META = "meta.pt"  # Lightning's counters (global_step, epoch) beside the shards it saved with DCP
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 _PATH_CLASSES = {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}
 # Entries under these top-level keys are optimizer state, never the model's weights.
@@ -200,7 +201,8 @@ class DcpReader(CheckpointReader):
             yield flat[start:stop]
 
     def recorded_step(self) -> int | None:
-        """A top-level `step`/`epoch` entry, loaded as data only; the DCP bytes records are torch.save output."""
+        """A top-level `step`/`epoch` entry, loaded as data only (the DCP bytes records are torch.save output), else
+        that of Lightning's `meta.pt`, read as inert data."""
         for key in STEP_KEYS:
             for index, storage in self._metadata.storage_data.items():
                 if index.fqn != key:
@@ -214,7 +216,8 @@ class DcpReader(CheckpointReader):
                 if isinstance(value, torch.Tensor) and value.numel() == 1:
                     value = value.item()
                 return value if isinstance(value, int) and not isinstance(value, bool) else None
-        return None
+        meta = self.path / LIGHTNING_META
+        return archive_step(meta) if meta.is_file() and not meta.is_symlink() else None
 
     def write_fused(self, out: Path, fuse: Fuse) -> None:
         self.write_shared(out)

@@ -211,6 +211,38 @@ def read_archive(path: Path, fd: int) -> tuple[str, dict[str, Member], zipfile.Z
     return pkl[0].removesuffix("data.pkl"), members, archive
 
 
+def load_archive(path: Path, fd: int) -> tuple[str, dict[str, Member], Any]:
+    """The archive's folder prefix, its members by name, and its pickle read as inert data (`pickle_reader`):
+    nothing in it runs. CheckpointError for an archive that is corrupt, cut short or from a big-endian machine."""
+    try:
+        prefix, members, archive = read_archive(path, fd)
+        with archive:
+            if f"{prefix}byteorder" in members and archive.read(f"{prefix}byteorder").strip() != b"little":
+                raise CheckpointError("saved on a big-endian machine; pdt reads little-endian archives", path)
+            _check_versions(archive, prefix, path)
+            return prefix, members, load_inert(archive.read(f"{prefix}data.pkl"))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+        raise CheckpointError(f"corrupt or truncated PyTorch checkpoint ({type(exc).__name__}: {exc})"[:300],
+                              path) from exc
+    except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError,
+            struct.error) as exc:
+        raise CheckpointError(f"corrupt data.pkl in the archive ({type(exc).__name__}: {exc})"[:300], path) from exc
+
+
+def archive_step(path: Path) -> int | None:
+    """The step a torch.save archive records at its top level (`STEP_KEYS`), read as inert data: Lightning keeps
+    its checkpoint's counters in `meta.pt` beside the shards of a distributed checkpoint. CheckpointError when it
+    cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read: {os_reason(exc)}", path) from exc
+    try:
+        return _step(load_archive(path, fd)[2])
+    finally:
+        os.close(fd)
+
+
 def _crc(fd: int, member: Member, path: Path) -> int:
     """The CRC-32 of a member's bytes as they are in the file now, read in bounded pieces."""
     crc, done = 0, 0
@@ -254,21 +286,7 @@ class TorchReader(CheckpointReader):
 
     def _load(self) -> None:
         """The archive's members and its pickle, read as inert data (`pickle_reader`)."""
-        try:
-            prefix, self._members, archive = read_archive(self.path, self._fd)
-            self._prefix = prefix
-            with archive:
-                if f"{prefix}byteorder" in self._members and archive.read(f"{prefix}byteorder").strip() != b"little":
-                    raise CheckpointError("saved on a big-endian machine; pdt reads little-endian archives", self.path)
-                _check_versions(archive, prefix, self.path)
-                self._obj = load_inert(archive.read(f"{prefix}data.pkl"))
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
-            raise CheckpointError(f"corrupt or truncated PyTorch checkpoint ({type(exc).__name__}: {exc})"[:300],
-                                  self.path) from exc
-        except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError,
-                struct.error) as exc:
-            raise CheckpointError(f"corrupt data.pkl in the archive ({type(exc).__name__}: {exc})"[:300],
-                                  self.path) from exc
+        self._prefix, self._members, self._obj = load_archive(self.path, self._fd)
 
     def _survey(self) -> None:
         """The state dict's tensors, which of them are predicted (see `shared_storage`), and the objects of

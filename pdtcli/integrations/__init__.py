@@ -21,8 +21,9 @@ warns and leaves the model unchanged: training goes on without that prediction.
 Under DDP (replicated weights) every rank calls the step after rank 0 saved the checkpoint:
 rank 0 runs it as one process would, and the fused values reach every rank over the training's
 own process group before any rank takes them (all ranks or none; the group's timeout bounds the
-wait). Sharded models (FSDP, FSDP2) are refused with a warning: `pdt predict` under `torchrun`
-fuses their DCP folders between runs.
+wait). Sharded models (FSDP2 `fully_shard`, DTensor parameters) are stepped from the DCP folder every rank
+just saved: each rank fuses and takes only its own shards (`sharded`). FSDP1 models are refused with a
+warning: `pdt predict` under `torchrun` fuses their DCP folders between runs.
 
     pdt = PDTStep("ckpts", history=5, tau=5)
     for epoch in range(epochs):
@@ -48,6 +49,7 @@ import torch
 from ..api import StepResult, predict, reject_live
 from ..live import Live
 from ..options import Settings
+from .sharded import holds_shards, step_shards
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class PDTStep:
         self.settings = Settings.build(wait=wait, **options)
         self.last: StepResult | None = None
         self.seconds: list[float] = []  # wall time of each call, what pdt costs the training loop
+        self._group = None  # a sharded model's steps: the gloo group of the training's ranks (made at the first)
 
     def step(self, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None = None, *,
              step: int | None = None) -> StepResult | None:
@@ -94,6 +97,11 @@ class PDTStep:
         reason = _sharded(model)  # every rank finds the same, before any state dict (FSDP's would gather)
         if reason is not None:
             return _skipped(where, reason)
+        if holds_shards(model):  # FSDP2 / DTensor: every rank fuses and takes its own shards
+            if self.verify is not None:
+                warnings.warn("pdt: verify= is applied in one process only; a sharded model takes the fused state "
+                              "unverified", PDTStepWarning, stacklevel=3)
+            return self._outcome(where, *step_shards(self, model, checkpoint, step))
         rank, size = _ranks()
         # under DDP rank 0 alone runs the step (it saved the file; the store has one writer) and keeps
         # the fused values aside until every rank holds them (`_replicate`)
@@ -116,8 +124,12 @@ class PDTStep:
                 reason = str(exc) or type(exc).__name__
         if size > 1:
             result, reason = _replicate(live, result, reason, rank)
+        return self._outcome(where, result, reason)
+
+    def _outcome(self, where: str, result: StepResult | None, reason: str | None) -> StepResult | None:
+        """The step's result as `step` returns it: None, with a warning, when it did not happen."""
         if reason is not None or result is None:
-            return _skipped(where, reason)
+            return _skipped(where, reason, stacklevel=5)
         self.last = result
         log.info("pdt at %s: %s", where, result.message)
         for warning in result.warnings:  # the step happened; what it found (the lineage) is worth a look
@@ -125,9 +137,10 @@ class PDTStep:
         return result
 
 
-def _skipped(where: str, reason: str | None) -> None:
-    """Warn (at the training code's `step` call) that no step happened at `where`, and why."""
-    warnings.warn(f"pdt: no fused step at {where}, the model is unchanged: {reason}", PDTStepWarning, stacklevel=4)
+def _skipped(where: str, reason: str | None, stacklevel: int = 4) -> None:
+    """Warn (at the training code's `step` call, `stacklevel` frames up) that no step happened at `where`, and why."""
+    warnings.warn(f"pdt: no fused step at {where}, the model is unchanged: {reason}", PDTStepWarning,
+                  stacklevel=stacklevel)
 
 
 class _Held(Live):
@@ -154,22 +167,16 @@ def _ranks() -> tuple[int, int]:
 
 
 def _sharded(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> str | None:
-    """Why the step refuses a sharded model (FSDP, FSDP2/DTensor): each rank holds only a shard of each
-    tensor, and fusing it in the loop would need each rank's share of the DCP checkpoint, which the
-    in-loop step does not read yet."""
-    if not torch.distributed.is_available():
+    """Why the step refuses an FSDP1 model (`FullyShardedDataParallel`): its flat parameters are no DTensors, so a
+    rank's shards cannot be matched to the DCP folder's chunks as FSDP2's are (`sharded`)."""
+    if not torch.distributed.is_available() or not isinstance(model, torch.nn.Module):
         return None
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
-    if isinstance(model, torch.nn.Module):
-        sharded = any(isinstance(m, FSDPModule | FullyShardedDataParallel) for m in model.modules()) or \
-            any(isinstance(p, DTensor) for p in model.parameters())
-    else:
-        sharded = any(isinstance(t, DTensor) for t in model.values())
-    if sharded:
-        return ("sharded (FSDP) models are not fused inside the loop: run `torchrun --nproc-per-node N -m pdtcli "
-                "predict` on the checkpoint folder (the DCP folders) between runs")
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return ("FSDP1 (FullyShardedDataParallel) models are not fused inside the loop: shard with FSDP2 "
+                "(`fully_shard`), or run `torchrun --nproc-per-node N -m pdtcli predict` on the checkpoint folder "
+                "(the DCP folders) between runs")
     return None
 
 
