@@ -22,6 +22,7 @@ At that rate, per seed:
     none       every prediction accepted (--criteria none)
     official   the official code's mask (--criteria official)
     gate       the default with the loss gate: PDTStep(verify=validation loss)
+    pertensor  the default with DMD fitted per tensor (--dmd-scope tensor)
     lawa       no run of its own: the mean of the baseline's last k=5 checkpoints, measured at each checkpoint
 
 Against the same seed's tuned baseline: steps and wall-clock (training, saving and pdt included; measuring the
@@ -59,6 +60,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "none": {"criteria": "none"},
     "official": {"criteria": "official"},
     "gate": {"gate": True},
+    "pertensor": {"dmd_scope": "tensor"},
 }
 LAWA_K = 5
 

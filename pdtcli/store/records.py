@@ -129,6 +129,7 @@ class Fit(Record):
     eigenvalue_magnitudes: list[float]
     growing_modes: int
     start_offset: float
+    per_tensor: dict | None = None  # fits per tensor (`dmd.each_summary`): how many, rank and |λ| ranges
 
 
 @dataclass
