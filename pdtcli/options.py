@@ -197,6 +197,9 @@ class Settings:
     dist_timeout: float = DEFAULT_TIMEOUT
     in_place: bool = False  # write over the newest checkpoint
     given: dict[str, Any] = field(default_factory=dict)  # the KEPT settings this run was given: {name: value}
+    # this step's tau, chosen by a horizon policy (`PDTStep(horizon=)`): the fit predicts that far, but it is the
+    # loop's choice of the moment, not a new --tau: no change is reported and the store keeps the configured one
+    step_tau: int | None = None
 
     def __post_init__(self) -> None:
         for name, value in (("history", self.history), ("device", self.device), ("block", self.block),
@@ -252,6 +255,8 @@ class Settings:
             mask = mask_options(values["criteria"], bool(values["random"]), values["seed"])
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
+        if self.step_tau is not None:
+            fit = replace(fit, tau=self.step_tau)
         return replace(self, fit=fit, mask=mask, in_place=bool(values["in_place"]))
 
     def changes(self, kept: dict[str, Any]) -> str | None:

@@ -586,7 +586,8 @@ class Store:
             at=now(), command=command, window_steps=[self.step_of(self.snapshots[i]) for i in fit.window],
             newest=self.snapshots[fit.window[-1]].path, fit_id=fit.id, rank=fit.rank,
             growing_modes=fit.growing_modes, mask=mask.label, totals=mask.totals, by_layer_type=mask.by_layer_type,
-            per_tensor_accepted=[int(c) for c in counts[:, 1]], output=output, training=training))
+            per_tensor_accepted=[int(c) for c in counts[:, 1]], output=output, training=training,
+            tau=fit.options.get("tau")))
 
     # ---- reports ------------------------------------------------------------------------------------
     def view(self, snapshot_id: int) -> dict:
