@@ -67,7 +67,7 @@ def test_the_mask_applies_to_each_tensors_own_prediction(adamw_run):
         np.testing.assert_allclose(got[both], preds[both, -1], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_the_scope_is_kept_in_the_store_and_shown_in_the_report(sgd_run):
+def test_the_scope_is_kept_in_the_store_and_shown_in_the_report(sgd_run, tmp_path):
     first = json.loads(runner.invoke(app, ["predict", str(sgd_run), "--dmd-scope", "tensor", "--json"]).stdout)
     assert first["fit"]["options"]["scope"] == "tensor"
     assert first["fit"]["per_tensor"]["tensors"] == len(NAMES)
@@ -76,6 +76,8 @@ def test_the_scope_is_kept_in_the_store_and_shown_in_the_report(sgd_run):
     line = " ".join(text.split())
     assert "--dmd-scope tensor" in line  # the kept settings
     assert "DMD fit per tensor on" in line and f"{len(NAMES)} fits, rank" in line and "spectral radius" in line
+    code, text = pdt("report", sgd_run, "--plot", tmp_path / "fit.png")  # the spectrum panel: the fits' ranges
+    assert code == 0 and (tmp_path / "fit.png").stat().st_size > 0, text
     # a later run without the flag keeps fitting per tensor; with another scope it says what changed
     (sgd_run / "epoch_8.pdt.pt").unlink()
     again = json.loads(runner.invoke(app, ["predict", str(sgd_run), "--dry-run", "--json"]).stdout)
