@@ -22,6 +22,9 @@ at an edge of the grid). At that rate, per seed of `--seeds`:
     none       every prediction accepted (--criteria none)
     official   the official code's mask (--criteria official)
     gate       the default with the loss gate: PDTStep(verify=validation loss)
+    pertensor  the default with DMD fitted per tensor (--dmd-scope tensor)
+    horizon-lr the default with tau following the learning rate: PDTStep(horizon="lr", optimizer=the run's)
+    backoff    the gate with tau halved after each rejection, doubled back after each acceptance (horizon="backoff")
     lawa       no run of its own: the mean of the baseline's last k=5 checkpoints, measured at each checkpoint
 
 Against the same seed's tuned baseline: steps and wall-clock (training, saving and pdt included; measuring the
@@ -61,6 +64,9 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "none": {"criteria": "none"},
     "official": {"criteria": "official"},
     "gate": {"gate": True},
+    "pertensor": {"dmd_scope": "tensor"},
+    "horizon-lr": {"horizon": "lr"},
+    "backoff": {"gate": True, "horizon": "backoff"},
 }
 LAWA_K = 5
 
@@ -163,7 +169,7 @@ def run(family: Family, lr: float, seed: int, options: dict[str, Any] | None, fo
     if options is not None:
         extra = {k: v for k, v in options.items() if k != "gate"}
         verify = (lambda m: family.loss(m, "val")) if options.get("gate") else None
-        pdt = PDTStep(folder, history=5, tau=5, verify=verify, **extra)
+        pdt = PDTStep(folder, history=5, tau=5, verify=verify, optimizer=optimizer, **extra)  # optimizer: "lr"
     folder.mkdir(parents=True)
     rows: list[dict[str, Any]] = []
     recent: deque[dict[str, torch.Tensor]] = deque(maxlen=LAWA_K)

@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import restart
 from .backups import backup_path, copy_back, in_backups, note_in_place, prune_backups, recorded_backup
 from .discover import is_pdt_output, located
-from .dmd import combine_r, solve
+from .dmd import FitOptions, combine_each, combine_r, each_arrays, each_summary, solve, solve_each, traits
 from .errors import CheckpointError, OutputError, PdtError, StageMissing, UsageError, os_errors_as
 from .formats import checkpoint_digest, open_checkpoint, output_conversion
-from .fuse import Destination, second_pass, window_of
+from .formats.base import whole_name
+from .fuse import Destination, Window, second_pass, window_of
 from .identity import stat_of, unchanged
 from .ingest import ingest
 from .live import Live
@@ -353,20 +356,45 @@ def _fit(store: Store, ids: list[int], settings: Settings) -> bool:
         log.info("fit %d reused: the window (steps %s) and the options are those it was made with",
                  store.fit.id, steps)
         return False
-    r = store.r_of(ids)
+    per_tensor = settings.fit.per_tensor
+    r = store.r_of(ids, per_tensor)
     if r is not None:
         log.info("fit on the stored QR factor: same window (steps %s), other options %s", steps, options)
     else:
         log.info("fit: QR pass over the window, steps %s", steps)
         with settings.progress.task("fit: QR of the window", 1) as advance:
-            r = _window(store, ids, settings).qr_factor()
-            r = combine_r(current().gather(r, "the fit"))  # each rank's R: the whole window's
+            r = _qr_pass(store, _window(store, ids, settings), per_tensor)
             advance(1)
-    fit = solve(r, settings.fit)
-    store.set_fit(ids, options, fit.summary(), {"R": r, "C": fit.coefficients,
-                                                "singular_values": fit.singular_values,
-                                                "eigenvalues": fit.eigenvalues})
+    summary, arrays = _solved(store, r, settings.fit)
+    store.set_fit(ids, options, summary, {"R": r, **arrays})
     return True
+
+
+def _solved(store: Store, r: np.ndarray, options: FitOptions) -> tuple[dict, dict[str, np.ndarray]]:
+    """The fit record's summary and the arrays (C, singular values, eigenvalues) of the DMD on R: one fit, or
+    one per tensor (R (T, h, h)), whose summary is of the whole model's fits on every rank."""
+    if not options.per_tensor:
+        fit = solve(r, options)
+        return fit.summary(), {"C": fit.coefficients, "singular_values": fit.singular_values,
+                               "eigenvalues": fit.eigenvalues}
+    fits = solve_each(r, options)
+    names = [whole_name(entry.name) for entry in store.tensors]
+    by_name: dict[str, tuple] = {}
+    for share in current().gather(dict(zip(names, map(traits, fits), strict=True)), "the fits' summary"):
+        by_name.update(share)
+    return each_summary(by_name), each_arrays(fits, r.shape[-1], options.tau)
+
+
+def _qr_pass(store: Store, window: Window, per_tensor: bool) -> np.ndarray:
+    """Pass 1 and, under torchrun, the ranks' factors combined: R (h, h) of the whole window, or per tensor
+    (T, h, h) in `store.tensors` order, each of all the tensor's rows over all ranks (the pieces of a tensor
+    that ranks or files hold apart are combined under its one name)."""
+    if not per_tensor:
+        return combine_r(current().gather(window.qr_factor(), "the fit"))  # each rank's R: the whole window's
+    names = [whole_name(entry.name) for entry in store.tensors]
+    whole = combine_each(current().gather((names, window.qr_factors(store.tensors)), "the fit"))
+    return np.stack([whole[name] for name in names]) if names else np.zeros((0, len(window.slots),
+                                                                            len(window.slots)))
 
 
 def _masked_pass(s: Session, ids: list[int], options: MaskOptions, *, write: Destination | Live | None = None,

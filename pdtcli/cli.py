@@ -123,6 +123,7 @@ Tau = Annotated[Optional[int], flag("tau")]
 Modes = Annotated[Optional[str], flag("modes")]
 Rank = Annotated[Optional[int], flag("rank")]
 Rtol = Annotated[Optional[float], flag("rtol")]
+DmdScope = Annotated[Optional[str], flag("dmd_scope")]
 Criteria = Annotated[Optional[str], flag("criteria")]
 Random = Annotated[Optional[bool], flag("random")]
 Seed = Annotated[Optional[int], flag("seed")]
@@ -304,9 +305,10 @@ def snapshot(target: Target, store: Store = None, history: History = None, start
 def predict(target: Target, store: Store = None, output: Output = None, dry_run: DryRun = False, force: Force = False,
             in_place: InPlace = None, history: History = None, start: Start = None, every: Every = None,
             tau: Tau = None, modes: Modes = None,
-            rank: Rank = None, rtol: Rtol = None, criteria: Criteria = None, random: Random = None,
-            seed: Seed = None, include: Include = None, exclude: Exclude = None, store_dtype: StoreDtype = None,
-            order: Order = None, files: Files = None, device: Device = D["device"], block: Block = D["block"],
+            rank: Rank = None, rtol: Rtol = None, dmd_scope: DmdScope = None, criteria: Criteria = None,
+            random: Random = None, seed: Seed = None, include: Include = None, exclude: Exclude = None,
+            store_dtype: StoreDtype = None, order: Order = None, files: Files = None, device: Device = D["device"],
+            block: Block = D["block"],
             threads: Threads = None, wait: Wait = D["wait"], backend: Backend = D["backend"],
             dist_timeout: DistTimeout = D["dist_timeout"], verify: Verify = None,
             verify_timeout: VerifyTimeout = D["verify_timeout"], json_out: Json = False, strict: Strict = False,
@@ -331,9 +333,9 @@ def predict(target: Target, store: Store = None, output: Output = None, dry_run:
     with errors_as_exit(json_out):
         s = settings(json_out, verbose, device=device, block=block, threads=threads, wait=wait, history=history,
                      include=include, exclude=exclude, store_dtype=store_dtype, order=order, files=files, tau=tau,
-                     modes=modes, rank=rank, rtol=rtol, criteria=criteria, random=random, seed=seed, start=start,
-                     every=every, backend=backend, dist_timeout=dist_timeout, in_place=in_place, verify=verify,
-                     verify_timeout=verify_timeout)
+                     modes=modes, rank=rank, rtol=rtol, dmd_scope=dmd_scope, criteria=criteria, random=random,
+                     seed=seed, start=start, every=every, backend=backend, dist_timeout=dist_timeout,
+                     in_place=in_place, verify=verify, verify_timeout=verify_timeout)
         result = api.predict(target, store=store, output=output, dry_run=dry_run, force=force, settings=s)
         finish(result, json_out=json_out, strict=strict)
 

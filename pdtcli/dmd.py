@@ -20,6 +20,9 @@ import numpy as np
 from .lazy import torch
 
 MODES = ("projected", "exact")
+# What one fit covers: the whole model (one W of all predicted elements), or each tensor (a W of its own rows,
+# its own modes). The official code (aicip/PDT) fits DMD per layer group for its largest model.
+SCOPES = ("model", "tensor")
 
 
 QR_ROWS = 16384  # rows per QR update: small enough to stay in cache, which is 2-4x faster
@@ -62,6 +65,7 @@ class FitOptions:
     modes: str = "exact"
     rank: int | None = None
     rtol: float = 1e-6
+    scope: str = "model"
 
     def __post_init__(self) -> None:
         """Refuse options no fit can use before any data is read."""
@@ -73,9 +77,18 @@ class FitOptions:
             raise ValueError(f"--rank {self.rank}: keep at least one mode")
         if not 0 <= self.rtol < 1:
             raise ValueError(f"--rtol {self.rtol:g}: use a relative threshold from 0 up to 1")
+        if self.scope not in SCOPES:
+            raise ValueError(f"--dmd-scope {self.scope!r}: use one of {', '.join(SCOPES)}")
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scope == "tensor"
 
     def as_dict(self) -> dict:
-        return {"tau": self.tau, "modes": self.modes, "rank": self.rank, "rtol": self.rtol}
+        """The options as the store records them with its fit; a whole-model fit's as stores always had them
+        (no scope), so that a fit made before per-tensor fits existed is still found up to date."""
+        options = {"tau": self.tau, "modes": self.modes, "rank": self.rank, "rtol": self.rtol}
+        return {**options, "scope": self.scope} if self.per_tensor else options
 
 
 @dataclass
@@ -140,3 +153,53 @@ def solve(r: np.ndarray, options: FitOptions) -> Fit:
     else:
         raise ValueError(f"unknown modes {options.modes!r}; use one of {MODES}")
     return Fit(coefficients, s_full, rank, eigenvalues, float(start_offset))
+
+
+def combine_each(shares: list[tuple[list[str], np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-tensor R factors combined tensor by tensor: `shares` holds, per rank in rank order, the names of its
+    tensors (the pieces of one tensor under the one name) and their (T, h, h) factors; returns each tensor's
+    R of all its rows (`combine_r` over the factors given under its name)."""
+    factors: dict[str, list[np.ndarray]] = {}
+    for names, rs in shares:
+        for name, r in zip(names, rs, strict=True):
+            factors.setdefault(name, []).append(r)
+    return {name: combine_r(parts) for name, parts in factors.items()}
+
+
+def solve_each(factors: np.ndarray, options: FitOptions) -> list[Fit]:
+    """`solve` on each tensor's (h x h) factor of a (T, h, h) stack: the DMD of each tensor's rows alone.
+    Each costs a few h x h decompositions (tens of microseconds), so thousands of tensors take well under
+    a second."""
+    return [solve(r, options) for r in factors]
+
+
+def each_arrays(fits: list[Fit], h: int, tau: int) -> dict[str, np.ndarray]:
+    """The arrays the store keeps of per-tensor fits: C (T, h, tau), the singular values of each X (T, h-1),
+    and each fit's eigenvalues (T, h-1), complex, NaN past its rank."""
+    eigenvalues = np.full((len(fits), h - 1), np.nan, dtype=complex)
+    for row, fit in zip(eigenvalues, fits, strict=True):
+        row[: fit.eigenvalues.size] = fit.eigenvalues
+    return {"C": np.stack([f.coefficients for f in fits]) if fits else np.zeros((0, h, tau)),
+            "singular_values": np.stack([f.singular_values for f in fits]) if fits else np.zeros((0, h - 1)),
+            "eigenvalues": eigenvalues}
+
+
+def traits(fit: Fit) -> tuple[int, float, int, float]:
+    """What the summary of per-tensor fits needs of one: (rank, spectral radius max |λ| (0 at rank 0),
+    growing modes, start offset)."""
+    mags = np.abs(fit.eigenvalues)
+    return fit.rank, float(mags.max(initial=0.0)), int(np.sum(mags > 1.0 + 1e-12)), float(fit.start_offset)
+
+
+def each_summary(by_tensor: dict[str, tuple[int, float, int, float]]) -> dict:
+    """The fit record of per-tensor fits (`traits` by tensor name): the largest rank and start offset, all
+    growing modes, no singular values or eigenvalues of a whole-model fit, and `per_tensor`: how many fits,
+    the range of their ranks and spectral radii, and how many have a growing mode."""
+    ranks = [t[0] for t in by_tensor.values()] or [0]
+    radii = [t[1] for t in by_tensor.values()] or [0.0]
+    return {"rank": max(ranks), "singular_values": [], "eigenvalues": [], "eigenvalue_magnitudes": [],
+            "growing_modes": sum(t[2] for t in by_tensor.values()),
+            "start_offset": max((t[3] for t in by_tensor.values()), default=0.0),
+            "per_tensor": {"tensors": len(by_tensor), "rank": [min(ranks), max(ranks)],
+                           "spectral_radius": [min(radii), max(radii)],
+                           "growing_tensors": sum(t[2] > 0 for t in by_tensor.values())}}

@@ -93,6 +93,15 @@ class Window:
         self.checked()
         return r
 
+    def qr_factors(self, tensors: list[TensorEntry]) -> np.ndarray:
+        """Pass 1 per tensor: (T, h, h), the R of each tensor's own rows of W (blocks never span two tensors)."""
+        h = len(self.slots)
+        factors = np.zeros((len(tensors), h, h))
+        for out, entry in zip(factors, tensors, strict=True):
+            out[:] = accumulate_r((w for _, _, w in self.blocks(entry.offset, entry.offset + entry.numel)), h)
+        self.checked()
+        return factors
+
 
 def window_of(store: Store, ids: list[int], device: str, block: int | None = None) -> Window:
     """The window `ids` on `device`, read `block` elements at a time (None: the device's default)."""
@@ -100,30 +109,60 @@ def window_of(store: Store, ids: list[int], device: str, block: int | None = Non
     return Window(store, [store.slot_of(i) for i in ids], chosen, block or DEFAULT_BLOCK[chosen.type])
 
 
-class Predictor:
-    """Pass 2, one tensor at a time: P = W_b C, the mask, and the fused values."""
+@dataclass
+class Operator:
+    """What pass 2 applies of one fit: E^T (tau+2, h) on the device, and what the window's column norms
+    guarantee of its results (no element's E^T W non-finite; |w_pred(tau)| at most `prediction_bound`)."""
 
-    def __init__(self, window: Window, coefficients: np.ndarray, options: MaskOptions,
-                 column_norms: np.ndarray | None = None) -> None:
-        self.window = window
+    steps_t: torch.Tensor
+    all_finite: bool
+    prediction_bound: float
+
+    @classmethod
+    def of(cls, coefficients: np.ndarray, column_norms: np.ndarray | None, device: torch.device) -> Operator:
+        """The operator of C (h, tau), bounded by the column norms (h,) of the rows it is applied to (None:
+        no bound known)."""
         steps = step_matrix(coefficients)
-        self.steps_t = torch.from_numpy(np.ascontiguousarray(steps.T)).to(window.device)
-        self.options = options
-        self.all_finite = column_norms is not None and finite_guaranteed(steps, column_norms)
         # |w_pred(tau)| <= sum_i |C_i,tau| |w_i|: where that is below a dtype's range, no prediction
         # can overflow it when it is written back
-        self.prediction_bound = (float(np.abs(coefficients[:, -1]) @ column_norms) if column_norms is not None
-                                 else float("inf"))
+        return cls(torch.from_numpy(np.ascontiguousarray(steps.T)).to(device),
+                   column_norms is not None and finite_guaranteed(steps, column_norms),
+                   float(np.abs(coefficients[:, -1]) @ column_norms) if column_norms is not None else float("inf"))
+
+
+class Predictor:
+    """Pass 2, one tensor at a time: P = W_b C, the mask, and the fused values.
+
+    `coefficients` (h, tau) is one fit of the whole model; (T, h, tau) is one fit per tensor of `tensors`
+    (with `column_norms` (T, h), each tensor's rows' own), each tensor predicted with its own."""
+
+    def __init__(self, window: Window, coefficients: np.ndarray, options: MaskOptions,
+                 column_norms: np.ndarray | None = None, tensors: list[TensorEntry] | None = None) -> None:
+        self.window = window
+        self.options = options
+        if coefficients.ndim == 2:
+            self._model: Operator | None = Operator.of(coefficients, column_norms, window.device)
+            self._each: dict[str, Operator] = {}
+        else:
+            norms = column_norms if column_norms is not None else [None] * len(coefficients)
+            self._model = None
+            self._each = {entry.name: Operator.of(c, n, window.device)
+                          for entry, c, n in zip(tensors or [], coefficients, norms, strict=True)}
+
+    def operator(self, entry: TensorEntry) -> Operator:
+        """The fit that predicts this tensor."""
+        return self._model if self._model is not None else self._each[entry.name]
 
     def _verdict(self, entry: TensorEntry, w: torch.Tensor, p: torch.Tensor) -> BlockVerdict:
         """The criteria on a block, with predictions that the tensor's own dtype cannot hold (an fp16
         weight predicted past 65504, an integer past its range) rejected as non-finite."""
-        verdict = evaluate(p, self.options.criteria, self.all_finite, self.options.rule)
+        operator = self.operator(entry)
+        verdict = evaluate(p, self.options.criteria, operator.all_finite, self.options.rule)
         dtype = getattr(torch, entry.dtype)
         if dtype == torch.bool:  # never predicted (selection refuses it), never out of range
             return verdict
         limit = torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max
-        if self.prediction_bound < limit:
+        if operator.prediction_bound < limit:
             return verdict
         predicted = w[-1] + p[-2]
         if dtype.is_floating_point:
@@ -143,8 +182,9 @@ class Predictor:
                 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """Row blocks of elements start..stop of a tensor (positions within it): W_b and E^T W_b."""
         stop = entry.numel if stop is None else stop
+        steps_t = self.operator(entry).steps_t
         for a, b, w in self.window.blocks(entry.offset + start, entry.offset + stop):
-            yield a - entry.offset, b - entry.offset, w, self.steps_t @ w
+            yield a - entry.offset, b - entry.offset, w, steps_t @ w
 
     def _ratio(self, entry: TensorEntry) -> float:
         counts = sum(self._verdict(entry, w, p).tallies() for _, _, w, p in self._blocks(entry)).cpu().numpy()
@@ -320,7 +360,8 @@ def second_pass(store: Store, window: Window, options: MaskOptions, *, stored: d
     fused checkpoint, each tensor handed to the writer as it reaches it; or, `write` a live model,
     the fused values kept for it (`Live.fused`), loaded only once the store has them."""
     progress = progress or NoProgress()
-    predictor = Predictor(window, store.coefficients, options, np.linalg.norm(store.qr_factor, axis=0))
+    predictor = Predictor(window, store.coefficients, options, np.linalg.norm(store.qr_factor, axis=-2),
+                          store.tensors)
     index_of = {entry.name: index for index, entry in enumerate(store.tensors)}
     counts = np.zeros((len(store.tensors), len(COUNT_COLUMNS)), dtype=np.int64)
     if stored is not None:  # the stored mask is the result: it is used in place, not copied

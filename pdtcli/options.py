@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .dmd import MODES, FitOptions
+from .dmd import MODES, SCOPES, FitOptions
 from .errors import UsageError
 from .fuse import DEFAULT_BLOCK
 from .mask import CRITERIA, DEFAULT_CRITERIA, OFFICIAL_RULE, MaskOptions
@@ -31,7 +31,7 @@ FIT = FitOptions()
 # The settings that shape a run's step, kept in the store by `pdt predict` as `--files` and the schedule are:
 # a later run without the flag takes the kept value (a store that keeps none: the default). The others
 # (--device, --block, --threads, --wait, --json, ...) are for one invocation.
-KEPT = ("tau", "modes", "rank", "rtol", "criteria", "random", "seed", "in_place")
+KEPT = ("tau", "modes", "rank", "rtol", "dmd_scope", "criteria", "random", "seed", "in_place")
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ OPTIONS: dict[str, Option] = {
     "rank": Option(("--rank",), None, "Fixed DMD rank instead of --rtol.", min=1, shown_default="none: --rtol"),
     "rtol": Option(("--rtol",), None, "Keep singular values above rtol x the largest (and no fixed --rank).",
                    shown_default=f"{FIT.rtol:g}", kept=FIT.rtol, metavar="X"),
+    "dmd_scope": Option(("--dmd-scope",), None, "One DMD over the whole model, or one per tensor (each tensor's own "
+                        "modes, its rows alone).", choices=SCOPES, shown_default=FIT.scope, kept=FIT.scope),
     "criteria": Option(("--criteria",), None, "all (the paper's eqs. 6 and 7), official (the official code's reading "
                        "of them), none, or a comma list of lower,upper,sign; the default drops eq. 6's lower bound.",
                        metavar="LIST",
@@ -204,6 +206,9 @@ class Settings:
     verify: str | None = None  # the command that judges a fused checkpoint before it is published (not KEPT)
     verify_timeout: float = VERIFY_TIMEOUT  # seconds per run of it
     given: dict[str, Any] = field(default_factory=dict)  # the KEPT settings this run was given: {name: value}
+    # this step's tau, chosen by a horizon policy (`PDTStep(horizon=)`): the fit predicts that far, but it is the
+    # loop's choice of the moment, not a new --tau: no change is reported and the store keeps the configured one
+    step_tau: int | None = None
 
     def __post_init__(self) -> None:
         for name, value in (("history", self.history), ("device", self.device), ("block", self.block),
@@ -222,15 +227,17 @@ class Settings:
 
     @classmethod
     def build(cls, *, tau: int | None = None, modes: str | None = None, rank: int | None = None,
-              rtol: float | None = None, criteria: str | None = None, random: bool | None = None,
-              seed: int | None = None, in_place: bool | None = None, include: list[str] | None = None,
+              rtol: float | None = None, dmd_scope: str | None = None, criteria: str | None = None,
+              random: bool | None = None, seed: int | None = None, in_place: bool | None = None,
+              include: list[str] | None = None,
               exclude: list[str] | None = None, files: list[str] | None = None, wait: float = DEFAULT_WAIT,
               progress: Progress | None = None, **rest: Any) -> Settings:
         """Settings from the flat values of the options (as the CLI takes them), each checked. A KEPT one left
         None is not given: the run takes the store's (`with_kept`), else its default."""
         given = {name: value for name, value in (("tau", tau), ("modes", modes), ("rank", rank), ("rtol", rtol),
-                                                 ("criteria", criteria), ("random", random), ("seed", seed),
-                                                 ("in_place", in_place)) if value is not None}
+                                                 ("dmd_scope", dmd_scope), ("criteria", criteria),
+                                                 ("random", random), ("seed", seed), ("in_place", in_place))
+                 if value is not None}
         selection = Selection(tuple(include or ()), tuple(exclude or ())) if (include or exclude) else None
         settings = cls(selection=selection, files=tuple(files) if files else None, lock_timeout=wait,
                        progress=progress or NoProgress(), **rest)
@@ -259,10 +266,13 @@ class Settings:
         for a combination no fit or mask takes)."""
         values = self.run_values(kept)
         try:
-            fit = FitOptions(tau=values["tau"], modes=values["modes"], rank=values["rank"], rtol=values["rtol"])
+            fit = FitOptions(tau=values["tau"], modes=values["modes"], rank=values["rank"], rtol=values["rtol"],
+                             scope=values["dmd_scope"])
             mask = mask_options(values["criteria"], bool(values["random"]), values["seed"])
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
+        if self.step_tau is not None:
+            fit = replace(fit, tau=self.step_tau)
         return replace(self, fit=fit, mask=mask, in_place=bool(values["in_place"]))
 
     def changes(self, kept: dict[str, Any]) -> str | None:

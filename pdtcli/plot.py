@@ -106,7 +106,12 @@ def _spectrum(axes: Any, report: dict) -> None:
     circle = np.linspace(0, 2 * np.pi, 400)
     axes.plot(np.cos(circle), np.sin(circle), color="grey", lw=1)
     fit = report.get("fit")
-    if fit:
+    each = fit.get("per_tensor") if fit else None
+    if each:  # one fit per tensor: the store keeps their eigenvalues (fit/eigenvalues), the report their ranges
+        (rank_lo, rank_hi), (lo, hi) = each["rank"], each["spectral_radius"]
+        axes.set_title(f"DMD per tensor: {each['tensors']} fits, rank {rank_lo}–{rank_hi}, max |λ| {lo:.3f}–{hi:.3f}",
+                       fontsize=10)
+    elif fit:
         eig = np.asarray(fit["eigenvalues"], dtype=float).reshape(-1, 2)
         outside = np.hypot(eig[:, 0], eig[:, 1]) > 1
         axes.scatter(eig[~outside, 0], eig[~outside, 1], color="C0", marker="o", zorder=3,

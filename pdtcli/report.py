@@ -359,6 +359,13 @@ def render_report(report: dict, console: Console, *, top: int | None = None) -> 
 def _render_fit(report: dict, fit: dict, console: Console) -> None:
     """The fit's window (as steps, else names), its options, and its singular values and eigenvalues."""
     steps = ", ".join(_label(w) for w in report["fit_window"])
+    each = fit.get("per_tensor")
+    if each:  # one fit per tensor: their ranges in one line, no spectrum of one fit to show
+        console.print(f"DMD fit per tensor on {steps}: {fit['options']['modes']} modes, tau "
+                      f"{fit['options']['tau']}; {each['tensors']} fits, rank {_span(each['rank'], 'd')}, "
+                      f"spectral radius {_span(each['spectral_radius'], '.4f')}, {each['growing_tensors']} with "
+                      f"|λ| > 1", highlight=False, markup=False)
+        return
     console.print(f"DMD fit on {steps}: {fit['options']['modes']} modes, tau {fit['options']['tau']}, "
                   f"rank {fit['rank']}", highlight=False, markup=False)
     console.print(f"{fit['growing_modes']} eigenvalue(s) with |λ| > 1; "
@@ -372,6 +379,12 @@ def _render_fit(report: dict, fit: dict, console: Console) -> None:
         modes.add_row(str(i + 1), f"{sigma:.4g}", "" if lam is None else f"{lam:.5g}",
                       "" if lam is None else f"{abs(lam):.5f}")
     _show(console, "singular values of X and eigenvalues of Ã", modes)
+
+
+def _span(bounds: list, spec: str) -> str:
+    """A range `lo–hi` (one value when both are the same)."""
+    lo, hi = (format(b, spec) for b in bounds)
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 def _next_step(report: dict) -> str:

@@ -75,8 +75,8 @@ def _reveal(tmp_path: Path, run: Path) -> None:
     shutil.copytree(tmp_path / f"step_{EPOCHS}", run / f"step_{EPOCHS}")
 
 
-def _single(run: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pdtcli", "predict", str(run), "--json"], capture_output=True,
+def _single(run: Path, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "pdtcli", "predict", str(run), "--json", *args], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
@@ -187,6 +187,23 @@ def test_k_ranks_give_what_one_process_gives(tmp_path, trajectory, kind, writers
         assert (run / f"step_{EPOCHS}.pdt" / ".metadata").read_bytes() == \
             (run / f"step_{EPOCHS}" / ".metadata").read_bytes()
     _same_but_paths(_report(run), _report(single), single, run)
+
+
+def test_per_tensor_fits_over_ranks_give_what_one_process_gives(tmp_path, trajectory):
+    """--dmd-scope tensor over DCP files that hold a piece of every tensor each: the ranks' factors of a tensor's
+    pieces combine into the factor of all its rows, so the ranks fit, mask and write what one process does."""
+    run = _folder(tmp_path, trajectory, "dcp", 2)
+    single = tmp_path / "single"
+    shutil.copytree(run, single)
+    expected = _single(single, "--dmd-scope", "tensor")
+    got = _ranks(2, run, "--dmd-scope", "tensor")
+    assert got["status"] == expected["status"] == "written"
+    assert got["mask"]["totals"] == expected["mask"]["totals"]
+    ours, theirs = got["fit"]["per_tensor"], expected["fit"]["per_tensor"]
+    np.testing.assert_allclose(ours.pop("spectral_radius"), theirs.pop("spectral_radius"), rtol=1e-9)
+    assert ours == theirs and ours["tensors"] == 6  # the predicted tensors, whole
+    assert any("@" in t.name for part in parts_of(run / ".pdt")[2] for t in Store.open(part).tensors)  # pieces
+    _fused_equal(single / "step_6.pdt", run / "step_6.pdt", run / "step_6")
 
 
 def test_a_store_made_by_other_ranks_is_refused_until_run_as_made(tmp_path, trajectory):

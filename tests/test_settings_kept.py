@@ -98,11 +98,11 @@ def test_audits_use_the_kept_settings_and_keep_none(sgd_run):
                              "setting)"]
     assert pdt_json("mask", sgd_run)["mask"]["label"] == "lower+upper+sign"  # bare: the kept criteria
     report = pdt_json("report", sgd_run)
-    assert report["settings"] == {"tau": 3, "modes": "exact", "rank": None, "rtol": 1e-6, "criteria": "all",
-                                  "random": False, "seed": 0, "in_place": False}
+    assert report["settings"] == {"tau": 3, "modes": "exact", "rank": None, "rtol": 1e-6, "dmd_scope": "model",
+                                  "criteria": "all", "random": False, "seed": 0, "in_place": False}
     text = " ".join(runner.invoke(app, ["report", str(sgd_run)]).output.split())
     assert ("settings kept for the flags a run is not given: --tau 3 --modes exact --rank none --rtol 1e-06 "
-            "--criteria all --no-random --seed 0 --no-in-place") in text
+            "--dmd-scope model --criteria all --no-random --seed 0 --no-in-place") in text
 
 
 def test_rtol_given_drops_a_kept_rank(sgd_run):

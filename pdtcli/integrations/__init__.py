@@ -15,6 +15,16 @@ gets an `in-loop rejected` row) and `PDTStep.rejected` lists the checkpoints. It
 copy of the weights per step. A `verify` that returns None abstains: the step is taken ungated. The callbacks
 build it from the evaluation data the framework already has (`verify="eval"`, `verify="val"`; `mean_loss`).
 
+`horizon` is a policy that sets tau step by step (default None: the fixed `tau`; the paper's "adaptive
+interval", NiNo's decaying horizon, the official trainers' back-off), each step's tau recorded in the store's
+history (`tau` of its row) and never kept as a new `--tau`:
+
+- `"lr"`: tau follows the learning-rate schedule, max(1, round(tau x lr / lr_peak)), the rate that of
+  `optimizer.param_groups[0]` at the step and lr_peak the largest seen so far;
+- `"backoff"`: tau halves (down to 1) after a step the loss gate rejected, or, without a gate, when the loss
+  given to `step(..., loss=)` rose since the previous fused step; after an accepted step (or a loss that did
+  not rise) it doubles back up to `tau`.
+
 A step that fails (a full disk, NaN in the weights, the store locked by a running `pdt`)
 warns and leaves the model unchanged: training goes on without that prediction.
 
@@ -68,30 +78,40 @@ class PDTStep:
     """
 
     def __init__(self, folder: str | Path, *, store: str | Path | None = None, wait: float = 0.0,
-                 verify: Callable[[torch.nn.Module], float | None] | None = None, **options: Any) -> None:
+                 verify: Callable[[torch.nn.Module], float | None] | None = None, horizon: str | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, **options: Any) -> None:
         self.folder = Path(folder)
         self.store = Path(store) if store is not None else None
         self.verify = verify
         self.rejected: list[str] = []  # the checkpoints whose fused state the gate turned down
         self.settings = Settings.build(wait=wait, **options)
+        self.horizon = Horizon(horizon, self.settings.fit.tau, optimizer, gated=verify is not None) \
+            if horizon is not None else None
         self.last: StepResult | None = None
         self.seconds: list[float] = []  # wall time of each call, what pdt costs the training loop
         self._group = None  # a sharded model's steps: the gloo group of the training's ranks (made at the first)
 
     def step(self, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None = None, *,
-             step: int | None = None) -> StepResult | None:
+             step: int | None = None, loss: float | None = None) -> StepResult | None:
         """Call right after `model` was saved as `checkpoint` (or as the checkpoint that records
-        `step`) in the folder, before training changes it. Returns what was done (`status`
-        "loaded" when the model took fused values; "waiting" or "not-due" when the window or
-        the schedule says not yet), or None when the step failed and the model is unchanged."""
+        `step`) in the folder, before training changes it; `loss`: the training loss now, for
+        `horizon="backoff"` without a gate. Returns what was done (`status` "loaded" when the model
+        took fused values; "waiting" or "not-due" when the window or the schedule says not yet), or
+        None when the step failed and the model is unchanged."""
         started = time.perf_counter()
         try:
-            return self._step(model, checkpoint, step)
+            settings = self.settings
+            if self.horizon is not None:
+                settings = replace(settings, step_tau=self.horizon.before(loss))
+            result = self._step(model, checkpoint, step, settings)
+            if self.horizon is not None:
+                self.horizon.after(result, loss)
+            return result
         finally:
             self.seconds.append(time.perf_counter() - started)
 
     def _step(self, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None,
-              step: int | None) -> StepResult | None:
+              step: int | None, settings: Settings) -> StepResult | None:
         self.last = None
         where = Path(checkpoint).name if checkpoint is not None else f"step {step}"
         reason = _sharded(model)  # every rank finds the same, before any state dict (FSDP's would gather)
@@ -101,7 +121,7 @@ class PDTStep:
             if self.verify is not None:
                 warnings.warn("pdt: verify= is applied in one process only; a sharded model takes the fused state "
                               "unverified", PDTStepWarning, stacklevel=3)
-            return self._outcome(where, *step_shards(self, model, checkpoint, step))
+            return self._outcome(where, *step_shards(self, model, checkpoint, step, settings))
         rank, size = _ranks()
         # under DDP rank 0 alone runs the step (it saved the file; the store has one writer) and keeps
         # the fused values aside until every rank holds them (`_replicate`)
@@ -115,7 +135,7 @@ class PDTStep:
             try:
                 # the loss gate compares the model before and after: one process's model (under DDP not yet)
                 gate = _Gate(self.verify, model) if self.verify is not None and size == 1 else None
-                result = predict(self.folder, store=self.store, settings=self.settings, live=live)
+                result = predict(self.folder, store=self.store, settings=settings, live=live)
                 if gate is not None and result.status == "loaded" and not gate.keeps_fused():
                     self.rejected.append(where)
                     reject_live(self.folder, store=self.store, settings=self.settings)
@@ -135,6 +155,50 @@ class PDTStep:
         for warning in result.warnings:  # the step happened; what it found (the lineage) is worth a look
             log.warning("pdt at %s: %s", where, warning)
         return result
+
+
+HORIZONS = ("lr", "backoff")
+
+
+class Horizon:
+    """The tau of each step under a horizon policy (`PDTStep(horizon=)`): `before` gives the step's, `after` learns
+    from its outcome. `tau` is the configured one, the longest any step predicts."""
+
+    def __init__(self, policy: str, tau: int, optimizer: torch.optim.Optimizer | None, gated: bool) -> None:
+        if policy not in HORIZONS:
+            raise ValueError(f"horizon={policy!r}: use one of {', '.join(HORIZONS)} (None: a fixed tau)")
+        if policy == "lr" and optimizer is None:
+            raise ValueError('horizon="lr" follows the learning rate: give PDTStep the optimizer= whose rate it is')
+        self.policy, self.tau, self.optimizer, self.gated = policy, tau, optimizer, gated
+        self.now = tau  # backoff: the tau of the next step
+        self.lr_peak = 0.0
+        self.fused_loss: float | None = None  # backoff without a gate: the loss given at the last fused step
+
+    def before(self, loss: float | None) -> int:
+        """This step's tau; under backoff without a gate, first halved when `loss` rose since the last fused
+        step (doubled back toward `tau` when it did not). ValueError: backoff with neither gate nor loss."""
+        if self.policy == "lr":
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            self.lr_peak = max(self.lr_peak, lr)
+            return max(1, round(self.tau * lr / self.lr_peak)) if self.lr_peak > 0 else 1
+        if not self.gated and loss is None:
+            raise ValueError('horizon="backoff" backs off when the loss rises: give step(..., loss=) or verify=')
+        if not self.gated and self.fused_loss is not None:
+            self._back(float(loss) <= self.fused_loss)
+            self.fused_loss = None  # one verdict per fused step
+        return self.now
+
+    def after(self, result: StepResult | None, loss: float | None) -> None:
+        """Learn from the step's outcome: the gate's verdict, or (no gate) the loss the next fused step compares."""
+        if self.policy != "backoff" or result is None or result.status not in ("loaded", "rejected"):
+            return
+        if self.gated:
+            self._back(result.status == "loaded")
+        else:
+            self.fused_loss = float(loss)
+
+    def _back(self, accepted: bool) -> None:
+        self.now = min(self.tau, 2 * self.now) if accepted else max(1, self.now // 2)
 
 
 def _skipped(where: str, reason: str | None, stacklevel: int = 4) -> None:
@@ -328,4 +392,4 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["PDTStep", "PDTStepWarning", "mean_loss"]
+__all__ = ["HORIZONS", "Horizon", "PDTStep", "PDTStepWarning", "mean_loss"]

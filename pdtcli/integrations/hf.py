@@ -51,7 +51,8 @@ class PDTCallback(TrainerCallback):
         if model is None:  # every rank steps: under DDP rank 0 fuses and every replica takes the values
             return
         if self.pdt is None:
-            self.pdt = PDTStep(args.output_dir, **self.options)
+            # the Trainer's optimizer, for horizon="lr" (the user's own optimizer= comes first)
+            self.pdt = PDTStep(args.output_dir, **{"optimizer": kwargs.get("optimizer"), **self.options})
         self.pdt.verify = self._eval_loss(kwargs.get("eval_dataloader")) if self.verify == "eval" else self.verify
         self.pdt.step(model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 

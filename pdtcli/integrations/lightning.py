@@ -61,7 +61,9 @@ class PDTCallback(pl.Callback):
             folder = self.folder or (Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None)
             if folder is None:
                 return
-            self.pdt = PDTStep(folder, **self.options)
+            # the Trainer's optimizer, for horizon="lr" (the user's own optimizer= comes first)
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            self.pdt = PDTStep(folder, **{"optimizer": optimizer, **self.options})
         self.pdt.verify = self._val_loss(trainer) if self.verify == "val" else self.verify
         self.pdt.step(pl_module, step=saved)
 

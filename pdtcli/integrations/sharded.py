@@ -29,6 +29,7 @@ from ..live import Live
 from ..world import World, gloo_group, within
 
 if TYPE_CHECKING:
+    from ..options import Settings
     from . import PDTStep
 
 
@@ -46,8 +47,9 @@ def holds_shards(model: torch.nn.Module | Mapping[str, torch.Tensor]) -> bool:
 
 
 def step_shards(pdt: PDTStep, model: torch.nn.Module | Mapping[str, torch.Tensor], checkpoint: str | Path | None,
-                step: int | None) -> tuple[StepResult | None, str | None]:
-    """One step of every rank of a sharded model (see the module), saved to the DCP folder `checkpoint` (or to the
+                step: int | None, settings: Settings) -> tuple[StepResult | None, str | None]:
+    """One step of every rank of a sharded model (see the module) with `settings` (the step's: its tau may be the
+    horizon's), saved to the DCP folder `checkpoint` (or to the
     one that records `step`, when the framework names it: Lightning): (the result, None) when every rank took its
     fused shards or none was due ("waiting", "not-due"); (None, why) when no rank changed its weights."""
     dist = torch.distributed
@@ -60,7 +62,8 @@ def step_shards(pdt: PDTStep, model: torch.nn.Module | Mapping[str, torch.Tensor
     result, staged, problem = None, [], None
     try:
         with within(world):
-            result, staged = _fused_shards(pdt, model, Live({}, Path(checkpoint) if checkpoint else None, step))
+            result, staged = _fused_shards(pdt, model, Live({}, Path(checkpoint) if checkpoint else None, step),
+                                           settings)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, training must go on (on every rank)
         problem = (_reason(exc), not isinstance(exc, DistributedError))
     try:
@@ -78,13 +81,13 @@ def step_shards(pdt: PDTStep, model: torch.nn.Module | Mapping[str, torch.Tensor
     return result, None
 
 
-def _fused_shards(pdt: PDTStep, model: torch.nn.Module | Mapping[str, torch.Tensor], saved: Live
-                  ) -> tuple[StepResult, list[tuple[torch.Tensor, torch.Tensor]]]:
+def _fused_shards(pdt: PDTStep, model: torch.nn.Module | Mapping[str, torch.Tensor], saved: Live,
+                  settings: Settings) -> tuple[StepResult, list[tuple[torch.Tensor, torch.Tensor]]]:
     """`pdt predict` on the folder as this rank's part of the step, then this rank's shards of the fused folder
     read into copies: (the result, [(the model's tensor, its fused copy)]); no copies unless it was written."""
     if saved.path is not None:  # known before any work; a checkpoint named by its step is known once written
         _dcp_folder(saved.path)
-    result = predict(pdt.folder, store=pdt.store, settings=pdt.settings, saved=saved)
+    result = predict(pdt.folder, store=pdt.store, settings=settings, saved=saved)
     if result.status != "written":
         return result, []
     staged = _read_shards(model, _dcp_folder(Path(result.output)))

@@ -528,9 +528,13 @@ class Store:
         fit = self.fit
         return fit if fit is not None and fit.window == ids and fit.options == options else None
 
-    def r_of(self, ids: list[int]) -> np.ndarray | None:
-        """The stored QR factor of this window (a new tau or rank needs no new pass over the data)."""
-        return self._arrays["fit/R"] if self.fit is not None and self.fit.window == ids else None
+    def r_of(self, ids: list[int], per_tensor: bool = False) -> np.ndarray | None:
+        """The stored QR factor of this window (a new tau or rank needs no new pass over the data): the
+        whole model's (h, h), or `per_tensor` one per tensor (T, h, h); None when the store has not that one."""
+        if self.fit is None or self.fit.window != ids:
+            return None
+        r = self._arrays["fit/R"]
+        return r if (r.ndim == 3) == per_tensor else None
 
     def set_fit(self, ids: list[int], options: dict, summary: dict, arrays: dict[str, np.ndarray]) -> Fit:
         self.fit = Fit(id=self.next_fit, window=list(ids), options=options, at=now(), **summary)
@@ -541,11 +545,13 @@ class Store:
 
     @property
     def coefficients(self) -> np.ndarray:
+        """C of the fit: (h, tau), or (T, h, tau) when fitted per tensor (`store.tensors` order)."""
         return self._arrays["fit/C"]
 
     @property
     def qr_factor(self) -> np.ndarray:
-        """R of the fit's window (its column norms bound every value of the window)."""
+        """R of the fit's window (its column norms bound every value of the window): (h, h), or (T, h, h)
+        when fitted per tensor."""
         return self._arrays["fit/R"]
 
     def fit_readable(self) -> bool:
@@ -580,7 +586,8 @@ class Store:
             at=now(), command=command, window_steps=[self.step_of(self.snapshots[i]) for i in fit.window],
             newest=self.snapshots[fit.window[-1]].path, fit_id=fit.id, rank=fit.rank,
             growing_modes=fit.growing_modes, mask=mask.label, totals=mask.totals, by_layer_type=mask.by_layer_type,
-            per_tensor_accepted=[int(c) for c in counts[:, 1]], output=output, training=training))
+            per_tensor_accepted=[int(c) for c in counts[:, 1]], output=output, training=training,
+            tau=fit.options.get("tau")))
 
     # ---- reports ------------------------------------------------------------------------------------
     def view(self, snapshot_id: int) -> dict:

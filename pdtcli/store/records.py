@@ -129,6 +129,7 @@ class Fit(Record):
     eigenvalue_magnitudes: list[float]
     growing_modes: int
     start_offset: float
+    per_tensor: dict | None = None  # fits per tensor (`dmd.each_summary`): how many, rank and |λ| ranges
 
 
 @dataclass
@@ -187,6 +188,7 @@ class HistoryEntry(Record):
     per_tensor_accepted: list[int] = field(default_factory=list)
     output: str | None = None
     training: bool | None = None  # None in stores made before audits were told apart (`Store` decides then)
+    tau: int | None = None  # how far the fit predicted (a horizon policy changes it per step); None in older stores
 
 
 @dataclass
