@@ -219,7 +219,13 @@ def first(rows: list[dict], key: str, target: float, at: str) -> float | None:
 
 def compare(base: dict, runs: dict[str, dict]) -> dict[str, dict[str, Any]]:
     """Per variant (and LAWA), one seed: steps and seconds to the tuned baseline's best train and held-out loss,
-    the savings against the baseline's own, the final held-out loss, the mean mask ratio and the rejections."""
+    the savings against the baseline's own, the final held-out loss, the mean mask ratio and the rejections.
+
+    Seconds compare within one run, never across runs (a shared machine's load differs from run to run): a
+    variant's time to a target is its steps at the baseline's cost per step, stretched by pdt's share of the
+    variant's own wall-clock, `share` = pdt's seconds / the run's seconds (training, saving and pdt), both
+    measured in that run: time saved = 1 - (steps / baseline's steps) / (1 - share). LAWA's seconds are measured
+    in the baseline's own run (the averaging included)."""
     rows = base["rows"]
     targets = {"train": min(r["train_loss"] for r in rows), "val": min(r["val_loss"] for r in rows)}
     out: dict[str, dict[str, Any]] = {}
@@ -234,7 +240,12 @@ def compare(base: dict, runs: dict[str, dict]) -> dict[str, dict[str, Any]]:
             base_steps, base_wall = first(rows, key, target, "step"), first(rows, key, target, "wall_s")
             entry[f"steps_to_{which}"] = steps
             entry[f"steps_saved_{which}"] = None if steps is None else 1 - steps / base_steps
-            entry[f"time_saved_{which}"] = None if wall is None else 1 - wall / base_wall
+            if name == "lawa":
+                entry[f"time_saved_{which}"] = None if wall is None else 1 - wall / base_wall
+            else:
+                share = runs[name]["pdt_s"] / runs[name]["wall_s"]
+                entry[f"time_saved_{which}"] = None if steps is None else 1 - steps / base_steps / (1 - share)
+                entry["pdt_share"] = share
         ratios = [r["ratio"] for r in run_rows if r["ratio"] is not None]
         entry["mean_ratio"] = statistics.fmean(ratios) if ratios else None
         entry["rejected"] = runs.get(name, {}).get("rejected", 0)
@@ -273,6 +284,8 @@ def summarize(per_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, Any]]
         ratios = [e["mean_ratio"] for e in entries if e["mean_ratio"] is not None]
         row["mean_ratio"] = statistics.fmean(ratios) if ratios else None
         row["rejected"] = sum(e["rejected"] for e in entries)
+        shares = [e["pdt_share"] for e in entries if "pdt_share" in e]
+        row["pdt_share"] = statistics.fmean(shares) if shares else None
         table[name] = row
     return table
 
@@ -288,19 +301,22 @@ def markdown(results: dict[str, dict], command: str) -> str:
                   f"{n} seed(s), {result['steps']} steps, a checkpoint every {result['save_every']}", "",
                   "| variant | steps saved to best held-out | per seed | time saved to best held-out "
                   "| steps saved to best train | time saved to best train | final held-out loss | mask ratio "
-                  "| gate rejections |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| gate rejections | pdt's share of the time |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in result["table"].items():
             per_seed = ", ".join(pct(v) for v in row["steps_saved_val_per_seed"])
             lines.append(
                 f"| {name} | {pct(row['steps_saved_val'])} ({row['steps_reached_val']}/{n} reached) | {per_seed} "
                 f"| {pct(row['time_saved_val'])} | {pct(row['steps_saved_train'])} ({row['steps_reached_train']}/{n}) "
                 f"| {pct(row['time_saved_train'])} | {row['final_val_loss']:.4f} "
-                f"| {'—' if row['mean_ratio'] is None else format(row['mean_ratio'], '.3f')} | {row['rejected']} |")
+                f"| {'—' if row['mean_ratio'] is None else format(row['mean_ratio'], '.3f')} | {row['rejected']} "
+                f"| {'—' if row['pdt_share'] is None else format(row['pdt_share'], '.1%')} |")
         lines.append("")
     lines += ["Saved: 1 − (steps or seconds to reach the same seed's tuned baseline's best loss) / (the baseline's "
               "own), mean over seeds, a seed that never reaches it counted as 0%; measured at checkpoints. "
-              "Seconds: training, saving and pdt (the gate's evaluations included), not the loss measurements. "
+              "Seconds: training, saving and pdt (the gate's evaluations included), not the loss measurements; "
+              "a variant's = its steps at the baseline's cost per step / (1 − pdt's share of its own run's "
+              "seconds), both measured in that run, since runs side by side on a shared machine differ in load. "
               "Held-out = the test split; the gate looks only at the validation split. "
               "LAWA: the mean of the baseline's last 5 checkpoints, measured at each checkpoint."]
     return "\n".join(lines) + "\n"
