@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> None:
                         "sharing a --cache run side by side")
     p.add_argument("--gpt-lrs", type=float, nargs="+", default=None, help="the GPT's grid (default 3e-4 1e-3 3e-3)")
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="the digits' grid (default 3e-3 1e-2 3e-2 1e-1)")
+    p.add_argument("--from-runs", action="store_true",
+                   help="train nothing: recompute the tables and curves of the families in --out's runs.json")
     args = p.parse_args(argv)
     logging.getLogger("pdtcli").setLevel(logging.ERROR)  # the lineage notes of each step, not needed here
     args.out.mkdir(parents=True, exist_ok=True)
@@ -414,6 +416,16 @@ def main(argv: list[str] | None = None) -> None:
     def log(text: str) -> None:
         print(text, flush=True)
 
+    if args.from_runs:
+        for name in args.families:
+            runs, command = results[name]["runs"], results[name]["command"]
+            results[name]["per_seed"] = {seed: compare(base, {v: runs[v][seed] for v in runs})
+                                         for seed, base in runs["baseline"].items()}
+            results[name]["table"] = summarize(results[name]["per_seed"])
+        saved.write_text(json.dumps({"results": results}, indent=1))
+        (args.out / "results.md").write_text(markdown(results, command))
+        plot(results, args.out / "curves.png")
+        return
     with tempfile.TemporaryDirectory(prefix="pdt-evidence-") as scratch:
         for name in args.families:
             family = digits_family(name, args.epochs) if name != "gpt" else gpt_family(args.gpt_steps)
