@@ -60,9 +60,11 @@ class PdtGroup(typer.core.TyperGroup):
         try:
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except _USAGE_ERRORS as error:
-            import typer.rich_utils  # only to show an error: its Markdown and tracebacks cost ~0.1 s at start
+            # only to show an error: its Markdown and tracebacks cost ~0.1 s at start (`from`: an `import
+            # typer.rich_utils` here would make `typer` a local name of this function, unbound below)
+            from typer import rich_utils
 
-            typer.rich_utils.rich_format_error(error)  # as Typer shows it
+            rich_utils.rich_format_error(error)  # as Typer shows it
             if "--json" in argv and type(error).__name__ != "NoArgsIsHelpError":
                 _json_line({"status": "error", "exit_code": error.exit_code, "error": error.format_message(),
                             "path": None})
@@ -90,7 +92,18 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
 )
-out = Console()
+
+
+class _Stdout(Console):
+    """The console of stdout, for a reader that may stop reading early (`pdt report D | head`): the rest is
+    dropped as `stdout_reader_may_leave` drops it, where rich's own choice would be to exit 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError  # to `stdout_reader_may_leave`, which sends stdout to /dev/null
+
+
+out = _Stdout()
 err = Console(stderr=True)
 log = logging.getLogger("pdtcli")
 

@@ -122,3 +122,18 @@ def test_help_reads_at_80_columns(command):
     examples = [line for line in text.split("Example")[1].split("\n\n")[0].splitlines() if line.startswith("    ")]
     assert examples and all(line.count(f" {command} ") == 1 for line in examples), examples
     assert len(text.splitlines()) <= 100
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["report"], ["predict", "--dry-run"]])
+def test_a_reader_that_stops_early_reading_text_is_not_a_bug(sgd_run, command):
+    """`pdt report D | head`: the text report (rich's console, not a JSON line) meets a closed pipe."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    assert subprocess.run([sys.executable, "-m", "pdtcli", "snapshot", str(sgd_run)], env=env).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "pdtcli", command[0], str(sgd_run), *command[1:]], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 0, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr and "bug" not in stderr, stderr
