@@ -115,17 +115,25 @@ def test_the_hf_trainer_under_ddp_gives_every_rank_the_fused_weights_of_pdt_pred
             assert torch.equal(values, first["fused"][int(name.split("-")[1])][key]), (name, key)
 
 
-def test_lightning_ddp_gives_every_rank_the_fused_weights_of_pdt_predict(tmp_path):
-    ranks = torchrun("lightning", tmp_path / "live", tmp_path / "out")
+def _lightning_run(kind: str, tmp_path: Path) -> tuple[dict, list[str], list[int], dict[str, Path]]:
+    """A Lightning run under torchrun (`kind` of tests/ddp_worker.py), its 5 checkpoints replayed through `pdt
+    predict --history 3`: (rank 0's record, the checkpoints' names, their steps, `pdt predict`'s outputs), after
+    checking that the ranks agree, none warned, and the steps fused are those the command line wrote but the last
+    (saved when training ends: no batch follows, so nothing to fuse into)."""
+    ranks = torchrun(kind, tmp_path / "live", tmp_path / "out")
     first = same_on_every_rank(ranks)
     assert [r["warnings"] for r in ranks] == [[], []]
     names = sorted(p.name for p in (tmp_path / "live").glob("*.ckpt"))
     assert len(names) == 5
     written = replay(tmp_path / "live", tmp_path / "cli", names, "--history", "3")
     steps = [int(name.split("step=")[1].split(".")[0]) for name in names]
-    # the last checkpoint is saved when training ends: no batch follows, so nothing to fuse into
     assert sorted(written) == names[2:] and sorted(k for k, v in first["statuses"].items() if v == "loaded") == \
         steps[2:4]
+    return first, names, steps, written
+
+
+def test_lightning_ddp_gives_every_rank_the_fused_weights_of_pdt_predict(tmp_path):
+    first, names, steps, written = _lightning_run("lightning", tmp_path)
     for name, step in zip(names[2:4], steps[2:4], strict=True):
         on_disk = torch.load(written[name], weights_only=True)["state_dict"]
         for key, values in on_disk.items():
@@ -153,16 +161,7 @@ def test_a_plain_fsdp2_loop_gives_every_rank_its_shards_of_what_pdt_predict_writ
 
 
 def test_lightning_fsdp2_gives_every_rank_its_shards_of_what_pdt_predict_writes(tmp_path):
-    ranks = torchrun("lightning-fsdp", tmp_path / "live", tmp_path / "out")
-    first = same_on_every_rank(ranks)
-    assert [r["warnings"] for r in ranks] == [[], []]
-    names = sorted(p.name for p in (tmp_path / "live").glob("*.ckpt"))  # DCP folders, the step in their meta.pt
-    assert len(names) == 5
-    written = replay(tmp_path / "live", tmp_path / "cli", names, "--history", "3")
-    steps = [int(name.split("step=")[1].split(".")[0]) for name in names]
-    # the last checkpoint is saved when training ends: no batch follows, so nothing to fuse into
-    assert sorted(written) == names[2:] and sorted(k for k, v in first["statuses"].items() if v == "loaded") == \
-        steps[2:4]
+    first, names, steps, written = _lightning_run("lightning-fsdp", tmp_path)  # DCP folders, the step in meta.pt
     for name, step in zip(names[2:4], steps[2:4], strict=True):
         on_disk = DcpReader(written[name])
         for key, values in first["fused"][step].items():
